@@ -1,0 +1,59 @@
+# Quick start:  make test   (creates .venv, installs the package, runs the test suite)
+#
+# The pins matter: `torch==2.13.0` must be in the same pip command as everything that depends
+# on torch, otherwise pip resolves a multi-GB CUDA build on CPU machines (docs: README).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo venv test test-unit test-distributed test-gpu lint format plan clean help
+
+help:
+	@echo "make test            create/update .venv, install, run the whole test suite"
+	@echo "make test-unit       single-process tests only"
+	@echo "make test-gpu        GPU-spec tests (need CUDA; install with EXTRAS=gpu,dev)"
+	@echo "make lint            ruff"
+	@echo "make plan            parameter counts of every preset"
+
+demo:
+	@echo "make demo: the end-to-end toy APT run lands with the demo issue (#7); today run"
+	@echo "'make test' or 'make plan'." >&2
+	@exit 2
+
+$(STAMP): setup.py pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)" -e ".[$(or $(EXTRAS),dev)]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-distributed: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check megatron_apt tools tests
+	$(PY) -m ruff format --check megatron_apt tools tests
+
+format: $(STAMP)
+	$(PY) -m ruff format megatron_apt tools tests
+
+plan: $(STAMP)
+	$(PY) tools/plan_model.py --all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,368 @@
+"""The MMDiT velocity model on megatron-core tensor/sequence-parallel linears.
+
+Dual-stream blocks (separate text and visual weights) with joint attention over the
+concatenated ``[visual; text]`` tokens, adaLN-Zero modulation from the timestep embedding
+(plus an optional pooled text vector), optional QK RMSNorm, 3D RoPE or SD3's cropped 2-D
+sin-cos positions, and a "context pre-only" last block. Architecture only: kernels come from
+the :class:`~megatron_apt.models.specs.LayerSpec`, process groups from the
+:class:`~megatron_apt.parallel.state.ParallelState`.
+
+Parallel layout inside the blocks (megatron's ``[s, b, h]``):
+
+* sequence-parallel regions (norms, modulation, residuals): ``[s/tp, b, h]`` per stream;
+* tensor-parallel region (attention): ``[s, b, heads/tp, hd]``; the fused QKV weight is laid
+  out per head as ``[heads, (q, k, v), hd]`` so a contiguous TP split keeps whole heads.
+
+Embeddings and the final layer run replicated on the full sequence outside the blocks, so
+their gradients are complete on every TP rank. Tensors identical on all TP ranks whose
+consumers see only part of the tokens or heads (modulation vectors, QK-norm weights, biases
+of sequence-parallel row-linears) go through :func:`reduce_grad_over_tp`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.embeddings import (
+    apply_rope,
+    check_latent_shape,
+    crop_sincos_2d,
+    patchify,
+    rope_3d,
+    sincos_2d_table,
+    timestep_features,
+    unpatchify,
+)
+from megatron_apt.models.specs import LayerSpec, local_spec
+from megatron_apt.parallel.state import ParallelState, single_process_state
+from megatron_apt.parallel.tensor_parallel import (
+    gather_from_sequence_parallel,
+    reduce_grad_over_tp,
+    scatter_to_sequence_parallel,
+)
+
+
+def megatron_config(
+    cfg: MMDiTConfig, ps: ParallelState, params_dtype: torch.dtype, use_cpu_init: bool
+) -> TransformerConfig:
+    """The megatron-core config that its parallel linears read."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads, ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim, tensor_model_parallel_size=ps.tp_size,
+        context_parallel_size=ps.cp_size, sequence_parallel=ps.sequence_parallel,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_init, perform_initialization=True,
+        gradient_accumulation_fusion=False, add_bias_linear=True,
+    )
+
+
+def modulate(x_sbh: torch.Tensor, shift_bh: torch.Tensor, scale_bh: torch.Tensor) -> torch.Tensor:
+    return x_sbh * (1 + scale_bh[None]) + shift_bh[None]
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learnable weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, ps: ParallelState):
+        super().__init__()
+        self.eps, self.ps = eps, ps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One weight shared by all heads, each TP rank normalizing only its heads: the
+        # weight's gradient is a per-rank partial sum.
+        w = reduce_grad_over_tp(self.weight, self.ps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * w.float()).to(x.dtype)
+
+
+class StreamLayer(nn.Module):
+    """One stream's (text or visual) weights in a dual-stream block.
+
+    ``pre_only``: the stream only contributes keys/values/queries to the joint attention (the
+    text stream of the last block); its modulation is adaLN-continuous (scale, shift).
+    """
+
+    def __init__(self, cfg: MMDiTConfig, spec: LayerSpec, mcfg: TransformerConfig,
+                 ps: ParallelState, pre_only: bool):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.pre_only, self.ps, self.eps = pre_only, ps, cfg.norm_eps
+        self.num_heads_local = cfg.num_heads // ps.tp_size
+        init = nn.init.xavier_uniform_
+        col = dict(config=mcfg, init_method=init, bias=True, gather_output=False,
+                   skip_bias_add=False, is_expert=False, tp_group=ps.tp_group)
+        row = dict(config=mcfg, init_method=init, bias=True, input_is_parallel=True,
+                   skip_bias_add=True, is_expert=False, tp_group=ps.tp_group)
+        # adaLN: (shift, scale, gate) x (attn, mlp), or (scale, shift) when pre_only
+        self.adaln = nn.Linear(d, (2 if pre_only else 6) * d)
+        self.qkv = spec.column_linear(d, 3 * d, **col)  # [heads, (q,k,v), hd] rows
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ps) if cfg.qk_norm == "rms" else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, ps) if cfg.qk_norm == "rms" else None
+        if not pre_only:
+            self.proj = spec.row_linear(d, d, **row)
+            self.fc1 = spec.column_linear(d, f, **col)
+            self.fc2 = spec.row_linear(f, d, **row)
+
+    def modulation(self, cond_bh: torch.Tensor) -> list[torch.Tensor]:
+        mod = self.adaln(F.silu(cond_bh))  # [b, 6h] or [b, 2h]
+        if self.ps.sequence_parallel:  # consumed by s/tp tokens only: partial gradient
+            mod = reduce_grad_over_tp(mod, self.ps)
+        return list(mod.chunk(2 if self.pre_only else 6, dim=-1))
+
+    def qkv_heads(self, x_sbh: torch.Tensor, shift, scale):
+        """Modulated LN -> QKV. Returns q, k, v ``[s, b, heads/tp, hd]`` (full sequence)."""
+        h = modulate(layer_norm(x_sbh, self.eps), shift, scale)  # [s/tp, b, h]
+        qkv, _ = self.qkv(h)  # [s, b, 3h/tp] (SP: all-gathered inside)
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.view(s, b, self.num_heads_local, 3, -1).unbind(3)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def row_out(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out, bias = layer(x)  # [s/tp, b, h] (SP: reduce-scattered), bias added here
+        if bias is not None:
+            if self.ps.sequence_parallel:
+                bias = reduce_grad_over_tp(bias, self.ps)
+            out = out + bias
+        return out
+
+    def finish(self, x_sbh, attn_sbh, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+        """Residual attention output, then the modulated MLP. ``attn_sbh``: ``[s, b, h/tp]``."""
+        x = x_sbh + gate_msa[None] * self.row_out(self.proj, attn_sbh)
+        h = modulate(layer_norm(x, self.eps), shift_mlp, scale_mlp)
+        h, _ = self.fc1(h)  # [s, b, f/tp]
+        h = F.gelu(h, approximate="tanh")
+        return x + gate_mlp[None] * self.row_out(self.fc2, h)
+
+
+class MMDiTBlock(nn.Module):
+    """A dual-stream block with joint attention."""
+
+    def __init__(self, cfg: MMDiTConfig, spec: LayerSpec, mcfg: TransformerConfig,
+                 ps: ParallelState, context_pre_only: bool):
+        super().__init__()
+        if cfg.num_heads % ps.tp_size:
+            raise ValueError(
+                f"num_heads={cfg.num_heads} is not divisible by tensor_parallel_size={ps.tp_size}"
+            )
+        self.context_pre_only = context_pre_only
+        self.visual = StreamLayer(cfg, spec, mcfg, ps, pre_only=False)
+        self.text = StreamLayer(cfg, spec, mcfg, ps, pre_only=context_pre_only)
+        self.attention = spec.attention(cfg.num_heads // ps.tp_size, cfg.head_dim)
+
+    def forward(self, x, c, cond, rope=None, key_mask=None):
+        """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; cond: ``[b, h]``;
+        rope: (cos, sin) ``[N, hd/2]``; key_mask: ``[b, N+L]`` bool or None.
+        Returns (x, c) with c None after a context-pre-only block."""
+        mx = self.visual.modulation(cond)
+        mc = self.text.modulation(cond)
+        qx, kx, vx = self.visual.qkv_heads(x, mx[0], mx[1])  # [N, b, nh/tp, hd]
+        if self.context_pre_only:
+            qc, kc, vc = self.text.qkv_heads(c, mc[1], mc[0])  # continuous: (scale, shift)
+        else:
+            qc, kc, vc = self.text.qkv_heads(c, mc[0], mc[1])  # [L, b, nh/tp, hd]
+        if rope is not None:
+            qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
+        n = qx.shape[0]
+        out = self.attention(torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc]),
+                             key_mask)  # [N+L, b, h/tp]
+        x = self.visual.finish(x, out[:n], mx[2], mx[3], mx[4], mx[5])
+        if self.context_pre_only:
+            return x, None
+        c = self.text.finish(c, out[n:], mc[2], mc[3], mc[4], mc[5])
+        return x, c
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class MMDiT(nn.Module):
+    """MMDiT velocity model ``v(x_t, t, text)``.
+
+    Args:
+        cfg: architecture.
+        ps: process groups; ``None`` builds a single-process (TP=1) model.
+        spec: kernels; ``None`` is the local (torch) spec.
+        params_dtype: dtype of the parameters.
+        use_cpu_initialization: build and initialize weights on CPU (default: when CUDA is
+            absent). CPU initialization makes TP=N weights equal to slices of the TP=1 ones.
+    """
+
+    def __init__(self, cfg: MMDiTConfig, ps: ParallelState | None = None,
+                 spec: LayerSpec | None = None, params_dtype: torch.dtype = torch.float32,
+                 use_cpu_initialization: bool | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ps = ps = ps or single_process_state()
+        self.spec = spec = spec or local_spec()
+        if use_cpu_initialization is None:
+            use_cpu_initialization = not torch.cuda.is_available()
+        mcfg = megatron_config(cfg, ps, params_dtype, use_cpu_initialization)
+        d = cfg.hidden_size
+        self.patch_embed = nn.Linear(cfg.patch_dim, d)
+        self.text_embed = nn.Linear(cfg.text_dim, d)
+        self.time_embed = TimestepMLP(cfg.timestep_freq_dim, d)
+        self.pooled_embed = TimestepMLP(cfg.pooled_text_dim, d) if cfg.pooled_text_dim else None
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(cfg, spec, mcfg, ps,
+                       context_pre_only=cfg.context_pre_only_last and i == cfg.num_layers - 1)
+            for i in range(cfg.num_layers)
+        )
+        self.final_adaln = nn.Linear(d, 2 * d)  # (scale, shift)
+        self.final_proj = nn.Linear(d, cfg.out_patch_dim)
+        if cfg.pos_embed == "sincos2d":
+            table = sincos_2d_table(d, cfg.pos_embed_max_size, cfg.pos_embed_base_size)
+            self.register_buffer("pos_table", table, persistent=False)
+        self._init_replicated()
+        self.to(dtype=params_dtype)
+
+    # ---------------------------------------------------------------------------------
+    def _init_replicated(self) -> None:
+        """DiT's init for the replicated layers (megatron's linears are initialized by their
+        ``init_method``); adaLN modulation and the output layer start at zero (adaLN-Zero)."""
+        for m in (self.patch_embed, self.text_embed):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        for mlp in (self.time_embed, self.pooled_embed):
+            if mlp is not None:
+                for lin in (mlp.linear_1, mlp.linear_2):
+                    nn.init.normal_(lin.weight, std=self.cfg.init_std)
+                    nn.init.zeros_(lin.bias)
+        zero = [self.final_adaln, self.final_proj]
+        zero += [s.adaln for b in self.blocks for s in (b.visual, b.text)]
+        for lin in zero:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def grid(self, latents_shape: torch.Size) -> tuple[int, int, int]:
+        _, _, t, h, w = latents_shape
+        pt, ph, pw = self.cfg.patch_size
+        return t // pt, h // ph, w // pw
+
+    def _check_inputs(self, latents, timesteps, text, text_mask, pooled_text):
+        cfg = self.cfg
+        check_latent_shape(latents, cfg.in_channels, cfg.patch_size)
+        b = latents.shape[0]
+        if timesteps.shape != (b,):
+            raise ValueError(f"timesteps must be [B]={b}, got shape {tuple(timesteps.shape)}")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"text must be [B={b}, L, text_dim={cfg.text_dim}], got {tuple(text.shape)}"
+            )
+        if text_mask is not None and text_mask.shape != text.shape[:2]:
+            raise ValueError(
+                f"text_mask must be [B, L]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
+            )
+        if (pooled_text is None) != (cfg.pooled_text_dim is None):
+            raise ValueError(
+                f"pooled_text is {'missing' if pooled_text is None else 'given'} but the model "
+                f"has pooled_text_dim={cfg.pooled_text_dim}"
+            )
+        if pooled_text is not None and pooled_text.shape != (b, cfg.pooled_text_dim):
+            raise ValueError(
+                f"pooled_text must be [B={b}, {cfg.pooled_text_dim}], got "
+                f"{tuple(pooled_text.shape)}"
+            )
+
+    def embed(self, latents, timesteps, text, text_mask, pooled_text):
+        """Replicated embeddings on the full sequence: visual ``[B, N, h]``, text ``[B, L, h]``
+        (text padded to a multiple of TP under SP), the key mask and ``cond [B, h]``."""
+        cfg, ps = self.cfg, self.ps
+        x = self.patch_embed(patchify(latents, cfg.patch_size).to(self.patch_embed.weight.dtype))
+        gt, gh, gw = self.grid(latents.shape)
+        if cfg.pos_embed == "sincos2d":
+            x = x + crop_sincos_2d(self.pos_table, gh, gw).repeat(gt, 1).to(x.dtype)[None]
+        c = self.text_embed(text.to(x.dtype))
+        if ps.sequence_parallel and c.shape[1] % ps.tp_size:  # pad text with masked tokens
+            pad = ps.tp_size - c.shape[1] % ps.tp_size
+            c = F.pad(c, (0, 0, 0, pad))
+            if text_mask is None:
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            text_mask = F.pad(text_mask, (0, pad), value=False)
+        key_mask = None
+        if text_mask is not None and not bool(text_mask.all()):
+            vis = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            key_mask = torch.cat([vis, text_mask.bool()], dim=1)  # [B, N+L]
+        t_feat = timestep_features(timesteps * cfg.timestep_scale, cfg.timestep_freq_dim)
+        cond = self.time_embed(t_feat.to(x.dtype))
+        if self.pooled_embed is not None:
+            cond = cond + self.pooled_embed(pooled_text.to(x.dtype))
+        return x, c, key_mask, cond
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor | None = None, pooled_text: torch.Tensor | None = None,
+                return_layers: tuple[int, ...] | list[int] = ()):
+        """Velocity ``v = z - x`` at ``x_t``.
+
+        Args:
+            latents: ``[B, C, T, H, W]`` noisy latents x_t.
+            timesteps: ``[B]`` on [0, 1] (0 = data, 1 = noise); scaled by
+                ``cfg.timestep_scale`` inside.
+            text: ``[B, L, text_dim]`` text-encoder token embeddings.
+            text_mask: ``[B, L]`` bool, True for real tokens; None = all real.
+            pooled_text: ``[B, pooled_text_dim]`` when the config has a pooled projection.
+            return_layers: 1-based block indices whose visual tokens to return as well.
+
+        Returns:
+            ``[B, C_out, T, H, W]`` velocity, or ``(velocity, feats)`` when ``return_layers``
+            is non-empty, ``feats`` a list of ``[B, N, h]`` full (gathered) visual tokens.
+        """
+        self._check_inputs(latents, timesteps, text, text_mask, pooled_text)
+        for k in return_layers:
+            if not 1 <= k <= self.cfg.num_layers:
+                raise ValueError(f"return_layers entry {k} outside 1..{self.cfg.num_layers}")
+        ps, grid = self.ps, self.grid(latents.shape)
+        with self.spec.autocast(ps.tp_group):
+            x, c, key_mask, cond = self.embed(latents, timesteps, text, text_mask, pooled_text)
+            if x.shape[1] % ps.tp_size and ps.sequence_parallel:
+                raise ValueError(
+                    f"{x.shape[1]} visual tokens (grid {grid}) are not divisible by the "
+                    f"tensor-parallel size {ps.tp_size} required by sequence parallelism"
+                )
+            rope = None
+            if self.cfg.pos_embed == "rope3d":
+                rope = rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta, x.device)
+            x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/tp, B, h]
+            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
+            feats = {}
+            for i, block in enumerate(self.blocks, start=1):
+                x, c = block(x, c, cond, rope, key_mask)
+                if i in return_layers:
+                    feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)
+            x = gather_from_sequence_parallel(x, ps)  # [N, B, h]
+            scale, shift = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
+            x = modulate(layer_norm(x, self.cfg.norm_eps), shift, scale)
+            out = self.final_proj(x).transpose(0, 1)  # [B, N, pt*ph*pw*C]
+        v = unpatchify(out, self.cfg.patch_size, grid, self.cfg.out_channels)
+        if return_layers:
+            return v, [feats[k] for k in return_layers]
+        return v
+
+    # ---------------------------------------------------------------------------------
+    def num_parameters(self, full: bool = True) -> int:
+        """Parameters of this rank, or of the whole (TP-unsplit) model when ``full``."""
+        n = 0
+        for p in self.parameters():
+            split = self.ps.tp_size if full and getattr(p, "tensor_model_parallel", False) else 1
+            n += p.numel() * split
+        return n

@@ -1,0 +1,179 @@
+"""Layer specs: which kernels build the MMDiT (the model file holds the architecture only).
+
+* ``local``: megatron-core ``ColumnParallelLinear``/``RowParallelLinear`` and torch
+  ``scaled_dot_product_attention``. Runs everywhere (CPU with gloo included).
+* ``te``: Transformer Engine linears through megatron-core's TE wrappers and TE's fused
+  attention; BF16, or FP8 with ``fp8=True`` (TE ``fp8_autocast`` with delayed scaling, amax
+  reduced over the tensor-parallel group).
+* ``te-flash``: TE linears with flash-attn as the attention core.
+
+Transformer Engine and flash-attn are imported only when their spec is requested, so a CPU
+install never touches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+class SDPAttention(nn.Module):
+    """Joint attention core on torch SDPA. q, k, v: ``[S, b, heads, hd]``; ``key_mask``:
+    ``[b, S]`` bool (True = attend) or None. Returns ``[S, b, heads * hd]``."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        s, b = q.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, S, hd]
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, h, S, hd]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.num_heads * self.head_dim)
+
+
+def _right_padded_lengths(key_mask: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample key counts when every mask row is a prefix of Trues, else None."""
+    lengths = key_mask.sum(dim=1)
+    prefix = torch.arange(key_mask.shape[1], device=key_mask.device)[None] < lengths[:, None]
+    return lengths if torch.equal(prefix, key_mask) else None
+
+
+class FlashAttention(nn.Module):
+    """flash-attn core (fp16/bf16 on CUDA). Without a mask: ``flash_attn_func``; with a
+    right-padded key mask (text padding at the end of the joint sequence): the varlen kernel
+    over the valid keys; any other mask falls back to SDPA."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        import flash_attn  # noqa: F401  (fail at build time, not at the first step)
+
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.fallback = SDPAttention(num_heads, head_dim)
+
+    def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        s, b = q.shape[:2]
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [b, S, h, hd]
+        if key_mask is None:
+            out = flash_attn_func(q, k, v)
+            return out.transpose(0, 1).reshape(s, b, -1)
+        lengths = _right_padded_lengths(key_mask)
+        if lengths is None:
+            return self.fallback(*(t.transpose(0, 1) for t in (q, k, v)), key_mask)
+        lens32 = lengths.to(torch.int32)
+        cu_k = F.pad(torch.cumsum(lens32, 0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+        keep = key_mask.reshape(-1)
+        out = flash_attn_varlen_func(
+            q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:])[keep],
+            v.reshape(b * s, *v.shape[2:])[keep], cu_q, cu_k, s, int(lengths.max()),
+        )
+        return out.reshape(b, s, -1).transpose(0, 1)
+
+
+class TEAttention(nn.Module):
+    """Transformer Engine ``DotProductAttention`` (fused/flash kernels chosen by TE)."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.core = te.DotProductAttention(
+            num_heads, head_dim, attention_dropout=0.0, qkv_format="sbhd",
+            attn_mask_type="padding", tp_size=1,
+        )
+        self.core_nomask = te.DotProductAttention(
+            num_heads, head_dim, attention_dropout=0.0, qkv_format="sbhd",
+            attn_mask_type="no_mask", tp_size=1,
+        )
+
+    def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if key_mask is None:
+            return self.core_nomask(q, k, v)
+        te_mask = ~key_mask[:, None, None, :]  # TE: True = masked out
+        return self.core(q, k, v, attention_mask=te_mask)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The kernels of one MMDiT build. Linears follow megatron-core's calling convention:
+    ``out, bias = linear(x_sbh)``."""
+
+    name: str
+    column_linear: Callable[..., nn.Module]
+    row_linear: Callable[..., nn.Module]
+    attention: Callable[[int, int], nn.Module]
+    uses_te: bool = False
+    fp8: bool = False
+    fp8_recipe_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def autocast(self, amax_group=None) -> contextlib.AbstractContextManager:
+        """The context to run the model's forward in (TE FP8 autocast, or nothing)."""
+        if not (self.uses_te and self.fp8):
+            return contextlib.nullcontext()
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Format
+
+        kwargs = {"fp8_format": Format.HYBRID, "amax_history_len": 1024,
+                  "amax_compute_algo": "max"}
+        kwargs.update(self.fp8_recipe_kwargs)
+        return te.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling(**kwargs),
+                               fp8_group=amax_group)
+
+
+def local_spec() -> LayerSpec:
+    return LayerSpec("local", ColumnParallelLinear, RowParallelLinear, SDPAttention)
+
+
+def te_spec(fp8: bool = False, attention: str = "te") -> LayerSpec:
+    """Transformer Engine linears (BF16 or FP8) with TE or flash-attn attention (needs CUDA)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the Transformer Engine spec needs a CUDA device; use spec='local'")
+    try:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError) as e:
+        raise ImportError(
+            "Transformer Engine is not usable here: install the `gpu` extra "
+            "(pip install 'megatron-apt[gpu]') on a machine with CUDA"
+        ) from e
+    cores = {"te": TEAttention, "flash": FlashAttention}
+    if attention not in cores:
+        raise ValueError(f"attention={attention!r}: use one of {sorted(cores)}")
+    return LayerSpec(
+        f"te{'-fp8' if fp8 else ''}{'-flash' if attention == 'flash' else ''}",
+        TEColumnParallelLinear, TERowParallelLinear, cores[attention], uses_te=True, fp8=fp8,
+    )
+
+
+def get_spec(name: str) -> LayerSpec:
+    """``local`` | ``te`` | ``te-fp8`` | ``te-flash`` | ``te-fp8-flash`` | ``auto``
+    (``te`` when CUDA and TE are present, else ``local``)."""
+    if name == "auto":
+        try:
+            return te_spec()
+        except (ImportError, RuntimeError):
+            return local_spec()
+    if name == "local":
+        return local_spec()
+    if name.startswith("te"):
+        parts = name.split("-")[1:]
+        unknown = set(parts) - {"fp8", "flash"}
+        if not unknown:
+            return te_spec(fp8="fp8" in parts, attention="flash" if "flash" in parts else "te")
+    raise ValueError(
+        f"unknown layer spec {name!r}; use local, te, te-fp8, te-flash, te-fp8-flash or auto"
+    )

@@ -1,0 +1,165 @@
+"""Process groups: torch.distributed start-up and megatron-core ``parallel_state``.
+
+Everything below the entry point receives a :class:`ParallelState` and passes its groups
+explicitly; nothing reads megatron's global state after :func:`initialize_parallel`.
+Layout (megatron's default order ``tp-cp-ep-dp-pp``): tensor-parallel ranks are adjacent,
+so a TP group stays inside a node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_apt.parallel.cpu_shim import install_cpu_shim
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """The process groups of one rank and their sizes."""
+
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    cp_group: dist.ProcessGroup | None
+    tp_size: int = 1
+    tp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.cp_size * self.dp_size
+
+
+def _rank_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from launcher environment variables, if any."""
+    for r, w, lr in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Hydra
+    ):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w]), int(os.environ.get(lr, 0))
+    return None
+
+
+def _mpi_rendezvous(rank: int, world_size: int) -> None:
+    """Under ``mpirun`` (no MASTER_ADDR): agree on a TCP store address through mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise RuntimeError(
+            "launched by an MPI launcher without MASTER_ADDR/MASTER_PORT: install the `mpi` extra "
+            "(pip install 'megatron-apt[mpi]') so ranks can be discovered through mpi4py"
+        ) from e
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world_size or comm.Get_rank() != rank:
+        raise RuntimeError(
+            f"mpi4py sees rank {comm.Get_rank()}/{comm.Get_size()}, environment says "
+            f"{rank}/{world_size}"
+        )
+    addr = None
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        addr = (socket.gethostname() if world_size > 1 else "127.0.0.1", port)
+    addr = comm.bcast(addr, root=0)
+    os.environ.setdefault("MASTER_ADDR", addr[0])
+    os.environ.setdefault("MASTER_PORT", str(addr[1]))
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> tuple[int, int]:
+    """Start torch.distributed from the launcher's environment (torchrun, deepspeed, mpirun).
+
+    A process started without a launcher becomes a world of one (in-memory store). Returns
+    ``(rank, world_size)``. Backend: ``nccl`` with CUDA, ``gloo`` otherwise.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    env = _rank_env()
+    if env is None:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return 0, 1
+    rank, world_size, local_rank = env
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        _mpi_rendezvous(rank, world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return rank, world_size
+
+
+def initialize_parallel(
+    tensor_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    backend: str | None = None,
+) -> ParallelState:
+    """Start torch.distributed if needed, build megatron's groups and return this rank's view.
+
+    Raises ``ValueError`` before any collective when the world does not factor into the sizes.
+    """
+    _, world = init_distributed(backend)
+    if tensor_parallel_size < 1 or context_parallel_size < 1:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} and context_parallel_size="
+            f"{context_parallel_size} must be >= 1"
+        )
+    if world % (tensor_parallel_size * context_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel_size={tensor_parallel_size}"
+            f" x context_parallel_size={context_parallel_size}"
+        )
+    install_cpu_shim()
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
+        create_gloo_process_groups=False,
+    )
+    return ParallelState(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        cp_size=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        sequence_parallel=bool(sequence_parallel and tensor_parallel_size > 1),
+    )
+
+
+def single_process_state() -> ParallelState:
+    """TP = DP = CP = 1 in this process (inference, notebooks, single-process tests)."""
+    init_distributed()
+    install_cpu_shim()
+    world = dist.group.WORLD
+    if dist.get_world_size() != 1:  # new_group is collective: every rank makes every group
+        world = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    return ParallelState(tp_group=world, dp_group=world, cp_group=world)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

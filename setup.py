@@ -1,0 +1,47 @@
+"""megatron-apt: Adversarial Post-Training of MMDiT diffusion models into one-step generators."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "megatron_apt/__init__.py").read_text())[1]
+
+# Versions we rely on (read against their installed sources): see README "Pinned versions".
+TORCH = "torch==2.13.0"
+INSTALL_REQUIRES = [
+    TORCH,
+    "megatron-core==0.16.1",
+    "deepspeed==0.19.8",
+    "psutil>=5.9",  # megatron dist_checkpointing needs it and does not declare it
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "sentencepiece==0.2.3",
+]
+EXTRAS = {
+    # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn.
+    "gpu": ["transformer-engine[pytorch]>=2.4", "flash-attn>=2.7"],
+    # mpirun launches: mpi4py plus an MPI library from a wheel.
+    "mpi": ["mpi4py==4.1.2", "mpich"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "ruff>=0.6",
+        "diffusers==0.42.1",  # independent reference in tests (SD3 tables, counts); no download
+    ],
+}
+
+setup(
+    name="megatron-apt",
+    version=VERSION,
+    description="Adversarial post-training of MMDiT flow-matching models into one-step "
+    "image and video generators, on megatron-core and DeepSpeed",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_apt", "megatron_apt.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
