@@ -29,6 +29,8 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "ruff>=0.6",
         "diffusers==0.42.1",  # independent reference in tests (SD3 tables, counts); no download
+        "mpi4py==4.1.2",  # the tests start real mpirun jobs
+        "mpich",
     ],
 }
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 PosEmbed = Literal["rope3d", "sincos2d", "none"]
 QKNorm = Literal["rms", "none"]
@@ -57,7 +58,9 @@ class MMDiTConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
             )
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw), got {self.patch_size}")
+            raise ValueError(
+                f"patch_size must be 3 positive ints (pt, ph, pw), got {self.patch_size}"
+            )
         if self.pos_embed not in ("rope3d", "sincos2d", "none"):
             raise ValueError(f"pos_embed={self.pos_embed!r}: use 'rope3d', 'sincos2d' or 'none'")
         if self.qk_norm not in ("rms", "none"):
@@ -91,14 +94,14 @@ class MMDiTConfig:
         assert self.out_channels is not None
         return self.out_channels * math.prod(self.patch_size)
 
-    def replace(self, **changes) -> "MMDiTConfig":
+    def replace(self, **changes) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MMDiTConfig":
+    def from_dict(cls, d: dict) -> MMDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -175,24 +178,41 @@ def count_parameters(cfg: MMDiTConfig) -> ParamCount:
 def tiny() -> MMDiTConfig:
     """2 layers, width 64: unit tests and the CPU demo."""
     return MMDiTConfig(
-        in_channels=4, patch_size=(1, 2, 2), hidden_size=64, num_layers=2, num_heads=4,
-        text_dim=32, rope_axes_dim=(4, 6, 6),
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        text_dim=32,
+        rope_axes_dim=(4, 6, 6),
     )
 
 
 def tiny_sd3() -> MMDiTConfig:
     """2 layers, SD3-style (sin-cos positions, pooled text, no QK norm)."""
     return MMDiTConfig(
-        in_channels=4, patch_size=(1, 2, 2), hidden_size=64, num_layers=2, num_heads=4,
-        text_dim=32, pooled_text_dim=24, pos_embed="sincos2d", qk_norm="none",
-        pos_embed_max_size=16, pos_embed_base_size=4,
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        text_dim=32,
+        pooled_text_dim=24,
+        pos_embed="sincos2d",
+        qk_norm="none",
+        pos_embed_max_size=16,
+        pos_embed_base_size=4,
     )
 
 
 def mid() -> MMDiTConfig:
     """Width 512, 4 layers: benchmarks and the mid-size tests."""
     return MMDiTConfig(
-        in_channels=16, hidden_size=512, num_layers=4, num_heads=8, text_dim=512,
+        in_channels=16,
+        hidden_size=512,
+        num_layers=4,
+        num_heads=8,
+        text_dim=512,
     )
 
 
@@ -203,26 +223,48 @@ def mmdit_8b() -> MMDiTConfig:
     128 is the 128-aligned width that lands nearest 8B at mlp_ratio 4 (see tools/plan_model.py).
     """
     return MMDiTConfig(
-        in_channels=16, patch_size=(1, 2, 2), hidden_size=2560, num_layers=36, num_heads=20,
-        text_dim=4096, pos_embed="rope3d", qk_norm="rms",
+        in_channels=16,
+        patch_size=(1, 2, 2),
+        hidden_size=2560,
+        num_layers=36,
+        num_heads=20,
+        text_dim=4096,
+        pos_embed="rope3d",
+        qk_norm="rms",
     )
 
 
 def sd3_medium() -> MMDiTConfig:
     """Stable Diffusion 3 Medium (diffusers ``SD3Transformer2DModel`` defaults, 2.03B)."""
     return MMDiTConfig(
-        in_channels=16, patch_size=(1, 2, 2), hidden_size=1536, num_layers=24, num_heads=24,
-        text_dim=4096, pooled_text_dim=2048, pos_embed="sincos2d", qk_norm="none",
-        pos_embed_max_size=192, pos_embed_base_size=64,
+        in_channels=16,
+        patch_size=(1, 2, 2),
+        hidden_size=1536,
+        num_layers=24,
+        num_heads=24,
+        text_dim=4096,
+        pooled_text_dim=2048,
+        pos_embed="sincos2d",
+        qk_norm="none",
+        pos_embed_max_size=192,
+        pos_embed_base_size=64,
     )
 
 
 def sd35_large() -> MMDiTConfig:
     """Stable Diffusion 3.5 Large (38 layers, hidden 2432, RMS QK norm)."""
     return MMDiTConfig(
-        in_channels=16, patch_size=(1, 2, 2), hidden_size=2432, num_layers=38, num_heads=38,
-        text_dim=4096, pooled_text_dim=2048, pos_embed="sincos2d", qk_norm="rms",
-        pos_embed_max_size=192, pos_embed_base_size=64,
+        in_channels=16,
+        patch_size=(1, 2, 2),
+        hidden_size=2432,
+        num_layers=38,
+        num_heads=38,
+        text_dim=4096,
+        pooled_text_dim=2048,
+        pos_embed="sincos2d",
+        qk_norm="rms",
+        pos_embed_max_size=192,
+        pos_embed_base_size=64,
     )
 
 

@@ -94,19 +94,27 @@ def crop_sincos_2d(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tenso
 
 
 def rope_3d(
-    grid: tuple[int, int, int], axes_dim: tuple[int, int, int], theta: float = 10000.0,
+    grid: tuple[int, int, int],
+    axes_dim: tuple[int, int, int],
+    theta: float = 10000.0,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles of the ``grid`` = (T', H', W') visual tokens: ``(cos, sin)``, each
     ``[N, head_dim / 2]`` float32, one angle per channel pair, axes concatenated (t, h, w)."""
     gt, gh, gw = grid
-    pos = torch.stack(
-        torch.meshgrid(
-            torch.arange(gt, device=device), torch.arange(gh, device=device),
-            torch.arange(gw, device=device), indexing="ij",
-        ),
-        dim=-1,
-    ).reshape(-1, 3).double()  # [N, 3]
+    pos = (
+        torch.stack(
+            torch.meshgrid(
+                torch.arange(gt, device=device),
+                torch.arange(gh, device=device),
+                torch.arange(gw, device=device),
+                indexing="ij",
+            ),
+            dim=-1,
+        )
+        .reshape(-1, 3)
+        .double()
+    )  # [N, 3]
     angles = []
     for axis, d in enumerate(axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)

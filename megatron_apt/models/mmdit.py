@@ -51,14 +51,29 @@ def megatron_config(
 ) -> TransformerConfig:
     """The megatron-core config that its parallel linears read."""
     return TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads, ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.head_dim, tensor_model_parallel_size=ps.tp_size,
-        context_parallel_size=ps.cp_size, sequence_parallel=ps.sequence_parallel,
-        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=use_cpu_init, perform_initialization=True,
-        gradient_accumulation_fusion=False, add_bias_linear=True,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        tensor_model_parallel_size=ps.tp_size,
+        context_parallel_size=ps.cp_size,
+        sequence_parallel=ps.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_init,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        add_bias_linear=True,
     )
+
+
+def _cuda_rng_tracker_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return bool(get_cuda_rng_tracker().is_initialized())
 
 
 def modulate(x_sbh: torch.Tensor, shift_bh: torch.Tensor, scale_bh: torch.Tensor) -> torch.Tensor:
@@ -94,17 +109,37 @@ class StreamLayer(nn.Module):
     text stream of the last block); its modulation is adaLN-continuous (scale, shift).
     """
 
-    def __init__(self, cfg: MMDiTConfig, spec: LayerSpec, mcfg: TransformerConfig,
-                 ps: ParallelState, pre_only: bool):
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        spec: LayerSpec,
+        mcfg: TransformerConfig,
+        ps: ParallelState,
+        pre_only: bool,
+    ):
         super().__init__()
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.pre_only, self.ps, self.eps = pre_only, ps, cfg.norm_eps
         self.num_heads_local = cfg.num_heads // ps.tp_size
         init = nn.init.xavier_uniform_
-        col = dict(config=mcfg, init_method=init, bias=True, gather_output=False,
-                   skip_bias_add=False, is_expert=False, tp_group=ps.tp_group)
-        row = dict(config=mcfg, init_method=init, bias=True, input_is_parallel=True,
-                   skip_bias_add=True, is_expert=False, tp_group=ps.tp_group)
+        col = dict(
+            config=mcfg,
+            init_method=init,
+            bias=True,
+            gather_output=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_group=ps.tp_group,
+        )
+        row = dict(
+            config=mcfg,
+            init_method=init,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_group=ps.tp_group,
+        )
         # adaLN: (shift, scale, gate) x (attn, mlp), or (scale, shift) when pre_only
         self.adaln = nn.Linear(d, (2 if pre_only else 6) * d)
         self.qkv = spec.column_linear(d, 3 * d, **col)  # [heads, (q,k,v), hd] rows
@@ -151,8 +186,14 @@ class StreamLayer(nn.Module):
 class MMDiTBlock(nn.Module):
     """A dual-stream block with joint attention."""
 
-    def __init__(self, cfg: MMDiTConfig, spec: LayerSpec, mcfg: TransformerConfig,
-                 ps: ParallelState, context_pre_only: bool):
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        spec: LayerSpec,
+        mcfg: TransformerConfig,
+        ps: ParallelState,
+        context_pre_only: bool,
+    ):
         super().__init__()
         if cfg.num_heads % ps.tp_size:
             raise ValueError(
@@ -177,8 +218,9 @@ class MMDiTBlock(nn.Module):
         if rope is not None:
             qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
         n = qx.shape[0]
-        out = self.attention(torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc]),
-                             key_mask)  # [N+L, b, h/tp]
+        out = self.attention(
+            torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc]), key_mask
+        )  # [N+L, b, h/tp]
         x = self.visual.finish(x, out[:n], mx[2], mx[3], mx[4], mx[5])
         if self.context_pre_only:
             return x, None
@@ -204,19 +246,26 @@ class MMDiT(nn.Module):
         ps: process groups; ``None`` builds a single-process (TP=1) model.
         spec: kernels; ``None`` is the local (torch) spec.
         params_dtype: dtype of the parameters.
-        use_cpu_initialization: build and initialize weights on CPU (default: when CUDA is
-            absent). CPU initialization makes TP=N weights equal to slices of the TP=1 ones.
+        use_cpu_initialization: build and initialize weights on CPU, then the caller moves
+            the model (default: unless megatron's CUDA RNG tracker has been seeded by
+            ``initialize_parallel(seed=...)`` on a GPU). CPU initialization makes TP=N weights
+            equal to slices of the TP=1 ones.
     """
 
-    def __init__(self, cfg: MMDiTConfig, ps: ParallelState | None = None,
-                 spec: LayerSpec | None = None, params_dtype: torch.dtype = torch.float32,
-                 use_cpu_initialization: bool | None = None):
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        ps: ParallelState | None = None,
+        spec: LayerSpec | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        use_cpu_initialization: bool | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.ps = ps = ps or single_process_state()
         self.spec = spec = spec or local_spec()
-        if use_cpu_initialization is None:
-            use_cpu_initialization = not torch.cuda.is_available()
+        if use_cpu_initialization is None:  # GPU init needs megatron's seeded RNG tracker
+            use_cpu_initialization = not _cuda_rng_tracker_ready()
         mcfg = megatron_config(cfg, ps, params_dtype, use_cpu_initialization)
         d = cfg.hidden_size
         self.patch_embed = nn.Linear(cfg.patch_dim, d)
@@ -224,8 +273,13 @@ class MMDiT(nn.Module):
         self.time_embed = TimestepMLP(cfg.timestep_freq_dim, d)
         self.pooled_embed = TimestepMLP(cfg.pooled_text_dim, d) if cfg.pooled_text_dim else None
         self.blocks = nn.ModuleList(
-            MMDiTBlock(cfg, spec, mcfg, ps,
-                       context_pre_only=cfg.context_pre_only_last and i == cfg.num_layers - 1)
+            MMDiTBlock(
+                cfg,
+                spec,
+                mcfg,
+                ps,
+                context_pre_only=cfg.context_pre_only_last and i == cfg.num_layers - 1,
+            )
             for i in range(cfg.num_layers)
         )
         self.final_adaln = nn.Linear(d, 2 * d)  # (scale, shift)
@@ -309,9 +363,15 @@ class MMDiT(nn.Module):
             cond = cond + self.pooled_embed(pooled_text.to(x.dtype))
         return x, c, key_mask, cond
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None, pooled_text: torch.Tensor | None = None,
-                return_layers: tuple[int, ...] | list[int] = ()):
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        pooled_text: torch.Tensor | None = None,
+        return_layers: tuple[int, ...] | list[int] = (),
+    ):
         """Velocity ``v = z - x`` at ``x_t``.
 
         Args:

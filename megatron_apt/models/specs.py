@@ -14,8 +14,9 @@ install never touches them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +75,13 @@ class FlashAttention(nn.Module):
         cu_q = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
         keep = key_mask.reshape(-1)
         out = flash_attn_varlen_func(
-            q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:])[keep],
-            v.reshape(b * s, *v.shape[2:])[keep], cu_q, cu_k, s, int(lengths.max()),
+            q.reshape(b * s, *q.shape[2:]),
+            k.reshape(b * s, *k.shape[2:])[keep],
+            v.reshape(b * s, *v.shape[2:])[keep],
+            cu_q,
+            cu_k,
+            s,
+            int(lengths.max()),
         )
         return out.reshape(b, s, -1).transpose(0, 1)
 
@@ -89,12 +95,20 @@ class TEAttention(nn.Module):
 
         self.num_heads, self.head_dim = num_heads, head_dim
         self.core = te.DotProductAttention(
-            num_heads, head_dim, attention_dropout=0.0, qkv_format="sbhd",
-            attn_mask_type="padding", tp_size=1,
+            num_heads,
+            head_dim,
+            attention_dropout=0.0,
+            qkv_format="sbhd",
+            attn_mask_type="padding",
+            tp_size=1,
         )
         self.core_nomask = te.DotProductAttention(
-            num_heads, head_dim, attention_dropout=0.0, qkv_format="sbhd",
-            attn_mask_type="no_mask", tp_size=1,
+            num_heads,
+            head_dim,
+            attention_dropout=0.0,
+            qkv_format="sbhd",
+            attn_mask_type="no_mask",
+            tp_size=1,
         )
 
     def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,11 +138,11 @@ class LayerSpec:
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Format
 
-        kwargs = {"fp8_format": Format.HYBRID, "amax_history_len": 1024,
-                  "amax_compute_algo": "max"}
+        kwargs = {"fp8_format": Format.HYBRID, "amax_history_len": 1024, "amax_compute_algo": "max"}
         kwargs.update(self.fp8_recipe_kwargs)
-        return te.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling(**kwargs),
-                               fp8_group=amax_group)
+        return te.fp8_autocast(
+            enabled=True, fp8_recipe=DelayedScaling(**kwargs), fp8_group=amax_group
+        )
 
 
 def local_spec() -> LayerSpec:
@@ -140,11 +154,11 @@ def te_spec(fp8: bool = False, attention: str = "te") -> LayerSpec:
     if not torch.cuda.is_available():
         raise RuntimeError("the Transformer Engine spec needs a CUDA device; use spec='local'")
     try:
+        import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
             TERowParallelLinear,
         )
-        import transformer_engine  # noqa: F401
     except (ImportError, RuntimeError) as e:
         raise ImportError(
             "Transformer Engine is not usable here: install the `gpu` extra "
@@ -155,7 +169,11 @@ def te_spec(fp8: bool = False, attention: str = "te") -> LayerSpec:
         raise ValueError(f"attention={attention!r}: use one of {sorted(cores)}")
     return LayerSpec(
         f"te{'-fp8' if fp8 else ''}{'-flash' if attention == 'flash' else ''}",
-        TEColumnParallelLinear, TERowParallelLinear, cores[attention], uses_te=True, fp8=fp8,
+        TEColumnParallelLinear,
+        TERowParallelLinear,
+        cores[attention],
+        uses_te=True,
+        fp8=fp8,
     )
 
 

@@ -89,8 +89,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
     timeout = datetime.timedelta(minutes=timeout_minutes)
     env = _rank_env()
     if env is None:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
         return 0, 1
     rank, world_size, local_rank = env
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
@@ -106,8 +107,13 @@ def initialize_parallel(
     context_parallel_size: int = 1,
     sequence_parallel: bool = False,
     backend: str | None = None,
+    seed: int | None = None,
 ) -> ParallelState:
     """Start torch.distributed if needed, build megatron's groups and return this rank's view.
+
+    With ``seed``, seeds torch and megatron's model-parallel RNG tracker
+    (``model_parallel_cuda_manual_seed``: same stream on TP peers where it must be, distinct
+    where it must not); on GPUs this also lets megatron initialize weights on the device.
 
     Raises ``ValueError`` before any collective when the world does not factor into the sizes.
     """
@@ -132,6 +138,11 @@ def initialize_parallel(
         context_parallel_size=context_parallel_size,
         create_gloo_process_groups=False,
     )
+    if seed is not None:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
     return ParallelState(
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),

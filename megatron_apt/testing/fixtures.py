@@ -8,8 +8,15 @@ from megatron_apt.config.model import MMDiTConfig
 
 
 def dummy_inputs(
-    cfg: MMDiTConfig, batch: int = 2, frames: int = 1, height: int = 8, width: int = 8,
-    text_len: int = 5, masked: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
+    cfg: MMDiTConfig,
+    batch: int = 2,
+    frames: int = 1,
+    height: int = 8,
+    width: int = 8,
+    text_len: int = 5,
+    masked: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor | None]:
     """Keyword arguments of ``MMDiT.forward``: latents ``[B, C, T, H, W]``, timesteps in
     (0, 1), text ``[B, L, text_dim]``, a text mask with the last tokens of sample 1 masked
@@ -24,12 +31,14 @@ def dummy_inputs(
     }
     if masked:
         mask = torch.ones(batch, text_len, dtype=torch.bool)
-        mask[-1, max(1, text_len // 2):] = False
+        mask[-1, max(1, text_len // 2) :] = False
         inputs["text_mask"] = mask
     if cfg.pooled_text_dim:
         inputs["pooled_text"] = torch.randn(batch, cfg.pooled_text_dim, generator=g)
-    return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
-            for k, v in inputs.items()}
+    return {
+        k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
 
 
 @torch.no_grad()

@@ -41,26 +41,38 @@ def launcher_command(launcher: str, nproc: int, script: str, args: list[str]) ->
 
 
 def run_launcher(
-    script: str | Path, args: list[str] | tuple[str, ...] = (), *, nproc: int = 2,
-    launcher: str = "torchrun", marker: str | None = None, timeout: int = 600,
+    script: str | Path,
+    args: list[str] | tuple[str, ...] = (),
+    *,
+    nproc: int = 2,
+    launcher: str = "torchrun",
+    marker: str | None = None,
+    timeout: int = 600,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` processes; raise ``AssertionError`` with the output tail
     when it fails or when ``marker`` is missing from stdout."""
     full_env = dict(os.environ)
-    full_env.update({
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        "PYTHONWARNINGS": "ignore",
-    })
+    full_env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     full_env.update(env or {})
     cmd = launcher_command(launcher, nproc, str(script), [str(a) for a in args])
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     ok = marker is None or proc.stdout.count(marker) >= (nproc if launcher != "python" else 1)
     if not ok or (proc.returncode != 0 and marker is None):
-        tail = (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-6000:])
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}, marker "
-                             f"{marker!r} {'found' if ok else 'missing'}:\n{tail}")
+        tail = proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}, marker "
+            f"{marker!r} {'found' if ok else 'missing'}:\n{tail}"
+        )
     return proc

@@ -3,6 +3,8 @@ parameter gradients, for an image batch, a video batch and an SD3-style model (2
 processes under torchrun)."""
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,11 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-CASES = [f"{p}/T={t}/L={L}/sp={sp}" for sp in (True, False)
-         for p, t, L in (("tiny", 1, 5), ("tiny", 3, 6), ("tiny-sd3", 1, 7))]
+CASES = [
+    f"{p}/T={t}/L={L}/sp={sp}"
+    for sp in (True, False)
+    for p, t, L in (("tiny", 1, 5), ("tiny", 3, 6), ("tiny-sd3", 1, 7))
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -40,3 +45,15 @@ def test_missing_tp_grad_reduction_is_detected(results):
     r = results["control/no-grad-reduce"]
     assert r["out_diff"] <= 1e-5 * max(1.0, r["out_max"])  # forward is unaffected
     assert r["grad_diff"] > 1e-3 * r["grad_max"], r
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_other_launchers(tmp_path, launcher):
+    """Rank discovery under the deepspeed launcher and under mpirun (mpi4py rendezvous)."""
+    if not shutil.which(launcher, path=str(Path(sys.executable).parent)):
+        pytest.skip(f"{launcher} is not installed in this environment")
+    out = tmp_path / "results.json"
+    run_launcher(WORKER, [out, "--quick"], nproc=2, launcher=launcher, marker="TP-EQUIVALENCE-DONE")
+    results = json.loads(out.read_text())
+    assert results["world"] == [2, 2, 1]
+    test_tp2_matches_tp1(results, "tiny/T=3/L=6/sp=True")

@@ -5,8 +5,8 @@ process group of its own, and the TP=2 model from the reference's weights cut in
 rank 0 writes the largest differences (outputs, returned layers, gathered gradients) as JSON.
 """
 
+import argparse
 import json
-import sys
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ def run_case(preset, sp, frames, ps_ref, ps_tp, text_len):
     for m in (ref, model):
         v, feats = m(**inputs, return_layers=layers)
         w = torch.randn(v.shape, generator=torch.Generator().manual_seed(3))
-        loss = (v * w).sum() + sum((f ** 2).mean() for f in feats)
+        loss = (v * w).sum() + sum((f**2).mean() for f in feats)
         loss.backward()
         outs.append((v.detach(), [f.detach() for f in feats]))
     grads_ref = {n: p.grad for n, p in ref.named_parameters()}
@@ -50,10 +50,17 @@ def run_case(preset, sp, frames, ps_ref, ps_tp, text_len):
     }
 
 
-def main(out_path):
+def main(out_path, quick=False):
     torch.manual_seed(0)
     results = {}
     ps_ref = None
+    if quick:  # launcher check: one video case with sequence parallel
+        ps_tp = initialize_parallel(tensor_parallel_size=2, sequence_parallel=True)
+        results["tiny/T=3/L=6/sp=True"] = run_case(
+            "tiny", True, 3, single_process_state(), ps_tp, 6
+        )
+        results["world"] = [dist.get_world_size(), ps_tp.tp_size, ps_tp.dp_size]
+        return finish(results, out_path)
     for sp in (False, True):
         ps_tp = initialize_parallel(tensor_parallel_size=2, sequence_parallel=sp)
         ps_ref = ps_ref or single_process_state()
@@ -70,6 +77,10 @@ def main(out_path):
         results["control/no-grad-reduce"] = run_case("tiny", True, 1, ps_ref, ps_tp, 6)
     finally:
         mmdit.reduce_grad_over_tp = saved
+    finish(results, out_path)
+
+
+def finish(results, out_path):
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -78,4 +89,9 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = ap.parse_args()
+    main(args.out, quick=args.quick)

@@ -93,8 +93,9 @@ def test_patchify_roundtrip_and_conv_equivalence():
     conv = torch.nn.functional.conv3d(x, w, stride=patch).flatten(2).transpose(1, 2)
     torch.testing.assert_close(tokens @ w.reshape(5, -1).T, conv, rtol=1e-5, atol=1e-5)
     # unpatchify takes (pt, ph, pw, C) features
-    back = unpatchify(tokens.reshape(2, 24, 3, 8).permute(0, 1, 3, 2).reshape(2, 24, 24),
-                      patch, (2, 3, 4), 3)
+    back = unpatchify(
+        tokens.reshape(2, 24, 3, 8).permute(0, 1, 3, 2).reshape(2, 24, 24), patch, (2, 3, 4), 3
+    )
     torch.testing.assert_close(back, x)
 
 
@@ -132,8 +133,9 @@ def test_return_layers_out_of_range(tiny):
 
 
 def test_sequence_parallel_needs_divisible_tokens():
-    ps = ParallelState(tp_group=None, dp_group=None, cp_group=None, tp_size=2,
-                       sequence_parallel=True)
+    ps = ParallelState(
+        tp_group=None, dp_group=None, cp_group=None, tp_size=2, sequence_parallel=True
+    )
     with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 2"):
         scatter_to_sequence_parallel(torch.zeros(7, 1, 4), ps)
 
@@ -162,7 +164,23 @@ def test_bf16_forward_close_to_fp32():
     ref = m(**inputs)
     mb = MMDiT(get_preset("tiny"), params_dtype=torch.bfloat16)
     mb.load_state_dict(m.state_dict())
-    out = mb(**{k: (v.bfloat16() if v is not None and v.is_floating_point() else v)
-                for k, v in inputs.items()})
+    out = mb(
+        **{
+            k: (v.bfloat16() if v is not None and v.is_floating_point() else v)
+            for k, v in inputs.items()
+        }
+    )
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_gpu_specs_are_lazy_and_refuse_without_cuda():
+    from megatron_apt.models import get_spec
+
+    assert get_spec("local").name == "local"
+    assert get_spec("auto").name in ("local", "te")
+    with pytest.raises(ValueError, match="unknown layer spec"):
+        get_spec("te-fp4")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            get_spec("te-fp8")

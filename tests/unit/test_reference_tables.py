@@ -13,9 +13,18 @@ def tiny_sd3_diffusers(qk_norm=None):
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64,
-        pooled_projection_dim=24, out_channels=4, pos_embed_max_size=16, qk_norm=qk_norm,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=64,
+        pooled_projection_dim=24,
+        out_channels=4,
+        pos_embed_max_size=16,
+        qk_norm=qk_norm,
     )
 
 

@@ -1,0 +1,1 @@
+"""Checkpoint formats and key maps (diffusers interop grows here)."""
