@@ -319,6 +319,12 @@ class MMDiT(nn.Module):
         b = latents.shape[0]
         if timesteps.shape != (b,):
             raise ValueError(f"timesteps must be [B]={b}, got shape {tuple(timesteps.shape)}")
+        lo, hi = timesteps.min().item(), timesteps.max().item()
+        if lo < 0.0 or hi > 1.0:  # the classic slip: passing SD3's sigma * 1000
+            raise ValueError(
+                f"timesteps must lie in [0, 1] (0 = data, 1 = noise), got [{lo:g}, {hi:g}]; "
+                f"the model scales them by timestep_scale={self.cfg.timestep_scale:g} itself"
+            )
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
             raise ValueError(
                 f"text must be [B={b}, L, text_dim={cfg.text_dim}], got {tuple(text.shape)}"

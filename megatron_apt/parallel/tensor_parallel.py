@@ -112,7 +112,8 @@ def gather_state_dict(
         dim = tp_partition_dim(p)
         out[name] = gather_tensor_over_tp(t, dim, ps) if dim is not None else t.clone()
     if not grads:
+        persistent = model.state_dict().keys()
         for name, b in model.named_buffers():
-            if name in model.state_dict():
+            if name in persistent:
                 out[name] = b.detach().clone()
     return out

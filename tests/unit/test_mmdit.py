@@ -116,6 +116,7 @@ def test_rope_depends_on_relative_position_only():
         (lambda d: d.update(latents=d["latents"][:, :, 0]), r"\[B, C, T, H, W\]"),
         (lambda d: d.update(text=d["text"][..., :31]), "text_dim=32"),
         (lambda d: d.update(timesteps=d["timesteps"][:1]), "timesteps must be"),
+        (lambda d: d.update(timesteps=d["timesteps"] * 1000), r"must lie in \[0, 1\]"),
         (lambda d: d.update(text_mask=d["text_mask"][:, :2]), "text_mask must be"),
         (lambda d: d.update(pooled_text=torch.zeros(2, 4)), "pooled_text is given"),
     ],
