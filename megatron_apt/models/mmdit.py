@@ -37,7 +37,7 @@ from megatron_apt.models.embeddings import (
     timestep_features,
     unpatchify,
 )
-from megatron_apt.models.specs import LayerSpec, local_spec
+from megatron_apt.models.specs import LayerSpec, get_spec, local_spec
 from megatron_apt.parallel.state import ParallelState, single_process_state
 from megatron_apt.parallel.tensor_parallel import (
     gather_from_sequence_parallel,
@@ -244,7 +244,8 @@ class MMDiT(nn.Module):
     Args:
         cfg: architecture.
         ps: process groups; ``None`` builds a single-process (TP=1) model.
-        spec: kernels; ``None`` is the local (torch) spec.
+        spec: kernels: a :class:`LayerSpec` or its name (``local``, ``te``, ``te-fp8``,
+            ``te-flash``, ``auto``; see :func:`get_spec`); ``None`` is ``local``.
         params_dtype: dtype of the parameters.
         use_cpu_initialization: build and initialize weights on CPU, then the caller moves
             the model (default: unless megatron's CUDA RNG tracker has been seeded by
@@ -256,13 +257,15 @@ class MMDiT(nn.Module):
         self,
         cfg: MMDiTConfig,
         ps: ParallelState | None = None,
-        spec: LayerSpec | None = None,
+        spec: LayerSpec | str | None = None,
         params_dtype: torch.dtype = torch.float32,
         use_cpu_initialization: bool | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.ps = ps = ps or single_process_state()
+        if isinstance(spec, str):
+            spec = get_spec(spec)
         self.spec = spec = spec or local_spec()
         if use_cpu_initialization is None:  # GPU init needs megatron's seeded RNG tracker
             use_cpu_initialization = not _cuda_rng_tracker_ready()

@@ -187,11 +187,9 @@ def get_spec(name: str) -> LayerSpec:
             return local_spec()
     if name == "local":
         return local_spec()
-    if name.startswith("te"):
-        parts = name.split("-")[1:]
-        unknown = set(parts) - {"fp8", "flash"}
-        if not unknown:
-            return te_spec(fp8="fp8" in parts, attention="flash" if "flash" in parts else "te")
+    head, *parts = name.split("-")
+    if head == "te" and not set(parts) - {"fp8", "flash"} and len(set(parts)) == len(parts):
+        return te_spec(fp8="fp8" in parts, attention="flash" if "flash" in parts else "te")
     raise ValueError(
         f"unknown layer spec {name!r}; use local, te, te-fp8, te-flash, te-fp8-flash or auto"
     )

@@ -40,6 +40,10 @@ def test_tp2_matches_tp1(results, case):
     assert all(".text.q_norm" in n and n.startswith("blocks.1.") for n in r["zero_grads"]), r
 
 
+def test_seeded_cpu_init_is_tp_invariant(results):
+    assert results["seeded-init"] == {"max_diff": 0.0, "keys_equal": True}
+
+
 def test_missing_tp_grad_reduction_is_detected(results):
     """Sanity of the check itself: dropping the TP gradient reduction breaks gradients."""
     r = results["control/no-grad-reduce"]

@@ -67,6 +67,21 @@ def main(out_path, quick=False):
         for preset, frames, text_len in (("tiny", 1, 5), ("tiny", 3, 6), ("tiny-sd3", 1, 7)):
             key = f"{preset}/T={frames}/L={text_len}/sp={sp}"
             results[key] = run_case(preset, sp, frames, ps_ref, ps_tp, text_len)
+    # Same seed, CPU initialization: the TP=2 shards are slices of the TP=1 weights.
+    cfg = get_preset("tiny")
+    torch.manual_seed(5)
+    ref = MMDiT(cfg, ps_ref)
+    torch.manual_seed(5)
+    full = gather_state_dict(MMDiT(cfg, ps_tp), ps_tp)
+    results["seeded-init"] = {
+        "max_diff": max(
+            (full[k] - v).abs().max().item()
+            for k, v in ref.state_dict().items()
+            if not k.endswith("_extra_state")
+        ),
+        "keys_equal": sorted(full)
+        == sorted(k for k in ref.state_dict() if not k.endswith("_extra_state")),
+    }
     # Negative control: without the TP gradient reduction of the tensors that see only this
     # rank's tokens/heads, sequence-parallel gradients must come out wrong.
     import megatron_apt.models.mmdit as mmdit

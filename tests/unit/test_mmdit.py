@@ -185,3 +185,10 @@ def test_gpu_specs_are_lazy_and_refuse_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             get_spec("te-fp8")
+
+
+def test_spec_selected_by_name():
+    m = MMDiT(get_preset("tiny"), spec="local")
+    assert m.spec.name == "local"
+    with pytest.raises(ValueError, match="unknown layer spec 'tee'"):
+        MMDiT(get_preset("tiny"), spec="tee")
