@@ -351,7 +351,10 @@ class MMDiT(nn.Module):
         """Replicated embeddings on the full sequence: visual ``[B, N, h]``, text ``[B, L, h]``
         (text padded to a multiple of TP under SP), the key mask and ``cond [B, h]``."""
         cfg, ps = self.cfg, self.ps
-        x = self.patch_embed(patchify(latents, cfg.patch_size).to(self.patch_embed.weight.dtype))
+        # fp32 input projection: small perturbations of the input (the discriminator's
+        # approximated R1 uses sigma = 0.01) survive it even when the weights are bf16.
+        w, b = self.patch_embed.weight, self.patch_embed.bias
+        x = F.linear(patchify(latents, cfg.patch_size).float(), w.float(), b.float()).to(w.dtype)
         gt, gh, gw = self.grid(latents.shape)
         if cfg.pos_embed == "sincos2d":
             x = x + crop_sincos_2d(self.pos_table, gh, gw).repeat(gt, 1).to(x.dtype)[None]
@@ -380,6 +383,7 @@ class MMDiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         pooled_text: torch.Tensor | None = None,
         return_layers: tuple[int, ...] | list[int] = (),
+        features_only: bool = False,
     ):
         """Velocity ``v = z - x`` at ``x_t``.
 
@@ -391,12 +395,17 @@ class MMDiT(nn.Module):
             text_mask: ``[B, L]`` bool, True for real tokens; None = all real.
             pooled_text: ``[B, pooled_text_dim]`` when the config has a pooled projection.
             return_layers: 1-based block indices whose visual tokens to return as well.
+            features_only: return only the features of ``return_layers``, skipping the blocks
+                after the last one asked for and the output layer (the discriminator).
 
         Returns:
             ``[B, C_out, T, H, W]`` velocity, or ``(velocity, feats)`` when ``return_layers``
-            is non-empty, ``feats`` a list of ``[B, N, h]`` full (gathered) visual tokens.
+            is non-empty, ``feats`` a list of ``[B, N, h]`` full (gathered) visual tokens;
+            only ``feats`` with ``features_only``.
         """
         self._check_inputs(latents, timesteps, text, text_mask, pooled_text)
+        if features_only and not return_layers:
+            raise ValueError("features_only=True needs return_layers")
         for k in return_layers:
             if not 1 <= k <= self.cfg.num_layers:
                 raise ValueError(f"return_layers entry {k} outside 1..{self.cfg.num_layers}")
@@ -414,10 +423,13 @@ class MMDiT(nn.Module):
             x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/tp, B, h]
             c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
             feats = {}
-            for i, block in enumerate(self.blocks, start=1):
+            last = max(return_layers) if features_only else self.cfg.num_layers
+            for i, block in enumerate(self.blocks[:last], start=1):
                 x, c = block(x, c, cond, rope, key_mask)
                 if i in return_layers:
-                    feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)
+                    feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)  # [B, N, h]
+            if features_only:
+                return [feats[k] for k in return_layers]
             x = gather_from_sequence_parallel(x, ps)  # [N, B, h]
             scale, shift = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
             x = modulate(layer_norm(x, self.cfg.norm_eps), shift, scale)

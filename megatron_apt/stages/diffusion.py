@@ -29,6 +29,7 @@ __all__ = [
     "add_noise",
     "euler_sample",
     "flow_matching_loss",
+    "guided_velocity",
     "one_step_sample",
     "sample_timesteps",
     "sampling_timesteps",
@@ -310,6 +311,23 @@ def _guided_velocity(
         v_c = velocity_fn(x_t, t, **cond).to(dtype)
         v_u = velocity_fn(x_t, t, **uncond_b).to(dtype)
     return v_u + guidance_scale * (v_c - v_u)
+
+
+def guided_velocity(
+    velocity_fn: VelocityFn,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Classifier-free-guided velocity ``v_u + g (v_c - v_u)`` in ``t``'s dtype (fp32), with
+    cond and uncond (e.g. a batch-1 negative prompt) in one batched call where possible.
+    Without ``uncond`` or with ``g == 1`` it is the plain conditional velocity."""
+    if uncond is None or guidance_scale == 1.0:
+        return velocity_fn(x_t, t, **cond).to(t.dtype)
+    merged = _concat_cond(cond, uncond, x_t.shape[0])
+    return _guided_velocity(velocity_fn, x_t, t, cond, uncond, guidance_scale, merged)
 
 
 # ---------------------------------------------------------------------------------------------

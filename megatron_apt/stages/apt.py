@@ -1,0 +1,209 @@
+"""Adversarial post-training (paper sections 3.1, 3.3, 3.4): losses, the discriminator's
+timestep ensemble, the approximated R1, and the two per-micro-batch phases.
+
+Sign convention. Eqs. (1)-(2) define, with f_D = g_G = log σ and f_G = log(1 - σ),
+``E[log σ(D(x))] + E[log(1 - σ(D(G(z))))]`` (the log-likelihood the discriminator raises) and
+``E[log σ(D(G(z)))]`` (the non-saturating objective the generator raises). Eq. (10) adds
+``λ E[(D(x) - D(x + σε))²]``, which only makes sense as a penalty, so the losses minimized
+here are the negated log-likelihoods plus the penalty:
+
+    loss_D = -E[log σ(D(x, c))] - E[log(1 - σ(D(G(z, c), c)))] + λ E[(D(x, c) - D(x̃, c))²]
+    loss_G = -E[log σ(D(G(z, c), c))]
+
+with -log σ(a) = softplus(-a) and -log(1 - σ(a)) = softplus(a) (numerically stable).
+
+D(x, c) = D̂(x, t, c) with one t per sample, t = shift(u, s), u ~ U(0, 1), on the [0, 1]
+scale; D always sees the clean sample (never x_t). The perturbed copy x̃ = x + σε of a real
+sample shares its t and text, so the difference measures the gradient in x only. Real, fake
+and perturbed real go through ONE discriminator forward; the noise is added and the penalty
+computed in fp32. Pure torch: the DeepSpeed engines call these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_apt.stages.diffusion import timestep_shift
+
+__all__ = [
+    "APTConfig",
+    "approx_r1_penalty",
+    "discriminator_loss",
+    "discriminator_step",
+    "frozen",
+    "generator_loss",
+    "generator_step",
+    "perturb",
+    "sample_discriminator_timesteps",
+    "timestep_shift",
+]
+
+COND_KEYS = ("text", "text_mask", "pooled_text")
+
+
+@dataclass(kw_only=True)
+class APTConfig:
+    """Hyper-parameters of the adversarial objective (paper values in the comments)."""
+
+    shift: float = 1.0  # s of the timestep ensemble: 1 for images, 12 for videos
+    r1_lambda: float = 100.0  # λ
+    r1_sigma: float = 0.01  # σ: 0.01 for images, 0.1 for videos
+
+    def __post_init__(self) -> None:
+        if self.shift <= 0 or self.r1_lambda < 0 or self.r1_sigma <= 0:
+            raise ValueError(
+                f"APTConfig needs shift > 0, r1_lambda >= 0, r1_sigma > 0; got shift="
+                f"{self.shift}, r1_lambda={self.r1_lambda}, r1_sigma={self.r1_sigma}"
+            )
+
+    @classmethod
+    def image(cls) -> APTConfig:
+        return cls(shift=1.0, r1_lambda=100.0, r1_sigma=0.01)
+
+    @classmethod
+    def video(cls) -> APTConfig:
+        return cls(shift=12.0, r1_lambda=100.0, r1_sigma=0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# Formulas
+# ------------------------------------------------------------------------------------------
+
+
+def sample_discriminator_timesteps(
+    batch: int,
+    shift: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One t per sample: ``shift(u, s)``, u ~ U(0, 1), on the [0, 1] scale (eq. 6-7). ``[B]``."""
+    u = torch.rand(batch, generator=generator, dtype=torch.float32)
+    return timestep_shift(u, shift).to(device) if device is not None else timestep_shift(u, shift)
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``-E[log σ(real)] - E[log(1 - σ(fake))]`` (negated eq. 1), fp32 scalar."""
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating ``-E[log σ(D(G(z)))]`` (negated eq. 2), fp32 scalar."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def approx_r1_penalty(
+    logits_real: torch.Tensor, logits_perturbed: torch.Tensor, r1_lambda: float = 100.0
+) -> torch.Tensor:
+    """``λ E[(D(x) - D(x + σε))²]`` (eq. 9 with eq. 10's λ), differences in fp32.
+
+    For small σ its expectation over ε is ``λ σ² ||∇_x D||²`` (first-order Taylor), i.e. exact
+    R1 with weight ``λσ²`` (0.01 for images, 1.0 for videos at the paper's values).
+    """
+    if logits_real.shape != logits_perturbed.shape:
+        raise ValueError(
+            f"logit shapes differ: real {tuple(logits_real.shape)} vs perturbed "
+            f"{tuple(logits_perturbed.shape)}"
+        )
+    diff = logits_real.float() - logits_perturbed.float()
+    return r1_lambda * diff.square().mean()
+
+
+def perturb(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None):
+    """``x + σε`` in fp32, ε ~ N(0, I) drawn on the CPU generator (device-independent)."""
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    return x.float() + sigma * eps
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` of every parameter of ``module`` for the block, restoring the
+    previous flags after (the inactive network of a GAN phase; see CPU-FACTS on DeepSpeed)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------------------
+# The two phases on one micro-batch
+# ------------------------------------------------------------------------------------------
+
+GeneratorFn = Callable[..., torch.Tensor]  # G(noise, text, text_mask, pooled_text) -> x
+DiscriminatorFn = Callable[..., torch.Tensor]  # D(x, t, text, text_mask, pooled_text) -> [B]
+
+
+def _cond(batch: Mapping[str, Any], repeat: int = 1) -> dict[str, Any]:
+    out = {}
+    for key in COND_KEYS:
+        value = batch.get(key)
+        if value is not None and repeat > 1:
+            value = torch.cat([value] * repeat, dim=0)
+        out[key] = value
+    return out
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def discriminator_step(
+    discriminator: DiscriminatorFn,
+    generator: GeneratorFn,
+    batch: Mapping[str, Any],
+    cfg: APTConfig,
+    rng: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D phase on one micro-batch: returns ``(loss_D, metrics)``; the caller backpropagates.
+
+    ``batch``: ``latents [B, C, T, H, W]`` (real, clean), ``text``, ``text_mask``,
+    ``pooled_text``. G runs without gradients; D runs ONCE on ``[real; fake; real + σε]``.
+    """
+    x_real = batch["latents"]
+    b = x_real.shape[0]
+    cond = _cond(batch)
+    with torch.no_grad():
+        x_fake = generator(_noise(x_real, rng), **cond)
+    t_real = sample_discriminator_timesteps(b, cfg.shift, rng, x_real.device)
+    t_fake = sample_discriminator_timesteps(b, cfg.shift, rng, x_real.device)
+    x_pert = perturb(x_real, cfg.r1_sigma, rng)
+    inputs = torch.cat([x_real.float(), x_fake.float(), x_pert])  # [3B, ...] fp32
+    t = torch.cat([t_real, t_fake, t_real])  # the perturbed copy keeps its sample's t
+    logits = discriminator(inputs, t, **_cond(batch, repeat=3)).float()  # [3B]
+    l_real, l_fake, l_pert = logits.split(b)
+    loss_adv = discriminator_loss(l_real, l_fake)
+    loss_r1 = approx_r1_penalty(l_real, l_pert, cfg.r1_lambda)
+    metrics = {
+        "loss_d": loss_adv.detach(),
+        "loss_r1": loss_r1.detach(),
+        "d_real": l_real.detach().mean(),
+        "d_fake": l_fake.detach().mean(),
+    }
+    return loss_adv + loss_r1, metrics
+
+
+def generator_step(
+    discriminator: DiscriminatorFn,
+    generator: GeneratorFn,
+    batch: Mapping[str, Any],
+    cfg: APTConfig,
+    rng: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """G phase on one micro-batch: ``(loss_G, metrics)``. The caller freezes D (see
+    :func:`frozen`) so that gradients reach only G through D's input."""
+    x_real = batch["latents"]
+    cond = _cond(batch)
+    x_fake = generator(_noise(x_real, rng), **cond)
+    t_fake = sample_discriminator_timesteps(x_real.shape[0], cfg.shift, rng, x_real.device)
+    logits = discriminator(x_fake, t_fake, **cond).float()
+    loss = generator_loss(logits)
+    return loss, {"loss_g": loss.detach(), "d_fake_g": logits.detach().mean()}
