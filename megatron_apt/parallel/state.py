@@ -89,11 +89,14 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
     timeout = datetime.timedelta(minutes=timeout_minutes)
     env = _rank_env()
     if env is None:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
         return 0, 1
     rank, world_size, local_rank = env
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(key, str(value))  # mpirun sets only its own variables
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         _mpi_rendezvous(rank, world_size)
     if backend == "nccl":

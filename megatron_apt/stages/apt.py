@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_apt.stages.diffusion import timestep_shift
+from megatron_apt.stages.noise import Rng, rand_batch, randn_like_batch
 
 __all__ = [
     "APTConfig",
@@ -79,11 +80,12 @@ class APTConfig:
 def sample_discriminator_timesteps(
     batch: int,
     shift: float,
-    generator: torch.Generator | None = None,
+    generator: Rng = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """One t per sample: ``shift(u, s)``, u ~ U(0, 1), on the [0, 1] scale (eq. 6-7). ``[B]``."""
-    u = torch.rand(batch, generator=generator, dtype=torch.float32)
+    """One t per sample: ``shift(u, s)``, u ~ U(0, 1), on the [0, 1] scale (eq. 6-7). ``[B]``.
+    ``generator``: one ``torch.Generator``, or a list of one per sample."""
+    u = rand_batch(batch, generator)
     return timestep_shift(u, shift).to(device) if device is not None else timestep_shift(u, shift)
 
 
@@ -114,10 +116,9 @@ def approx_r1_penalty(
     return r1_lambda * diff.square().mean()
 
 
-def perturb(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None):
-    """``x + σε`` in fp32, ε ~ N(0, I) drawn on the CPU generator (device-independent)."""
-    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-    return x.float() + sigma * eps
+def perturb(x: torch.Tensor, sigma: float, generator=None):
+    """``x + σε`` in fp32, ε ~ N(0, I) drawn on the CPU generator(s) (device-independent)."""
+    return x.float() + sigma * randn_like_batch(x, generator, torch.float32)
 
 
 @contextlib.contextmanager
@@ -152,16 +153,12 @@ def _cond(batch: Mapping[str, Any], repeat: int = 1) -> dict[str, Any]:
     return out
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
-
-
 def discriminator_step(
     discriminator: DiscriminatorFn,
     generator: GeneratorFn,
     batch: Mapping[str, Any],
     cfg: APTConfig,
-    rng: torch.Generator | None = None,
+    rng: Rng = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D phase on one micro-batch: returns ``(loss_D, metrics)``; the caller backpropagates.
 
@@ -172,7 +169,7 @@ def discriminator_step(
     b = x_real.shape[0]
     cond = _cond(batch)
     with torch.no_grad():
-        x_fake = generator(_noise(x_real, rng), **cond)
+        x_fake = generator(randn_like_batch(x_real, rng), **cond)
     t_real = sample_discriminator_timesteps(b, cfg.shift, rng, x_real.device)
     t_fake = sample_discriminator_timesteps(b, cfg.shift, rng, x_real.device)
     x_pert = perturb(x_real, cfg.r1_sigma, rng)
@@ -196,13 +193,13 @@ def generator_step(
     generator: GeneratorFn,
     batch: Mapping[str, Any],
     cfg: APTConfig,
-    rng: torch.Generator | None = None,
+    rng: Rng = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """G phase on one micro-batch: ``(loss_G, metrics)``. The caller freezes D (see
     :func:`frozen`) so that gradients reach only G through D's input."""
     x_real = batch["latents"]
     cond = _cond(batch)
-    x_fake = generator(_noise(x_real, rng), **cond)
+    x_fake = generator(randn_like_batch(x_real, rng), **cond)
     t_fake = sample_discriminator_timesteps(x_real.shape[0], cfg.shift, rng, x_real.device)
     logits = discriminator(x_fake, t_fake, **cond).float()
     loss = generator_loss(logits)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_apt.stages.diffusion import add_noise, guided_velocity, sampling_timesteps
+from megatron_apt.stages.noise import Rng, rand_batch, randn_like_batch
 
 __all__ = [
     "ConsistencyConfig",
@@ -99,7 +100,7 @@ def consistency_distillation_step(
     cond: Mapping[str, Any],
     uncond: Mapping[str, Any] | None,
     cfg: ConsistencyConfig,
-    rng: torch.Generator | None = None,
+    rng: Rng = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch of consistency distillation: ``(loss, metrics)``.
 
@@ -109,9 +110,9 @@ def consistency_distillation_step(
     """
     b = x0.shape[0]
     schedule = sampling_timesteps(cfg.num_steps, shift=cfg.shift)  # decreasing, 1 -> 0
-    n = torch.randint(0, cfg.num_steps, (b,), generator=rng)
+    n = (rand_batch(b, rng) * cfg.num_steps).long().clamp(max=cfg.num_steps - 1)
     t_hi, t_lo = schedule[n].to(x0.device), schedule[n + 1].to(x0.device)
-    z = torch.randn(x0.shape, generator=rng, dtype=torch.float32).to(x0.device)
+    z = randn_like_batch(x0, rng, torch.float32)
     x_hi = add_noise(x0.float(), z, t_hi).to(x0.dtype)
     x_lo = teacher_euler_step(teacher, x_hi, t_hi, t_lo, cond, uncond, cfg.guidance_scale)
     with torch.no_grad():

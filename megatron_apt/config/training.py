@@ -1,0 +1,261 @@
+"""Training configuration and named recipes for the three stages.
+
+A recipe is a function returning a :class:`TrainConfig`; ``pretrain_apt.py`` picks one with
+``--recipe`` and overrides fields with Megatron-style flags. Batch arithmetic:
+``global_batch = micro_batch x accumulation x data_parallel`` (validated before anything
+starts); data parallel = world size / (tensor parallel x context parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from megatron_apt.config.model import MMDiTConfig, get_preset
+
+STAGES = ("diffusion", "consistency", "apt")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data: latent shards (``path``), or synthetic latents made on the fly."""
+
+    path: str | None = None  # latent shards (tools/preprocess_data.py); None = synthetic
+    frames: int = 1  # synthetic latent shape [C, frames, height, width]
+    height: int = 8
+    width: int = 8
+    text_len: int = 8
+    num_samples: int = 256  # synthetic data set size (an "epoch")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 5e-6
+    lr_d: float | None = None  # discriminator lr; None = same as the generator's (paper)
+    rmsprop_alpha: float = 0.9  # paper: RMSprop alpha 0.9 (Adam beta1 = 0, beta2 = 0.9)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # paper: none
+    grad_clip: float = 0.0  # paper: none (DeepSpeed's default of 1.0 is turned off)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    recipe: str = "custom"
+    stage: str = "apt"
+    model: MMDiTConfig = field(default_factory=lambda: get_preset("tiny"))
+    layer_spec: str = "local"
+    # parallelism
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 2
+    bf16: bool = False
+    # batch
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    train_iters: int = 10  # optimizer updates (APT: generator updates)
+    d_updates_per_iter: int = 1  # APT: discriminator updates per generator update
+    # optimizer, EMA
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema_decay: float = 0.995
+    # stage hyper-parameters
+    shift: float = 1.0  # APT: discriminator timestep shift s; diffusion: training shift
+    r1_lambda: float = 100.0
+    r1_sigma: float = 0.01
+    guidance_scale: float = 7.5  # consistency teacher CFG
+    consistency_steps: int = 32
+    target_ema_decay: float = 0.95
+    timestep_sampling: str = "logit_normal"  # diffusion stage
+    # data, init, io
+    data: DataConfig = field(default_factory=DataConfig)
+    init_generator: str | None = None  # consistency: teacher/student init; apt: G init
+    init_discriminator: str | None = None  # apt: D backbone init (diffusion weights)
+    seed: int = 1234
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 0  # 0: only at the end
+    log_interval: int = 1
+    log_dir: str | None = None
+    deepspeed_config_g: str | None = None  # JSON merged over the generated config
+    deepspeed_config_d: str | None = None
+    notes: str = ""
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# Batch arithmetic
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    accumulation: int
+    data_parallel: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation * self.data_parallel
+
+
+def plan_batch(cfg: TrainConfig, world_size: int, context_parallel: int = 1) -> BatchPlan:
+    """Accumulation steps for ``cfg`` on ``world_size`` ranks; ``ValueError`` naming the values
+    when the global batch cannot be reached exactly."""
+    mp = cfg.tensor_parallel * context_parallel
+    if world_size % mp:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel={cfg.tensor_parallel}"
+            f" x context_parallel={context_parallel}"
+        )
+    dp = world_size // mp
+    per_step = cfg.micro_batch_size * dp
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size="
+            f"{cfg.micro_batch_size} x data_parallel={dp} (= {per_step}); choose a global batch"
+            f" of k x {per_step} or another micro batch"
+        )
+    return BatchPlan(cfg.micro_batch_size, cfg.global_batch_size // per_step, dp)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Config errors that need no process group (raised before anything starts)."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r}: choose one of {STAGES}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={cfg.zero_stage}: DeepSpeed ZeRO stages are 0-3")
+    if cfg.model.num_heads % cfg.tensor_parallel:
+        raise ValueError(
+            f"num_heads={cfg.model.num_heads} is not divisible by tensor_parallel="
+            f"{cfg.tensor_parallel}"
+        )
+    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
+        raise ValueError("sequence_parallel needs tensor_parallel > 1")
+    for name in ("micro_batch_size", "global_batch_size", "train_iters", "d_updates_per_iter"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must lie in [0, 1)")
+    if cfg.stage == "consistency" and cfg.init_generator is None and cfg.data.path:
+        raise ValueError(
+            "the consistency stage distils a teacher: pass --init-generator (the diffusion weights)"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Recipes
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny(stage: str, **kw) -> TrainConfig:
+    base = dict(
+        recipe=f"tiny-{stage}",
+        stage=stage,
+        model=get_preset("tiny"),
+        micro_batch_size=2,
+        global_batch_size=4,
+        train_iters=4,
+        optim=OptimConfig(lr=1e-3),
+        ema_decay=0.9,
+        data=DataConfig(frames=2, height=8, width=8, text_len=6, num_samples=64),
+        guidance_scale=3.0,
+        consistency_steps=8,
+        log_interval=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_diffusion() -> TrainConfig:
+    return _tiny("diffusion")
+
+
+def tiny_consistency() -> TrainConfig:
+    return _tiny("consistency")
+
+
+def tiny_apt() -> TrainConfig:
+    return _tiny("apt", shift=12.0, r1_sigma=0.1)
+
+
+PAPER_IMAGE_BATCH = 9062  # paper section 3.5
+
+
+def paper_image_global_batch(data_parallel: int, micro_batch_size: int = 1) -> int:
+    """9062 has no even split over 128 or 256 GPUs (9062 = 2 x 23 x 197); we use the nearest
+    multiple of micro x DP that is not below it: 9088 = 71 x 128 on 128 ranks, 9216 = 36 x 256
+    on 256. The difference (+0.3 % / +1.7 %) is far below the batch sizes the paper's appendix
+    E shows to matter."""
+    step = micro_batch_size * data_parallel
+    return -(-PAPER_IMAGE_BATCH // step) * step
+
+
+def mmdit_8b_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> TrainConfig:
+    """Image stage (section 3.5): 1024px images, lr 5e-6 for G and D, EMA 0.995, 350 G updates,
+    sigma 0.01, s = 1, batch ~9062, RMSprop(alpha 0.9), no weight decay or clipping, BF16."""
+    return TrainConfig(
+        recipe="mmdit-8b-image-apt",
+        stage="apt",
+        model=get_preset("mmdit-8b"),
+        layer_spec="auto",
+        tensor_parallel=1,
+        zero_stage=3,
+        bf16=True,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=paper_image_global_batch(data_parallel, micro_batch_size),
+        train_iters=350,
+        optim=OptimConfig(lr=5e-6),
+        ema_decay=0.995,
+        shift=1.0,
+        r1_lambda=100.0,
+        r1_sigma=0.01,
+        data=DataConfig(frames=1, height=128, width=128, text_len=256),  # 1024px, 8x VAE
+        notes="global batch: 9062 rounded up to a multiple of micro x DP (see "
+        "paper_image_global_batch)",
+    )
+
+
+def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
+    """Video stage: 1280x720 24 fps 2 s (49 frames), lr 3e-6, 300 G updates, sigma 0.1,
+    s = 12, batch 2048 on 1024 GPUs by gradient accumulation; G from the image stage's EMA,
+    D re-initialized from the diffusion weights."""
+    return TrainConfig(
+        recipe="mmdit-8b-video-apt",
+        stage="apt",
+        model=get_preset("mmdit-8b"),
+        layer_spec="auto",
+        tensor_parallel=4,
+        sequence_parallel=True,
+        zero_stage=3,
+        bf16=True,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=2048,
+        train_iters=300,
+        optim=OptimConfig(lr=3e-6),
+        ema_decay=0.995,
+        shift=12.0,
+        r1_lambda=100.0,
+        r1_sigma=0.1,
+        data=DataConfig(frames=13, height=90, width=160, text_len=256),
+        notes="latents 13x90x160 = 49 frames of 1280x720 through a 4x8x8 video VAE",
+    )
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "tiny-diffusion": tiny_diffusion,
+    "tiny-consistency": tiny_consistency,
+    "tiny-apt": tiny_apt,
+    "mmdit-8b-image-apt": mmdit_8b_image_apt,
+    "mmdit-8b-video-apt": mmdit_8b_video_apt,
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()

@@ -1,0 +1,324 @@
+"""The trainer: DeepSpeed engines per stage and the alternating GAN scheduler.
+
+``apt``: one update = ``d_updates_per_iter`` discriminator updates then one generator update,
+each accumulating ``accumulation`` micro-batches (DeepSpeed applies the optimizer step at the
+accumulation boundary), then the generator EMA. During the G phase D's parameters are frozen
+and D is called through ``d_engine.module`` (two engines, one graph: CPU-FACTS.md).
+``diffusion`` and ``consistency`` use the same machinery with one engine.
+
+A non-finite loss on any rank poisons the whole update on every rank: the remaining losses
+are multiplied by NaN so that DeepSpeed's overflow check skips the optimizer step of both
+engines consistently (ZeRO-0, which has no such check, drops the gradients instead); the EMA
+is not updated and ``skipped`` counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_apt.checkpoint.io import save_model_file
+from megatron_apt.config.training import TrainConfig, plan_batch, validate
+from megatron_apt.engine.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_apt.engine.data import build_stream
+from megatron_apt.engine.ema import EngineEMA, gathered_module_state
+from megatron_apt.engine.engines import create_engine
+from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
+from megatron_apt.parallel.state import initialize_parallel
+from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
+from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
+from megatron_apt.stages.diffusion import add_noise, flow_matching_loss, timestep_shift
+from megatron_apt.stages.noise import rand_batch, randn_like_batch, sample_generators
+from megatron_apt.utils.metrics import MetricsLogger
+
+SALT = {"diffusion": 0, "consistency": 3, "d": 1, "g": 2}
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.ps = initialize_parallel(cfg.tensor_parallel, 1, cfg.sequence_parallel, seed=cfg.seed)
+        self.rank = dist.get_rank()
+        self.plan = plan_batch(cfg, dist.get_world_size())
+        self.device = _device()
+        self.dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        self.stream = build_stream(
+            cfg, self.plan.micro_batch_size, self.ps.dp_rank, self.ps.dp_size
+        )
+        self.step, self.samples, self.skipped = 0, 0, 0
+        self.engines: dict = {}
+        self.emas: dict = {}
+        getattr(self, f"_build_{cfg.stage}")()
+        self.metrics = MetricsLogger(
+            cfg.log_dir, enabled=self.rank == 0, total_steps=cfg.train_iters
+        )
+        if cfg.load:
+            self._resume(cfg.load)
+
+    # ---- building ---------------------------------------------------------------------
+    def _engine(self, name: str, module, lr: float, ds_json: str | None):
+        self.engines[name] = create_engine(
+            module.to(self.device), self.cfg, self.plan, self.ps, lr, ds_json
+        )
+        return self.engines[name]
+
+    def _build_diffusion(self) -> None:
+        c = self.cfg
+        model = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
+        self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
+
+    def _build_consistency(self) -> None:
+        c = self.cfg
+        student = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        self.teacher = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        self.target = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        for m in (self.teacher, self.target):
+            m.requires_grad_(False).eval().to(self.device, self.dtype)
+        eng = self._engine("model", student, c.optim.lr, c.deepspeed_config_g)
+        self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
+        self.cd = ConsistencyConfig(
+            guidance_scale=c.guidance_scale,
+            num_steps=c.consistency_steps,
+            shift=c.shift,
+            target_ema_decay=c.target_ema_decay,
+        )
+        text_dim = c.model.text_dim
+        self.uncond = {
+            "text": torch.zeros(1, 1, text_dim, device=self.device),
+            "text_mask": torch.ones(1, 1, dtype=torch.bool, device=self.device),
+        }
+
+    def _build_apt(self) -> None:
+        c = self.cfg
+        g = build_generator(c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec)
+        d = build_discriminator(c.model, self.ps, init_from=c.init_discriminator, spec=c.layer_spec)
+        g_eng = self._engine("generator", g, c.optim.lr, c.deepspeed_config_g)
+        self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)
+        self.emas["generator"] = EngineEMA(g_eng, self.ps, c.ema_decay)
+        self.apt = APTConfig(shift=c.shift, r1_lambda=c.r1_lambda, r1_sigma=c.r1_sigma)
+
+    # ---- micro-batches ----------------------------------------------------------------
+    def _next(self, salt: int):
+        batch, pos = self.stream.next()
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["latents"] = batch["latents"].to(self.dtype)
+        return batch, sample_generators(self.cfg.seed, pos, salt)
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _backward_step(self, engine, loss: torch.Tensor, poisoned: bool) -> bool:
+        """Backward one micro-batch and step; returns whether the update is poisoned."""
+        poisoned = poisoned or not self._finite_everywhere(loss)
+        if poisoned:
+            loss = torch.nan_to_num(loss) * float("nan")
+        engine.backward(loss)
+        if (
+            poisoned
+            and engine.is_gradient_accumulation_boundary()
+            and engine.zero_optimization_stage() == 0
+        ):
+            for p in engine.module.parameters():
+                p.grad = None
+        engine.step()
+        return poisoned
+
+    # ---- one update per stage -----------------------------------------------------------
+    def _update_diffusion(self) -> tuple[dict, bool]:
+        eng, bad, acc = self.engines["model"], False, []
+        for _ in range(self.plan.accumulation):
+            batch, rngs = self._next(SALT["diffusion"])
+            x = batch.pop("latents")
+            b = x.shape[0]
+            u = (
+                rand_batch(b, rngs)
+                if self.cfg.timestep_sampling == "uniform"
+                else torch.sigmoid(randn_like_batch(torch.empty(b), rngs, torch.float32))
+            )
+            t = timestep_shift(u, self.cfg.shift).to(self.device)
+            z = randn_like_batch(x, rngs)
+            loss = flow_matching_loss(eng(add_noise(x, z, t), t, **batch), x, z)
+            bad = self._backward_step(eng, loss, bad)
+            acc.append({"loss": loss.detach()})
+        return _mean(acc), bad
+
+    def _update_consistency(self) -> tuple[dict, bool]:
+        eng, bad, acc = self.engines["model"], False, []
+        for _ in range(self.plan.accumulation):
+            batch, rngs = self._next(SALT["consistency"])
+            x = batch.pop("latents")
+            loss, m = consistency_distillation_step(
+                eng, self.target, self.teacher, x, batch, self.uncond, self.cd, rngs
+            )
+            bad = self._backward_step(eng, loss, bad)
+            acc.append(m)
+        if not bad:
+            self._update_target()
+        return _mean(acc), bad
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        eng, mu = self.engines["model"], self.cd.target_ema_decay
+        src = eng.module
+        if eng.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(src.parameters())):
+                _lerp(self.target, src, mu)
+        else:
+            _lerp(self.target, src, mu)
+
+    def _update_apt(self) -> tuple[dict, bool]:
+        g_eng, d_eng = self.engines["generator"], self.engines["discriminator"]
+        bad, acc = False, []
+        for _ in range(self.cfg.d_updates_per_iter):
+            for _ in range(self.plan.accumulation):
+                batch, rngs = self._next(SALT["d"])
+                loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
+                bad = self._backward_step(d_eng, loss, bad)
+                acc.append(m)
+        with frozen(d_eng.module):
+            for _ in range(self.plan.accumulation):
+                batch, rngs = self._next(SALT["g"])
+                loss, m = generator_step(d_eng.module, g_eng, batch, self.apt, rngs)
+                bad = self._backward_step(g_eng, loss, bad)
+                acc.append(m)
+        return _mean(acc), bad
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train(self) -> dict:
+        c, per_update = self.cfg, self.plan.global_batch_size
+        update = getattr(self, f"_update_{c.stage}")
+        last = {}
+        while self.step < c.train_iters:
+            t0 = time.perf_counter()
+            metrics, bad = update()
+            if bad:
+                self.skipped += 1
+            else:
+                for ema in self.emas.values():
+                    ema.update()
+            self.step += 1
+            phases = 1 + (c.d_updates_per_iter if c.stage == "apt" else 0)
+            self.samples += per_update * phases
+            if self.step % c.log_interval == 0 or self.step == c.train_iters:
+                last = self._log(metrics, time.perf_counter() - t0)
+            if c.save and c.save_interval and self.step % c.save_interval == 0:
+                self.save()
+        if c.save:
+            self.save()
+            self.export(Path(c.save))
+        self.metrics.close()
+        return last
+
+    def _log(self, metrics: dict, dt: float) -> dict:
+        values = {}
+        for k, v in metrics.items():  # one all-reduce per log step: mean over data parallel
+            t = v.detach().float().reshape(1).cpu()
+            dist.all_reduce(t, group=self.ps.dp_group)
+            values[k] = t.item() / self.ps.dp_size
+        lr = next(iter(self.engines.values())).optimizer.param_groups[0]["lr"]
+        values.update(samples=self.samples, lr=lr, step_time_s=dt, skipped=self.skipped)
+        self.metrics.log(self.step, values)
+        return values
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "skipped": self.skipped,
+            "stage": self.cfg.stage,
+            "stream": self.stream.state_dict(),
+            "world_size": dist.get_world_size(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _modules(self) -> dict:
+        return {"target": self.target} if self.cfg.stage == "consistency" else {}
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.cfg.save,
+            self.step,
+            self.engines,
+            self.emas,
+            self.trainer_state(),
+            self.rank,
+            self._modules(),
+        )
+
+    def _resume(self, root: str) -> None:
+        d = latest_checkpoint(root)
+        if d is None:
+            if self.rank == 0:
+                print(f"no checkpoint in {root}: starting from step 0", flush=True)
+            return
+        state = load_checkpoint(d, self.engines, self.emas, self._modules())
+        if state.get("stage") != self.cfg.stage:
+            raise ValueError(
+                f"{d} is a {state.get('stage')!r} checkpoint, this run trains {self.cfg.stage!r}"
+            )
+        self.step, self.samples = state["step"], state["samples"]
+        self.skipped = state.get("skipped", 0)
+        self.stream.load_state_dict(state["stream"])
+        if self.rank == 0:
+            print(f"resumed from {d} at step {self.step}", flush=True)
+
+    def export(self, root: Path) -> None:
+        """Consolidated TP=1 model files for the next stage (rank 0 writes; collective)."""
+        for name, eng in self.engines.items():
+            role = self.cfg.stage if name == "model" else name
+            module = eng.module.model if name == "generator" else eng.module
+            weights = gathered_module_state(eng, self.ps)
+            if name == "generator":
+                weights = {k.removeprefix("model."): v for k, v in weights.items()}
+            if name == "discriminator":  # backbone + heads; for inspection and tests
+                if self.rank == 0:
+                    from safetensors.torch import save_file
+
+                    save_file(
+                        {k: v.contiguous() for k, v in weights.items()},
+                        str(root / "discriminator.safetensors"),
+                    )
+                continue
+            ema = {
+                k.removeprefix("model."): v for k, v in self.emas[name].full_state_dict().items()
+            }
+            if self.rank == 0:
+                save_model_file(root / f"{role}.safetensors", weights, module.cfg, role=role)
+                save_model_file(
+                    root / f"{role}_ema.safetensors",
+                    ema,
+                    module.cfg,
+                    role=role,
+                    extra={"ema_decay": self.cfg.ema_decay, "step": self.step},
+                )
+        dist.barrier()
+
+
+def _mean(records: list[dict]) -> dict:
+    keys = {k for r in records for k in r}
+    return {k: torch.stack([r[k].float() for r in records if k in r]).mean() for k in keys}
+
+
+@torch.no_grad()
+def _lerp(target: torch.nn.Module, src: torch.nn.Module, mu: float) -> None:
+    s = dict(src.named_parameters())
+    for n, p in target.named_parameters():
+        p.mul_(mu).add_(s[n].detach().to(p.dtype), alpha=1 - mu)

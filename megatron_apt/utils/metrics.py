@@ -1,0 +1,104 @@
+"""The one metrics entry point: a JSONL file, TensorBoard and a fixed one-line console format.
+
+Every log step appends one JSON object to ``LOG_DIR/metrics.jsonl`` and writes the same scalars
+to TensorBoard (``LOG_DIR/tensorboard``). Only the writer rank (global rank 0) writes; values
+must already be reduced over data parallel by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+COLLAPSE_THRESHOLD = 0.05  # loss_d (without R1) below this: D separates real/fake perfectly
+COLLAPSE_PATIENCE = 3
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        log_dir: str | Path | None,
+        enabled: bool = True,
+        total_steps: int = 0,
+        tensorboard: bool = True,
+        stream=None,
+    ):
+        self.enabled = enabled
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.path = None
+        self.tb = None
+        self.low_d_streak = 0
+        self.warnings = 0
+        if enabled and log_dir is not None:
+            d = Path(log_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            self.path = d / "metrics.jsonl"
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(str(d / "tensorboard"))
+                except ImportError:  # pragma: no cover - tensorboard is a dependency
+                    self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(_tag(k), v, step)
+            self.tb.flush()
+        print(self.format_line(record), file=self.stream, flush=True)
+        self._check_collapse(record)
+
+    def format_line(self, r: dict) -> str:
+        """``step 12/350 | samples 49152 | loss_g 0.6931 | ... | lr 5.0e-06 | 1.234 s``."""
+        parts = [f"step {r['step']}/{self.total}"]
+        if "samples" in r:
+            parts.append(f"samples {int(r['samples'])}")
+        for k in ("loss", "loss_g", "loss_d", "loss_r1", "d_real", "d_fake"):
+            if k in r:
+                parts.append(f"{k} {r[k]:.4f}")
+        if "lr" in r:
+            parts.append(f"lr {r['lr']:.1e}")
+        if "skipped" in r and r["skipped"]:
+            parts.append(f"skipped {int(r['skipped'])}")
+        if "step_time_s" in r:
+            parts.append(f"{r['step_time_s']:.3f} s")
+        return " | ".join(parts)
+
+    def _check_collapse(self, r: dict) -> None:
+        loss_d = r.get("loss_d")
+        if loss_d is None or math.isnan(loss_d):
+            return
+        self.low_d_streak = self.low_d_streak + 1 if loss_d < COLLAPSE_THRESHOLD else 0
+        if self.low_d_streak == COLLAPSE_PATIENCE:
+            self.warnings += 1
+            print(
+                f"WARNING: discriminator loss {loss_d:.4f} < {COLLAPSE_THRESHOLD} for "
+                f"{COLLAPSE_PATIENCE} log steps: D separates real from fake almost perfectly, "
+                "the paper's collapse mode. Look at samples; consider a lower lr, a larger "
+                "r1_lambda/r1_sigma or an earlier EMA checkpoint.",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tag(key: str) -> str:
+    if key.startswith("loss"):
+        return f"Loss/{key}"
+    if key.startswith("d_"):
+        return f"D/{key}"
+    return f"Train/{key}"

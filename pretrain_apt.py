@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Train the three stages of APT: diffusion, consistency distillation, adversarial post-training.
+
+Launch with ``deepspeed --hostfile HOSTFILE pretrain_apt.py ...``, ``torchrun`` or ``mpirun``.
+A named recipe sets every hyper-parameter; Megatron-style flags override it:
+
+    deepspeed --num_gpus 2 pretrain_apt.py --recipe tiny-apt --save runs/apt
+    torchrun --nproc-per-node 8 pretrain_apt.py --recipe mmdit-8b-image-apt \\
+        --data-path /data/shards --init-generator distilled.safetensors \\
+        --init-discriminator diffusion.safetensors --save /ckpt/apt-image
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from megatron_apt.config.model import get_preset
+from megatron_apt.config.training import RECIPES, STAGES, TrainConfig, get_recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    a = p.add_argument
+    a(
+        "--recipe",
+        default="tiny-apt",
+        choices=sorted(RECIPES),
+        help="named recipe (default tiny-apt: 2-layer models, synthetic data, seconds on a CPU)",
+    )
+    a("--stage", choices=STAGES, help="override the recipe's stage")
+    a("--model", help="model preset (tools/plan_model.py --all lists them)")
+    a("--layer-spec", help="local | te | te-fp8 | te-flash | auto")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, dest="tensor_parallel")
+    g.add_argument("--sequence-parallel", action="store_true", default=None)
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    g.add_argument("--bf16", action="store_true", default=None, help="BF16 mixed precision")
+    g.add_argument("--fp32", action="store_false", dest="bf16", help="train in fp32")
+    g.add_argument(
+        "--deepspeed-config-g",
+        help="JSON merged over the generator's (or single) "
+        "engine config (ZeRO buckets, offload, ...)",
+    )
+    g.add_argument("--deepspeed-config-d", help="JSON merged over the discriminator's config")
+    b = p.add_argument_group("batch and schedule")
+    b.add_argument("--micro-batch-size", type=int)
+    b.add_argument("--global-batch-size", type=int, help="= micro x accumulation x DP")
+    b.add_argument("--train-iters", type=int, help="optimizer updates (APT: G updates)")
+    b.add_argument("--d-updates-per-iter", type=int, help="APT: D updates per G update")
+    b.add_argument("--lr", type=float, help="learning rate (G and D unless --lr-d)")
+    b.add_argument("--lr-d", type=float, help="discriminator learning rate")
+    b.add_argument("--ema-decay", type=float, help="EMA decay of the trained model (0.995)")
+    b.add_argument("--seed", type=int)
+    s = p.add_argument_group("stage hyper-parameters")
+    s.add_argument("--shift", type=float, help="APT: D timestep shift s (1 images, 12 video)")
+    s.add_argument("--r1-lambda", type=float)
+    s.add_argument("--r1-sigma", type=float, help="0.01 images, 0.1 videos")
+    s.add_argument("--guidance-scale", type=float, help="consistency teacher CFG (7.5)")
+    io = p.add_argument_group("data, init, checkpoints, logs")
+    io.add_argument(
+        "--data-path",
+        help="latent shards (tools/preprocess_data.py); default: synthetic latents made on the fly",
+    )
+    io.add_argument(
+        "--init-generator",
+        help="model file: diffusion weights (consistency stage) or distilled weights (apt stage)",
+    )
+    io.add_argument("--init-discriminator", help="model file of the ORIGINAL diffusion weights")
+    io.add_argument("--save", help="checkpoint directory")
+    io.add_argument("--load", help="resume from the latest checkpoint in this directory")
+    io.add_argument("--save-interval", type=int)
+    io.add_argument("--log-interval", type=int)
+    io.add_argument("--log-dir", help="metrics.jsonl and TensorBoard (default: --save)")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = get_recipe(args.recipe)
+    top = {
+        k: getattr(args, k)
+        for k in (
+            "stage",
+            "layer_spec",
+            "tensor_parallel",
+            "sequence_parallel",
+            "zero_stage",
+            "bf16",
+            "micro_batch_size",
+            "global_batch_size",
+            "train_iters",
+            "d_updates_per_iter",
+            "ema_decay",
+            "seed",
+            "shift",
+            "r1_lambda",
+            "r1_sigma",
+            "guidance_scale",
+            "init_generator",
+            "init_discriminator",
+            "save",
+            "load",
+            "save_interval",
+            "log_interval",
+            "log_dir",
+            "deepspeed_config_g",
+            "deepspeed_config_d",
+        )
+        if getattr(args, k, None) is not None
+    }
+    if args.model:
+        top["model"] = get_preset(args.model)
+    if args.lr is not None or args.lr_d is not None:
+        top["optim"] = dataclasses.replace(
+            cfg.optim, lr=args.lr or cfg.optim.lr, lr_d=args.lr_d or cfg.optim.lr_d
+        )
+    if args.data_path:
+        top["data"] = dataclasses.replace(cfg.data, path=args.data_path)
+    cfg = cfg.replace(**top)
+    if cfg.log_dir is None and cfg.save:
+        cfg = cfg.replace(log_dir=cfg.save)
+    if args.stage and not args.recipe.endswith(args.stage):
+        cfg = cfg.replace(recipe=f"{cfg.recipe}+stage={args.stage}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    from megatron_apt.engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.train()
+    if trainer.rank == 0:
+        print(
+            f"TRAINING-DONE stage={cfg.stage} steps={trainer.step} skipped={trainer.skipped}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
