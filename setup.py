@@ -18,6 +18,13 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "safetensors>=0.4",
     "sentencepiece==0.2.3",
+    "transformers==5.24.0",  # T5 text encoder loaded from local directories
+    "diffusers==0.42.1",  # VAE wrappers (AutoencoderKL, AutoencoderKLWan); SD3 interop
+    "imageio>=2.34",
+    "av>=12",  # MP4 read/write through imageio
+    "Pillow>=10",
+    "tqdm>=4.66",
+    "tensorboard>=2.16",
 ]
 EXTRAS = {
     # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn.
@@ -28,7 +35,6 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "ruff>=0.6",
-        "diffusers==0.42.1",  # independent reference in tests (SD3 tables, counts); no download
         "mpi4py==4.1.2",  # the tests start real mpirun jobs
         "mpich",
     ],

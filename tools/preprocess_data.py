@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+r"""Captioned images and videos -> latent shards (VAE latents + text embeddings) + index.json.
+
+    python tools/preprocess_data.py --input media/ --output shards/ --bucket image-1024 \
+        --vae /models/sd3/vae --text-encoder /models/t5-v1_1-xxl --batch-size 16
+    torchrun --nproc-per-node 8 tools/preprocess_data.py ... --device cuda   # one rank per GPU
+
+``--input``: a folder (media + same-stem .txt captions, or a captions.jsonl) or a manifest
+.jsonl of {"path", "caption"}. Re-running the same command resumes: finished shards are kept.
+Library: ``megatron_apt.data.preprocess``; format: ``megatron_apt.data.format``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_apt.data.buckets import BUCKET_PRESETS  # noqa: E402
+from megatron_apt.data.preprocess import DTYPES, PreprocessConfig, preprocess  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", required=True, help="media folder or manifest .jsonl")
+    p.add_argument("--output", required=True, help="output folder (index.json, shards/)")
+    p.add_argument(
+        "--bucket",
+        action="append",
+        help=f"bucket preset, repeatable (default image-32 and video-32): {sorted(BUCKET_PRESETS)}"
+        " or WxH / WxHxFRAMES@FPS",
+    )
+    p.add_argument("--vae", default="identity", help="load_vae spec: identity, a local dir")
+    p.add_argument("--text-encoder", required=True, help="local T5 directory")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per VAE/text batch")
+    p.add_argument("--samples-per-shard", type=int, default=64, help="inputs per work unit")
+    p.add_argument("--max-text-length", type=int, default=256, help="L: tokens (fixed pad)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="storage dtype")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK per rank)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-shards", type=int, default=None, help="debug: units per rank per run")
+    p.add_argument("--num-workers", type=int, default=4, help="media decoding threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; gloo group for the final barrier."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def load_models(args: argparse.Namespace, device: str):
+    from megatron_apt.text import TextEncoder
+    from megatron_apt.vae import load_vae
+
+    vae = load_vae(args.vae, device=device)
+    enc = TextEncoder.from_pretrained(
+        args.text_encoder, device=device, max_length=args.max_text_length
+    )
+    return vae, enc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    device = args.device
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    cfg = PreprocessConfig(
+        input=args.input,
+        output=args.output,
+        buckets=args.bucket or ["image-32", "video-32"],
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        batch_size=args.batch_size,
+        samples_per_shard=args.samples_per_shard,
+        max_text_length=args.max_text_length,
+        dtype=args.dtype,
+        device=device,
+        resume=args.resume,
+        max_shards=args.max_shards,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    vae, enc = load_models(args, device)
+    barrier = dist.barrier if world > 1 else None
+    index = preprocess(cfg, vae, enc, rank=rank, world_size=world, barrier=barrier)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    state = "" if rank else (" (index written)" if index is not None else " (incomplete)")
+    print(f"preprocess_data: rank {rank} done{state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
