@@ -270,7 +270,30 @@ def preprocess(
         barrier()
     if rank != 0:
         return None
+    write_negative_prompt(root, text_encoder)
     return _finish(cfg, root, units, listing_skipped)
+
+
+NEGATIVE_PROMPT_FILE = "negative_prompt.safetensors"
+
+
+def write_negative_prompt(root: Path, text_encoder) -> Path:
+    """Embed the fixed negative prompt once (``text [1, L, D]``, ``text_mask [1, L]``, and
+    ``pooled_text [1, P]`` when the encoder has one) next to the shards: the consistency stage's
+    classifier-free guidance uses it as the unconditional branch."""
+    from safetensors.torch import save_file
+
+    from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT, embed_negative_prompt
+
+    emb = embed_negative_prompt(text_encoder, DEFAULT_NEGATIVE_PROMPT)
+    tensors = {"text": emb.text.float().cpu().contiguous(), "text_mask": emb.text_mask.cpu()}
+    if emb.pooled is not None:
+        tensors["pooled_text"] = emb.pooled.float().cpu().contiguous()
+    path = Path(root) / NEGATIVE_PROMPT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"prompt": DEFAULT_NEGATIVE_PROMPT})
+    tmp.replace(path)
+    return path
 
 
 def _drop_stale_index(cfg: PreprocessConfig, root: Path, units: list) -> None:
