@@ -5,8 +5,9 @@
         --row "diffusion 25 steps (CFG)=samples/diffusion" --row "APT 1 step=samples/apt1" \\
         --output results.md
 
-Every folder is read like preprocessing input: media files with a same-stem .txt caption, or a
-captions.jsonl (``{"path", "caption"}`` per line; tools/generate.py writes one). Columns:
+Every folder is a tools/generate.py output (its summary.json names files and prompts) or is
+read like preprocessing input: media files with a same-stem .txt caption, or a captions.jsonl
+(``{"path", "caption"}`` per line). Columns:
 Fréchet distance in the feature space of a small CNN trained on the synthetic data (lower is
 better), sharpness (variance of the Laplacian, higher is sharper) and caption accuracy (colour,
 shape, motion, all three). Prints a Markdown table (like Tables 5 and 7 of the paper) and
@@ -29,6 +30,11 @@ from megatron_apt.evaluation.metrics import features_of, sharpness  # noqa: E402
 
 
 def load_folder(path: str):
+    summary = Path(path) / "summary.json"
+    if summary.is_file():  # a tools/generate.py output folder
+        records = json.loads(summary.read_text())["samples"]
+        files = [Path(path) / r["files"][0] for r in records]
+        return [read_frames(f) for f in files], [r["prompt"] for r in records]
     items, skipped = list_inputs(path)
     if not items:
         raise SystemExit(f"error: no captioned media in {path} ({len(skipped)} skipped)")

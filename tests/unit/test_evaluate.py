@@ -61,3 +61,17 @@ def test_evaluate_tool_ranks_real_above_corrupted(tmp_path):
     assert row["caption_all"] > 0.9 and row["sharpness"] > 100
     assert (tmp_path / "net.safetensors").exists()
     assert "| held-out |" in out.with_suffix(".md").read_text()
+
+
+def test_reads_generate_output_folders(tmp_path):
+    import json
+
+    from megatron_apt.data.media import write_media
+
+    spec = random_spec(3, 0, 32, video=True)
+    write_media(tmp_path / "0000-x.gif", render(spec, 32, 9), fps=8)
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"samples": [{"index": 0, "prompt": spec.caption, "files": ["0000-x.gif"]}]})
+    )
+    frames, captions = evaluate_tool.load_folder(str(tmp_path))
+    assert captions == [spec.caption] and frames[0].shape == (9, 32, 32, 3)
