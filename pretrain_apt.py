@@ -15,10 +15,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from megatron_apt.config.model import get_preset
-from megatron_apt.config.training import RECIPES, STAGES, TrainConfig, get_recipe
+from megatron_apt.config.training import (
+    RECIPES,
+    STAGES,
+    TrainConfig,
+    get_recipe,
+    plan_batch,
+    validate,
+)
+
+# World size as the launchers announce it (torchrun/deepspeed, Open MPI, MPICH), read before
+# any process group exists so that an impossible batch split fails before anything starts.
+WORLD_SIZE_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +130,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         top["model"] = get_preset(args.model)
     if args.lr is not None or args.lr_d is not None:
         top["optim"] = dataclasses.replace(
-            cfg.optim, lr=args.lr or cfg.optim.lr, lr_d=args.lr_d or cfg.optim.lr_d
+            cfg.optim,
+            lr=cfg.optim.lr if args.lr is None else args.lr,
+            lr_d=cfg.optim.lr_d if args.lr_d is None else args.lr_d,
         )
     if args.data_path:
         top["data"] = dataclasses.replace(cfg.data, path=args.data_path)
@@ -130,21 +144,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def launcher_world_size() -> int:
+    for key in WORLD_SIZE_ENV:
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every config error that needs no process group: ``ValueError`` naming the values."""
+    validate(cfg)
+    plan_batch(cfg, launcher_world_size())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
-        return 0
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1))
+            return 0
+        check_config(cfg)
+    except ValueError as e:  # user and config errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     from megatron_apt.engine.trainer import Trainer
+    from megatron_apt.testing.hooks import install_test_hooks
 
-    trainer = Trainer(cfg)
+    try:  # init files and --load of another model / stage: named keys, nothing written
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("MEGATRON_APT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    install_test_hooks(trainer)
     trainer.train()
-    if trainer.rank == 0:
-        print(
-            f"TRAINING-DONE stage={cfg.stage} steps={trainer.step} skipped={trainer.skipped}",
-            flush=True,
-        )
+    if hasattr(trainer, "test_hook_finish"):
+        trainer.test_hook_finish()
+    # Every rank prints it: launch tests count one per process (a rank that died late shows).
+    print(
+        f"TRAINING-DONE rank={trainer.rank} stage={cfg.stage} steps={trainer.step} "
+        f"skipped={trainer.skipped}",
+        flush=True,
+    )
     return 0
 
 

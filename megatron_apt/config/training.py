@@ -223,7 +223,10 @@ def mmdit_8b_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> T
 def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
     """Video stage: 1280x720 24 fps 2 s (49 frames), lr 3e-6, 300 G updates, sigma 0.1,
     s = 12, batch 2048 on 1024 GPUs by gradient accumulation; G from the image stage's EMA,
-    D re-initialized from the diffusion weights."""
+    D re-initialized from the diffusion weights.
+
+    With the recipe's TP = 4 (+ SP) on 1024 GPUs: DP = 256, micro 1 -> accumulation 8, exactly
+    2048 (on 256 GPUs: DP 64, accumulation 32); tests/unit/test_recipes.py checks both."""
     return TrainConfig(
         recipe="mmdit-8b-video-apt",
         stage="apt",

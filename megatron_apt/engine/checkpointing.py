@@ -13,6 +13,14 @@ A checkpoint is written into ``.iter_0000020.tmp`` by all ranks; after a barrier
 it complete, renames it and only then points ``latest`` at it, so a crash (or a killed rank)
 at any moment leaves the previous checkpoint as the latest. Loading refuses directories
 without ``COMPLETE`` and names what is missing.
+
+``manifest.json`` records the (TP-local) shape of every trained parameter per engine, so that
+``--load`` of another model's checkpoint fails before DeepSpeed touches anything, with an error
+that names the checkpoint, the keys and the shapes (:class:`CheckpointMismatchError`).
+
+Test hook: with ``MEGATRON_APT_TEST_KILL_IN_SAVE=<step>`` the rank ``MEGATRON_APT_TEST_KILL_RANK``
+(default 1) SIGKILLs itself while saving checkpoint ``<step>``, after every engine, EMA and
+module file is written and before ``COMPLETE``: the crash the atomic layout must survive.
 """
 
 from __future__ import annotations
@@ -20,12 +28,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+KILL_IN_SAVE_ENV = "MEGATRON_APT_TEST_KILL_IN_SAVE"
+KILL_RANK_ENV = "MEGATRON_APT_TEST_KILL_RANK"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for another model (keys or shapes differ)."""
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -52,7 +69,7 @@ def save_checkpoint(
     final, tmp = checkpoint_dir(root, step), root / f".iter_{step:07d}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".iter_*.tmp"):
+        for stale in (*root.glob(".iter_*.tmp"), *root.glob(".iter_*.old")):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
@@ -73,15 +90,93 @@ def save_checkpoint(
         save_file(state, str(d / f"rank{dist.get_rank():05d}.safetensors"))
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(engines, modules), indent=1))
+    _test_kill_hook(step)
     dist.barrier()
     if rank == 0:
         (tmp / "COMPLETE").write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".iter_{step:07d}.old"
+        if final.exists():  # re-saving a step (e.g. resumed at train_iters): two quick renames,
+            os.replace(final, old)  # not a slow delete, between which `latest` could dangle
         os.replace(tmp, final)
         _atomic_write(root / LATEST, str(step))
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _local_shape(p: torch.Tensor) -> list[int]:
+    """This rank's (TP-local) shape of a parameter; ZeRO-3 keeps it in ``ds_shape``."""
+    return list(getattr(p, "ds_shape", p.shape))
+
+
+def _engine_shapes(engine) -> dict[str, list[int]]:
+    return {n: _local_shape(p) for n, p in engine.module.named_parameters()}
+
+
+def _module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {
+        k: list(v.shape) for k, v in module.state_dict().items() if not k.endswith("_extra_state")
+    }
+
+
+def _manifest(engines: dict, modules: dict | None) -> dict:
+    return {
+        "engines": {name: _engine_shapes(e) for name, e in engines.items()},
+        "modules": {name: _module_shapes(m) for name, m in (modules or {}).items()},
+    }
+
+
+def _test_kill_hook(step: int) -> None:
+    """Test hook (see the module docstring): die like an OOM-killed rank mid-checkpoint."""
+    at = os.environ.get(KILL_IN_SAVE_ENV)
+    if at and int(at) == step and dist.get_rank() == int(os.environ.get(KILL_RANK_ENV, "1")):
+        print(f"{KILL_IN_SAVE_ENV}: rank {dist.get_rank()} kills itself in save {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def describe_mismatch(found: dict, expected: dict, limit: int = 8) -> str:
+    """'missing keys [...]; unexpected keys [...]; shape mismatches [k: ckpt vs model]' or ''."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in sorted(set(found) & set(expected))
+        if list(found[k]) != list(expected[k])
+    ]
+    parts = []
+    for what, items in (
+        ("missing keys (in the model, not in the checkpoint)", missing),
+        ("unexpected keys (in the checkpoint, not in the model)", unexpected),
+        ("shape mismatches", shapes),
+    ):
+        if items:
+            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{len(items)} {what}: {items[:limit]}{more}")
+    return "; ".join(parts)
+
+
+def check_manifest(d: Path, engines: dict, modules: dict | None = None) -> None:
+    """``CheckpointMismatchError`` naming the checkpoint, keys and shapes when the checkpoint
+    in ``d`` was written for other models than ``engines`` / ``modules`` hold."""
+    f = d / MANIFEST
+    if not f.exists():  # written before manifests existed: DeepSpeed's own checks remain
+        return
+    manifest = json.loads(f.read_text())
+    expected = _manifest(engines, modules)
+    for kind in ("engines", "modules"):
+        for name, shapes in expected[kind].items():
+            found = manifest.get(kind, {}).get(name)
+            if found is None:
+                raise CheckpointMismatchError(
+                    f"checkpoint {d} has no {name!r} {kind[:-1]} (it holds "
+                    f"{sorted(manifest.get(kind, {}))}): a checkpoint of another stage?"
+                )
+            problem = describe_mismatch(found, shapes)
+            if problem:
+                raise CheckpointMismatchError(
+                    f"checkpoint {d} does not fit this run's {name} (another model or "
+                    f"tensor-parallel size?): {problem}"
+                )
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -100,18 +195,30 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def load_checkpoint(d: Path, engines: dict, emas: dict, modules: dict | None = None) -> dict:
-    """Load engines and EMA shadows of this rank; returns the trainer state."""
+    """Load engines and EMA shadows of this rank; returns the trainer state. Checks the
+    manifest first, so that nothing is loaded from a checkpoint of another model."""
     state_file = d / "trainer_state.json"
     if not state_file.exists():
         raise ValueError(f"{d} has no trainer_state.json")
+    state = json.loads(state_file.read_text())
+    saved_world = state.get("world_size")
+    if saved_world is not None and saved_world != dist.get_world_size():
+        raise CheckpointMismatchError(
+            f"checkpoint {d} was written by {saved_world} ranks, this run has "
+            f"{dist.get_world_size()}: optimizer shards, EMA shadows and the data position are "
+            "per rank; resume with the same world size"
+        )
+    check_manifest(d, engines, modules)
     for name, engine in engines.items():
         path = d / name
         if not path.exists():
             raise ValueError(f"{d} has no {name}/ engine checkpoint (another stage's checkpoint?)")
         try:
             engine.load_checkpoint(str(path), tag="state", load_module_strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"cannot load {path} into the {name}: {e}") from e
+        except RuntimeError as e:  # DeepSpeed's load_state_dict: size mismatch, missing keys
+            raise CheckpointMismatchError(
+                f"cannot load checkpoint {path} into the {name}: {_first_lines(str(e))}"
+            ) from e
     for name, ema in emas.items():
         f = d / "ema" / name / f"rank{dist.get_rank():05d}.safetensors"
         if not f.exists():
@@ -124,5 +231,16 @@ def load_checkpoint(d: Path, engines: dict, emas: dict, modules: dict | None = N
         f = d / "modules" / name / f"rank{dist.get_rank():05d}.safetensors"
         if not f.exists():
             raise ValueError(f"{f} is missing")
-        module.load_state_dict(load_file(str(f)), strict=False)
-    return json.loads(state_file.read_text())
+        tensors = load_file(str(f))
+        problem = describe_mismatch(
+            {k: list(v.shape) for k, v in tensors.items()}, _module_shapes(module)
+        )
+        if problem:
+            raise CheckpointMismatchError(f"{f} does not fit the {name} network: {problem}")
+        module.load_state_dict(tensors, strict=False)  # strict but for absent _extra_state
+    return state
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(lines[:n] + ([f"... ({len(lines) - n} more lines)"] if len(lines) > n else []))

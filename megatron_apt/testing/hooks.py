@@ -1,0 +1,101 @@
+"""Fault-injection hooks for the training-system tests, switched on by environment variables.
+
+``pretrain_apt.py`` calls :func:`install_test_hooks` on its trainer; with none of the variables
+set it does nothing. They wrap the trainer's methods on the instance (no trainer code changes):
+
+* ``MEGATRON_APT_TEST_NAN_AT_STEP=k[:first|last]``: on rank ``MEGATRON_APT_TEST_NAN_RANK``
+  (default 1) the loss of the first (default) or last micro-batch of update ``k`` (1-based) is
+  made NaN, as an overflowing forward would. ``first`` is the discriminator's micro-batch in
+  the apt stage (both engines must skip), ``last`` the generator's.
+* ``MEGATRON_APT_TEST_WEIGHTS_DIR=DIR``: every rank saves its local view of the trained
+  weights (ZeRO-3: its partitions) and EMA shadows after every update to
+  ``DIR/rank{r}.pt`` as ``{step: {"engine/param": tensor, "ema/name/param": tensor}}``.
+
+The kill-during-checkpoint hook lives in :mod:`megatron_apt.engine.checkpointing`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+NAN_AT_STEP_ENV = "MEGATRON_APT_TEST_NAN_AT_STEP"
+NAN_RANK_ENV = "MEGATRON_APT_TEST_NAN_RANK"
+WEIGHTS_DIR_ENV = "MEGATRON_APT_TEST_WEIGHTS_DIR"
+
+
+def install_test_hooks(trainer) -> None:
+    if os.environ.get(NAN_AT_STEP_ENV):
+        _install_nan(trainer, os.environ[NAN_AT_STEP_ENV])
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        _install_weights_dump(trainer, Path(os.environ[WEIGHTS_DIR_ENV]))
+
+
+def _install_nan(trainer, spec: str) -> None:
+    step_s, _, which = spec.partition(":")
+    at, which = int(step_s), which or "first"
+    if which not in ("first", "last"):
+        raise ValueError(f"{NAN_AT_STEP_ENV}={spec!r}: use k, k:first or k:last")
+    if trainer.rank != int(os.environ.get(NAN_RANK_ENV, "1")):
+        return
+    backward_step = trainer._backward_step
+    update_name = f"_update_{trainer.cfg.stage}"
+    update = getattr(trainer, update_name)
+    calls: list = []
+
+    def poisoned_backward_step(engine, loss, poisoned):
+        calls.append(None)
+        n = len(calls)
+        total = _calls_per_update(trainer)
+        hit = trainer.step + 1 == at and n == (1 if which == "first" else total)
+        if hit:
+            print(f"{NAN_AT_STEP_ENV}: NaN loss on rank {trainer.rank} in update {at}", flush=True)
+            loss = loss * float("nan")
+        return backward_step(engine, loss, poisoned)
+
+    def counting_update():
+        calls.clear()
+        return update()
+
+    trainer._backward_step = poisoned_backward_step
+    setattr(trainer, update_name, counting_update)
+
+
+def _calls_per_update(trainer) -> int:
+    acc = trainer.plan.accumulation
+    return acc * (1 + trainer.cfg.d_updates_per_iter) if trainer.cfg.stage == "apt" else acc
+
+
+def local_weights(trainer) -> dict[str, torch.Tensor]:
+    """This rank's copy of every trained parameter (ZeRO-3: its partition) and EMA shadow."""
+    out = {}
+    for name, engine in trainer.engines.items():
+        z3 = engine.zero_optimization_stage() == 3
+        for n, p in engine.module.named_parameters():
+            if p.requires_grad:
+                out[f"{name}/{n}"] = (p.ds_tensor if z3 else p.data).detach().float().clone()
+    for name, ema in trainer.emas.items():
+        for n, t in ema.state_dict().items():
+            out[f"ema/{name}/{n}"] = t.float().clone()
+    return out
+
+
+def _install_weights_dump(trainer, out_dir: Path) -> None:
+    update_name = f"_update_{trainer.cfg.stage}"
+    update = getattr(trainer, update_name)  # possibly already wrapped by the NaN hook
+    path = out_dir / f"rank{trainer.rank}.pt"
+    history: dict[int, dict] = {}
+
+    def dump() -> None:
+        history[trainer.step] = local_weights(trainer)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(history, path)
+
+    def recording_update():  # the state after the previous update, its EMA update included
+        dump()
+        return update()
+
+    setattr(trainer, update_name, recording_update)
+    trainer.test_hook_finish = dump

@@ -1,0 +1,189 @@
+"""Recipes against the paper (section 3.5) and the batch arithmetic, without launching.
+
+Decisions checked here: 9062 (the paper's image batch) has no even split over 128 or 256 data-
+parallel ranks, so the image recipe rounds it up to the nearest multiple of micro x DP (9088 on
+128, 9216 on 256); the video batch 2048 on 1024 GPUs works with the recipe's TP=4 (+SP):
+DP = 256, micro 1 -> accumulation 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_apt.config.model import get_preset
+from megatron_apt.config.training import (
+    PAPER_IMAGE_BATCH,
+    RECIPES,
+    get_recipe,
+    mmdit_8b_image_apt,
+    mmdit_8b_video_apt,
+    paper_image_global_batch,
+    plan_batch,
+    validate,
+)
+from megatron_apt.engine.ds_config import build_deepspeed_config
+from megatron_apt.testing.launch import REPO_ROOT
+
+# ------------------------------------------------------------------------------------------
+# Batch arithmetic
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("gpus", "batch", "accumulation"), [(128, 9088, 71), (256, 9216, 36)])
+def test_image_batch_on_paper_gpu_counts(gpus, batch, accumulation):
+    assert PAPER_IMAGE_BATCH == 9062
+    assert paper_image_global_batch(gpus) == batch
+    assert PAPER_IMAGE_BATCH <= batch < PAPER_IMAGE_BATCH + gpus  # nearest multiple above
+    assert batch / PAPER_IMAGE_BATCH - 1 < 0.02
+    cfg = mmdit_8b_image_apt(data_parallel=gpus)
+    plan = plan_batch(cfg, world_size=gpus)
+    assert (plan.micro_batch_size, plan.accumulation, plan.data_parallel) == (1, accumulation, gpus)
+    assert plan.global_batch_size == cfg.global_batch_size == batch
+
+
+def test_image_batch_with_larger_micro_batch_and_1024_gpus():
+    assert paper_image_global_batch(128, micro_batch_size=2) == 9216  # 36 x 256
+    cfg = mmdit_8b_image_apt(data_parallel=1024)
+    plan = plan_batch(cfg, world_size=1024)
+    assert (plan.accumulation, plan.global_batch_size) == (9, 9216)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "dp", "accumulation"), [(1024, 256, 8), (256, 64, 32), (2048, 512, 4)]
+)
+def test_video_batch_2048_with_tp4(gpus, dp, accumulation):
+    cfg = mmdit_8b_video_apt()
+    assert (cfg.tensor_parallel, cfg.sequence_parallel, cfg.global_batch_size) == (4, True, 2048)
+    plan = plan_batch(cfg, world_size=gpus)
+    assert (plan.micro_batch_size, plan.data_parallel, plan.accumulation) == (1, dp, accumulation)
+    assert plan.micro_batch_size * plan.accumulation * plan.data_parallel == 2048
+    ds = build_deepspeed_config(cfg, plan)
+    assert ds["train_batch_size"] == 2048
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp == 2048
+
+
+@pytest.mark.parametrize(
+    ("recipe", "world", "changes", "message"),
+    [
+        ("mmdit-8b-image-apt", 256, {"global_batch_size": 9062}, "global_batch_size=9062"),
+        ("mmdit-8b-video-apt", 1022, {}, "not divisible by tensor_parallel=4"),
+        ("mmdit-8b-video-apt", 1024, {"micro_batch_size": 3}, "micro_batch_size=3"),
+        ("tiny-apt", 2, {"global_batch_size": 6}, "data_parallel=2 (= 4)"),
+    ],
+)
+def test_impossible_batch_is_a_value_error(recipe, world, changes, message):
+    cfg = get_recipe(recipe).replace(**changes)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_batch(cfg, world_size=world)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tensor_parallel": 8}, "num_heads=20 is not divisible by tensor_parallel=8"),
+        ({"tensor_parallel": 1, "sequence_parallel": True}, "sequence_parallel needs"),
+        ({"stage": "gan"}, "stage='gan'"),
+        ({"zero_stage": 4}, "zero_stage=4"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0"),
+        ({"train_iters": 0}, "train_iters=0"),
+    ],
+)
+def test_invalid_config_is_a_value_error(changes, message):
+    with pytest.raises(ValueError, match=message):
+        validate(mmdit_8b_video_apt().replace(**changes))
+
+
+# ------------------------------------------------------------------------------------------
+# Hyper-parameters of section 3.5
+# ------------------------------------------------------------------------------------------
+
+PAPER = {  # field: (image, video)
+    "lr": (5e-6, 3e-6),
+    "ema_decay": (0.995, 0.995),
+    "train_iters": (350, 300),
+    "r1_sigma": (0.01, 0.1),
+    "shift": (1.0, 12.0),
+    "r1_lambda": (100.0, 100.0),
+}
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["image", "video"])
+def test_paper_hyper_parameters(which):
+    cfg = (mmdit_8b_image_apt(), mmdit_8b_video_apt())[which]
+    validate(cfg)
+    assert cfg.stage == "apt" and cfg.model == get_preset("mmdit-8b")
+    got = {k: getattr(cfg.optim if k == "lr" else cfg, k) for k in PAPER}
+    assert got == {k: v[which] for k, v in PAPER.items()}
+    o = cfg.optim
+    assert o.lr_d is None  # the discriminator uses the generator's lr
+    assert (o.rmsprop_alpha, o.weight_decay, o.grad_clip) == (0.9, 0.0, 0.0)
+    assert cfg.bf16 is True
+    ds = build_deepspeed_config(cfg, plan_batch(cfg, 256 if which == 0 else 1024))
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed's default 1.0 switched off
+    assert ds["bf16"] == {"enabled": True}
+    assert "optimizer" not in ds  # RMSprop is the client optimizer
+    frames = (1, 13)[which]  # 1024px images; 49 frames (2 s at 24 fps) through a 4x temporal VAE
+    assert (cfg.data.frames, cfg.data.height, cfg.data.width) == (
+        (frames, 128, 128) if which == 0 else (frames, 90, 160)
+    )
+
+
+def test_every_recipe_validates_and_tiny_ones_plan_on_two_ranks():
+    for name in RECIPES:
+        cfg = get_recipe(name)
+        validate(cfg)
+        assert cfg.recipe == name
+        if name.startswith("tiny-"):
+            assert plan_batch(cfg, 2).accumulation == 1
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("mmdit-9b")
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI: clean errors before anything starts
+# ------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, world_size: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    if world_size is not None:  # what torchrun / deepspeed announce to each rank
+        env["WORLD_SIZE"] = str(world_size)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "pretrain_apt.py"), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "world", "message"),
+    [
+        (("--global-batch-size", "6"), 2, "error: global_batch_size=6 is not a multiple of"),
+        (("--tensor-model-parallel-size", "3"), 3, "error: num_heads=4 is not divisible"),
+        (("--recipe", "mmdit-8b-video-apt"), 6, "error: world size 6 is not divisible"),
+        (("--model", "tiny-9b"), None, "error: unknown model preset 'tiny-9b'"),
+    ],
+)
+def test_cli_config_error_exits_2_without_traceback(tmp_path, args, world, message):
+    proc = _cli(*args, "--save", str(tmp_path / "run"), world_size=world)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_print_config_applies_overrides():
+    proc = _cli("--recipe", "mmdit-8b-video-apt", "--lr", "1e-6", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["tensor_parallel"] == 4 and cfg["optim"]["lr"] == 1e-6
+    assert cfg["global_batch_size"] == 2048 and cfg["model"]["num_layers"] == 36
