@@ -1,1 +1,19 @@
-"""Checkpoint formats and key maps (diffusers interop grows here)."""
+"""Checkpoint formats, conversion and loading.
+
+* :mod:`~megatron_apt.checkpoint.io`: the consolidated (TP=1) model file;
+* :mod:`~megatron_apt.checkpoint.convert`: the TP-sharded directory, diffusers SD3 import /
+  export, training-checkpoint export, resharding, inspection (``tools/convert_checkpoint.py``);
+* :func:`load_mmdit`: the MMDiT of a checkpoint in any of those formats, for inference.
+"""
+
+from __future__ import annotations
+
+__all__ = ["load_mmdit"]
+
+
+def __getattr__(name: str):
+    if name == "load_mmdit":  # lazy: keeps `import megatron_apt.checkpoint.io` light
+        from megatron_apt.checkpoint.load import load_mmdit
+
+        return load_mmdit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
