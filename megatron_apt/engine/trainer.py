@@ -61,11 +61,11 @@ class Trainer:
         self.engines: dict = {}
         self.emas: dict = {}
         getattr(self, f"_build_{cfg.stage}")()
+        if cfg.load:  # before the logger exists: a refused --load writes nothing
+            self._resume(cfg.load)
         self.metrics = MetricsLogger(
             cfg.log_dir, enabled=self.rank == 0, total_steps=cfg.train_iters
         )
-        if cfg.load:
-            self._resume(cfg.load)
 
     # ---- building ---------------------------------------------------------------------
     def _engine(self, name: str, module, lr: float, ds_json: str | None):
@@ -83,8 +83,11 @@ class Trainer:
     def _build_consistency(self) -> None:
         c = self.cfg
         student = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
-        self.teacher = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
-        self.target = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        # teacher (the diffusion model) and EMA target start as exact copies of the student
+        self.teacher = build_mmdit(c.model, self.ps, c.layer_spec)
+        self.target = build_mmdit(c.model, self.ps, c.layer_spec)
+        for m in (self.teacher, self.target):
+            m.load_state_dict(student.state_dict())
         for m in (self.teacher, self.target):
             m.requires_grad_(False).eval().to(self.device, self.dtype)
         eng = self._engine("model", student, c.optim.lr, c.deepspeed_config_g)
@@ -95,11 +98,32 @@ class Trainer:
             shift=c.shift,
             target_ema_decay=c.target_ema_decay,
         )
-        text_dim = c.model.text_dim
-        self.uncond = {
-            "text": torch.zeros(1, 1, text_dim, device=self.device),
-            "text_mask": torch.ones(1, 1, dtype=torch.bool, device=self.device),
-        }
+        self.uncond = self._negative_prompt()
+
+    def _negative_prompt(self) -> dict[str, torch.Tensor]:
+        """The teacher's unconditional branch: the negative prompt embedded by
+        tools/preprocess_data.py next to the shards, or one zero token without shards."""
+        from safetensors.torch import load_file
+
+        from megatron_apt.data.preprocess import NEGATIVE_PROMPT_FILE
+
+        c = self.cfg
+        path = Path(c.data.path or "") / NEGATIVE_PROMPT_FILE
+        if c.data.path and path.is_file():
+            emb = load_file(str(path))
+            if emb["text"].shape[-1] != c.model.text_dim:
+                raise ValueError(
+                    f"{path}: text width {emb['text'].shape[-1]} but the model "
+                    f"takes text_dim={c.model.text_dim}"
+                )
+        else:
+            emb = {
+                "text": torch.zeros(1, 1, c.model.text_dim),
+                "text_mask": torch.ones(1, 1, dtype=torch.bool),
+            }
+        if c.model.pooled_text_dim and "pooled_text" not in emb:
+            emb["pooled_text"] = torch.zeros(1, c.model.pooled_text_dim)
+        return {k: v.to(self.device) for k, v in emb.items()}
 
     def _build_apt(self) -> None:
         c = self.cfg
@@ -313,7 +337,7 @@ class Trainer:
 
 
 def _mean(records: list[dict]) -> dict:
-    keys = {k for r in records for k in r}
+    keys = sorted({k for r in records for k in r})  # same order on every rank (all-reduce)
     return {k: torch.stack([r[k].float() for r in records if k in r]).mean() for k in keys}
 
 

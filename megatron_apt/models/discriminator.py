@@ -60,7 +60,12 @@ class CrossAttentionHead(nn.Module):
         self.norm_q = nn.LayerNorm(hidden, eps=eps)
         self.norm_kv = nn.LayerNorm(hidden, eps=eps)
         self.q = ColumnParallelLinear(hidden, hidden, gather_output=False, **kw)
-        self.kv = ColumnParallelLinear(hidden, 2 * hidden, gather_output=False, **kw)
+        # No kv bias: a key bias shifts every logit of a row equally (softmax ignores it, so
+        # its gradient is pure round-off that RMSprop would amplify) and a value bias is a
+        # constant that the output bias already covers.
+        self.kv = ColumnParallelLinear(
+            hidden, 2 * hidden, gather_output=False, **{**kw, "bias": False}
+        )
         self.out = RowParallelLinear(
             hidden, hidden, input_is_parallel=True, skip_bias_add=False, **kw
         )
