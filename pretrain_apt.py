@@ -48,9 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", help="model preset (tools/plan_model.py --all lists them)")
     a("--layer-spec", help="local | te | te-fp8 | te-flash | auto")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, dest="tensor_parallel")
-    g.add_argument("--sequence-parallel", action="store_true", default=None)
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    g.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        dest="tensor_parallel",
+        help="TP size: heads and MLP split over this many ranks (inside a node)",
+    )
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        default=None,
+        help="split tokens over the TP group around norms and modulation",
+    )
+    g.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="DeepSpeed ZeRO stage of every engine (sharded over data parallel)",
+    )
     g.add_argument("--bf16", action="store_true", default=None, help="BF16 mixed precision")
     g.add_argument("--fp32", action="store_false", dest="bf16", help="train in fp32")
     g.add_argument(
@@ -67,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, help="learning rate (G and D unless --lr-d)")
     b.add_argument("--lr-d", type=float, help="discriminator learning rate")
     b.add_argument("--ema-decay", type=float, help="EMA decay of the trained model (0.995)")
-    b.add_argument("--seed", type=int)
+    b.add_argument("--seed", type=int, help="seed of weights, data order and all noise")
     s = p.add_argument_group("stage hyper-parameters")
     s.add_argument("--shift", type=float, help="APT: D timestep shift s (1 images, 12 video)")
-    s.add_argument("--r1-lambda", type=float)
+    s.add_argument("--r1-lambda", type=float, help="weight of the approximated R1 (100)")
     s.add_argument("--r1-sigma", type=float, help="0.01 images, 0.1 videos")
     s.add_argument("--guidance-scale", type=float, help="consistency teacher CFG (7.5)")
     io = p.add_argument_group("data, init, checkpoints, logs")
