@@ -5,7 +5,7 @@
 # DP 256 x micro 1 x accumulation 8), BF16, ZeRO-3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DATA:?set DATA (shards of --bucket video-720p)}" "${DIFFUSION:?set DIFFUSION}"
+: "${DATA:?set DATA (latent shards of the video-720p bucket)}" "${DIFFUSION:?set DIFFUSION}"
 IMAGE_EMA=${IMAGE_EMA:-/checkpoints/apt-image/generator_ema.safetensors}
 SAVE=${SAVE:-/checkpoints/apt-video}
 deepspeed --hostfile "${HOSTFILE:-examples/hostfile}" pretrain_apt.py \
