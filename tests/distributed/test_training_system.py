@@ -364,7 +364,7 @@ def test_nan_loss_skips_both_engines_on_every_rank(runs):
     assert "NaN loss on rank 1 in update 2" in proc.stdout
     for rank in (0, 1):
         assert f"{MARKER} rank={rank} stage=apt steps=3 skipped=1" in proc.stdout
-        hist = torch.load(weights / f"rank{rank}.pt")
+        hist = torch.load(weights / f"rank{rank}.pt", weights_only=True)
         assert sorted(hist) == [0, 1, 2, 3]
         for group in ("generator/", "discriminator/", "ema/generator/"):
             assert any(k.startswith(group) for k in hist[0]), group
