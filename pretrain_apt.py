@@ -20,6 +20,8 @@ import sys
 
 from megatron_apt.config.model import get_preset
 from megatron_apt.config.training import (
+    LR_DECAYS,
+    OPTIMIZERS,
     RECIPES,
     STAGES,
     TrainConfig,
@@ -81,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--d-updates-per-iter", type=int, help="APT: D updates per G update")
     b.add_argument("--lr", type=float, help="learning rate (G and D unless --lr-d)")
     b.add_argument("--lr-d", type=float, help="discriminator learning rate")
+    b.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="rmsprop (the paper's, alpha 0.9) or adamw (pre-stages)",
+    )
+    b.add_argument("--optim-eps", type=float, help="optimizer epsilon (1e-8)")
+    b.add_argument("--lr-warmup-iters", type=int, help="linear warm-up updates (0)")
+    b.add_argument("--lr-decay", choices=LR_DECAYS, help="constant (paper) or cosine")
     b.add_argument("--ema-decay", type=float, help="EMA decay of the trained model (0.995)")
     b.add_argument("--seed", type=int, help="seed of weights, data order and all noise")
     s = p.add_argument_group("stage hyper-parameters")
@@ -88,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--r1-lambda", type=float, help="weight of the approximated R1 (100)")
     s.add_argument("--r1-sigma", type=float, help="0.01 images, 0.1 videos")
     s.add_argument("--guidance-scale", type=float, help="consistency teacher CFG (7.5)")
+    s.add_argument(
+        "--cond-dropout",
+        type=float,
+        help="diffusion: share of samples trained on the negative prompt, for CFG (0)",
+    )
     io = p.add_argument_group("data, init, checkpoints, logs")
     io.add_argument(
         "--data-path",
@@ -129,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "r1_lambda",
             "r1_sigma",
             "guidance_scale",
+            "cond_dropout",
             "init_generator",
             "init_discriminator",
             "save",
@@ -143,12 +159,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if args.model:
         top["model"] = get_preset(args.model)
-    if args.lr is not None or args.lr_d is not None:
-        top["optim"] = dataclasses.replace(
-            cfg.optim,
-            lr=cfg.optim.lr if args.lr is None else args.lr,
-            lr_d=cfg.optim.lr_d if args.lr_d is None else args.lr_d,
+    optim = {
+        field: value
+        for field, value in (
+            ("lr", args.lr),
+            ("lr_d", args.lr_d),
+            ("name", args.optimizer),
+            ("eps", args.optim_eps),
+            ("warmup_iters", args.lr_warmup_iters),
+            ("decay", args.lr_decay),
         )
+        if value is not None
+    }
+    if optim:
+        top["optim"] = dataclasses.replace(cfg.optim, **optim)
     if args.data_path:
         top["data"] = dataclasses.replace(cfg.data, path=args.data_path)
     cfg = cfg.replace(**top)

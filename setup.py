@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "Pillow>=10",
     "tqdm>=4.66",
     "tensorboard>=2.16",
+    "matplotlib>=3.8",  # loss curves (tools/make_figures.py)
 ]
 EXTRAS = {
     # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn.

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent-shape", help="T'xH'xW' latents instead of a pixel size")
     s.add_argument("--fps", type=float, default=24.0, help="frame rate of the videos")
     s.add_argument("--gif", action="store_true", help="also write an animated GIF per video")
+    s.add_argument(
+        "--video-format",
+        choices=("mp4", "gif"),
+        default="mp4",
+        help="main file of a video: mp4 (H.264, lossy) or gif (near-lossless; for scoring)",
+    )
     s.add_argument("--save-latents", action="store_true", help=f"also write {LATENTS_FILE}")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cpu | cuda (default: cuda when available)")
@@ -213,7 +219,13 @@ def run(args: argparse.Namespace) -> dict | None:
             continue
         t0 = time.perf_counter()
         paths = write_sample(
-            args.output, sample.index, sample.prompt, sample.pixels, args.fps, args.gif
+            args.output,
+            sample.index,
+            sample.prompt,
+            sample.pixels,
+            args.fps,
+            args.gif,
+            args.video_format,
         )
         write_s += time.perf_counter() - t0
         latents.append(sample.latents)

@@ -4,6 +4,10 @@ left/right/up/down (videos) or static (images), with same-stem .txt captions.
 
     python tools/make_synthetic_data.py --output data/shapes --num 64 --kind video --format mp4
     python tools/make_synthetic_data.py --output data/shapes --num 64 --kind image --size 64
+    python tools/make_synthetic_data.py ... --text-encoder models/t5   # + a tiny random T5
+
+``--text-encoder DIR`` also writes a tiny random T5 encoder (a sentencepiece tokenizer trained
+on the synthetic captions, saved in a real T5 directory's layout) for the demo and the tests.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=8.0, help="frame rate written to videos")
     p.add_argument("--format", choices=("png", "jpg", "mp4", "gif"), default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", metavar="DIR", help="also build a tiny random T5 here")
     args = p.parse_args(argv)
     if args.format and (args.format in ("png", "jpg")) != (args.kind == "image"):
         p.error(f"--format {args.format} does not fit --kind {args.kind}")
@@ -34,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         args.output, args.num, args.kind, args.size, args.frames, args.format, args.fps, args.seed
     )
     print(f"wrote {len(paths)} {args.kind}s with captions to {args.output}")
+    if args.text_encoder:
+        from megatron_apt.text import build_tiny_text_encoder
+
+        build_tiny_text_encoder(args.text_encoder, seed=args.seed)
+        print(f"wrote a tiny T5 text encoder to {args.text_encoder}")
     return 0
 
 

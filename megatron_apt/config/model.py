@@ -205,6 +205,19 @@ def tiny_sd3() -> MMDiTConfig:
     )
 
 
+def demo() -> MMDiTConfig:
+    """4 layers, width 128: ``make demo`` (16x16 RGB clips through ``identity:2`` -> 12-channel
+    8x8 latents, 2x2 patches: 16 tokens per frame)."""
+    return MMDiTConfig(
+        in_channels=12,
+        patch_size=(1, 2, 2),
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        text_dim=32,
+    )
+
+
 def mid() -> MMDiTConfig:
     """Width 512, 4 layers: benchmarks and the mid-size tests."""
     return MMDiTConfig(
@@ -271,6 +284,7 @@ def sd35_large() -> MMDiTConfig:
 PRESETS: dict[str, Callable[[], MMDiTConfig]] = {
     "tiny": tiny,
     "tiny-sd3": tiny_sd3,
+    "demo": demo,
     "mid": mid,
     "mmdit-8b": mmdit_8b,
     "sd3-medium": sd3_medium,

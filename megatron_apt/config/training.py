@@ -9,12 +9,15 @@ starts); data parallel = world size / (tensor parallel x context parallel).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_apt.config.model import MMDiTConfig, get_preset
 
 STAGES = ("diffusion", "consistency", "apt")
+OPTIMIZERS = ("rmsprop", "adamw")
+LR_DECAYS = ("constant", "cosine")
 
 
 @dataclass(kw_only=True)
@@ -31,12 +34,21 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    """The paper's APT optimizer is RMSprop (section 3.5). ``name="adamw"`` is for the
+    pre-stages (diffusion pre-training, consistency distillation), which the paper leaves open
+    and which converge far faster with Adam at toy scale."""
+
+    name: str = "rmsprop"  # rmsprop | adamw
     lr: float = 5e-6
     lr_d: float | None = None  # discriminator lr; None = same as the generator's (paper)
     rmsprop_alpha: float = 0.9  # paper: RMSprop alpha 0.9 (Adam beta1 = 0, beta2 = 0.9)
+    adam_betas: tuple[float, float] = (0.9, 0.99)  # adamw only
     eps: float = 1e-8
     weight_decay: float = 0.0  # paper: none
     grad_clip: float = 0.0  # paper: none (DeepSpeed's default of 1.0 is turned off)
+    warmup_iters: int = 0  # linear warm-up over this many updates (paper: none)
+    decay: str = "constant"  # constant (paper) | cosine (to min_lr_ratio x lr at the end)
+    min_lr_ratio: float = 0.1
 
 
 @dataclass(kw_only=True)
@@ -66,6 +78,7 @@ class TrainConfig:
     consistency_steps: int = 32
     target_ema_decay: float = 0.95
     timestep_sampling: str = "logit_normal"  # diffusion stage
+    cond_dropout: float = 0.0  # diffusion: share of samples trained on the negative prompt (CFG)
     # data, init, io
     data: DataConfig = field(default_factory=DataConfig)
     init_generator: str | None = None  # consistency: teacher/student init; apt: G init
@@ -123,6 +136,18 @@ def plan_batch(cfg: TrainConfig, world_size: int, context_parallel: int = 1) -> 
     return BatchPlan(cfg.micro_batch_size, cfg.global_batch_size // per_step, dp)
 
 
+def lr_factor(optim: OptimConfig, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at optimizer update ``step`` (0-based) of ``total``:
+    linear warm-up over ``warmup_iters``, then constant or cosine down to ``min_lr_ratio``."""
+    f = min(1.0, (step + 1) / optim.warmup_iters) if optim.warmup_iters else 1.0
+    if optim.decay == "cosine":
+        span = max(1, total - optim.warmup_iters)
+        progress = min(1.0, max(0.0, (step - optim.warmup_iters) / span))
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        f *= optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cos
+    return f
+
+
 def validate(cfg: TrainConfig) -> None:
     """Config errors that need no process group (raised before anything starts)."""
     if cfg.stage not in STAGES:
@@ -139,6 +164,16 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("micro_batch_size", "global_batch_size", "train_iters", "d_updates_per_iter"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optim.name!r}: choose one of {OPTIMIZERS}")
+    if cfg.optim.decay not in LR_DECAYS:
+        raise ValueError(f"lr decay={cfg.optim.decay!r}: choose one of {LR_DECAYS}")
+    if cfg.optim.warmup_iters < 0:
+        raise ValueError(f"warmup_iters={cfg.optim.warmup_iters} must be >= 0")
+    if cfg.optim.eps <= 0 or cfg.optim.lr <= 0:
+        raise ValueError(f"lr={cfg.optim.lr} and eps={cfg.optim.eps} must be > 0")
+    if not 0.0 <= cfg.cond_dropout < 1.0:
+        raise ValueError(f"cond_dropout={cfg.cond_dropout} must lie in [0, 1)")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay={cfg.ema_decay} must lie in [0, 1)")
     if cfg.stage == "consistency" and cfg.init_generator is None and cfg.data.path:
@@ -181,6 +216,68 @@ def tiny_consistency() -> TrainConfig:
 
 def tiny_apt() -> TrainConfig:
     return _tiny("apt", shift=12.0, r1_sigma=0.1)
+
+
+# The demo (examples/demo.py, `make demo`): 16x16 RGB clips of 5 frames, the `demo` preset,
+# 2 processes on a CPU. The pre-stages use AdamW (fast at toy scale); APT uses the paper's
+# RMSprop(alpha 0.9), lambda 100 and EMA, with a learning rate scaled up for a 4-layer model
+# (5e-5 and above: D overpowers G within 150 updates; 3e-5 holds), s = 1 for an 80-token latent
+# (the paper's s grows with the latent size) and sigma 0.01: the latents are pixels in [-1, 1],
+# where sigma 0.1 makes D blind to exactly the speckle noise APT has to remove.
+DEMO_DATA = DataConfig(frames=5, height=8, width=8, text_len=12, num_samples=2048)
+
+
+def _demo(stage: str, **kw) -> TrainConfig:
+    base = dict(
+        recipe=f"demo-{stage}",
+        stage=stage,
+        model=get_preset("demo"),
+        zero_stage=2,
+        micro_batch_size=16,
+        global_batch_size=32,
+        data=DEMO_DATA,
+        log_interval=10,
+        save_interval=100,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def demo_diffusion() -> TrainConfig:
+    return _demo(
+        "diffusion",
+        train_iters=500,
+        optim=OptimConfig(name="adamw", lr=6e-4),
+        ema_decay=0.99,
+        cond_dropout=0.1,
+    )
+
+
+def demo_consistency() -> TrainConfig:
+    return _demo(
+        "consistency",
+        train_iters=120,
+        optim=OptimConfig(name="adamw", lr=2e-4),
+        ema_decay=0.98,
+        guidance_scale=3.0,
+        consistency_steps=8,
+        target_ema_decay=0.95,
+    )
+
+
+def demo_apt() -> TrainConfig:
+    return _demo(
+        "apt",
+        micro_batch_size=8,
+        global_batch_size=16,
+        train_iters=200,
+        optim=OptimConfig(lr=3e-5),
+        ema_decay=0.98,
+        shift=1.0,
+        r1_lambda=100.0,
+        r1_sigma=0.01,
+        save_interval=50,
+    )
 
 
 PAPER_IMAGE_BATCH = 9062  # paper section 3.5
@@ -253,6 +350,9 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny-diffusion": tiny_diffusion,
     "tiny-consistency": tiny_consistency,
     "tiny-apt": tiny_apt,
+    "demo-diffusion": demo_diffusion,
+    "demo-consistency": demo_consistency,
+    "demo-apt": demo_apt,
     "mmdit-8b-image-apt": mmdit_8b_image_apt,
     "mmdit-8b-video-apt": mmdit_8b_video_apt,
 }

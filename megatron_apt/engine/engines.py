@@ -1,4 +1,4 @@
-"""DeepSpeed engine creation: one per trained network, RMSprop, ZeRO over data parallel only."""
+"""DeepSpeed engine creation: one per trained network, the recipe's optimizer, ZeRO over DP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from megatron_apt.config.training import BatchPlan, TrainConfig
+from megatron_apt.config.training import BatchPlan, OptimConfig, TrainConfig, lr_factor
 from megatron_apt.engine.ds_config import build_deepspeed_config
 from megatron_apt.engine.mpu import DeepSpeedMPU
 from megatron_apt.engine.safe_checkpoint import install as install_safe_checkpoint
@@ -23,6 +23,19 @@ def prepare_deepspeed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def build_optimizer(params: list, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed wraps (ZeRO partitions its states)."""
+    if optim.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=optim.adam_betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+    if optim.name == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=lr, alpha=optim.rmsprop_alpha, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+    raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop' or 'adamw'")
+
+
 def create_engine(
     module: torch.nn.Module,
     cfg: TrainConfig,
@@ -31,23 +44,25 @@ def create_engine(
     lr: float,
     ds_json: str | None = None,
 ):
-    """A DeepSpeed engine for ``module`` with RMSprop(alpha=0.9, no weight decay) over its
-    trainable parameters, ZeRO sharding over ``ps``'s data-parallel group, weights-only
-    checkpoint loading."""
+    """A DeepSpeed engine for ``module`` with the recipe's optimizer (the paper's RMSprop,
+    alpha 0.9, no weight decay; or AdamW for the pre-stages) over its trainable parameters,
+    ZeRO sharding over ``ps``'s data-parallel group, weights-only checkpoint loading."""
     prepare_deepspeed()
     import deepspeed
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.RMSprop(
-        params,
-        lr=lr,
-        alpha=cfg.optim.rmsprop_alpha,
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    opt = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg.optim, lr)
     config = build_deepspeed_config(cfg, plan, ds_json)
+    # DeepSpeed steps the scheduler at every optimizer step and checkpoints its state.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(cfg.optim, step, cfg.train_iters)
+    )
     engine, *_ = deepspeed.initialize(
-        model=module, optimizer=opt, config=config, mpu=DeepSpeedMPU(ps), dist_init_required=False
+        model=module,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=config,
+        mpu=DeepSpeedMPU(ps),
+        dist_init_required=False,
     )
     install_safe_checkpoint(engine)
     return engine

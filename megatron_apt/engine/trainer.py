@@ -30,7 +30,12 @@ from megatron_apt.models.builders import build_discriminator, build_generator, b
 from megatron_apt.parallel.state import initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
-from megatron_apt.stages.diffusion import add_noise, flow_matching_loss, timestep_shift
+from megatron_apt.stages.diffusion import (
+    add_noise,
+    drop_condition,
+    flow_matching_loss,
+    timestep_shift,
+)
 from megatron_apt.stages.noise import rand_batch, randn_like_batch, sample_generators
 from megatron_apt.utils.metrics import MetricsLogger
 
@@ -79,6 +84,7 @@ class Trainer:
         model = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
         eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
+        self.uncond = self._negative_prompt() if c.cond_dropout > 0 else None
 
     def _build_consistency(self) -> None:
         c = self.cfg
@@ -165,6 +171,7 @@ class Trainer:
     # ---- one update per stage -----------------------------------------------------------
     def _update_diffusion(self) -> tuple[dict, bool]:
         eng, bad, acc = self.engines["model"], False, []
+        c_drop = self.cfg.cond_dropout
         for _ in range(self.plan.accumulation):
             batch, rngs = self._next(SALT["diffusion"])
             x = batch.pop("latents")
@@ -176,6 +183,8 @@ class Trainer:
             )
             t = timestep_shift(u, self.cfg.shift).to(self.device)
             z = randn_like_batch(x, rngs)
+            if self.uncond is not None:  # CFG training: some samples see the negative prompt
+                batch = drop_condition(batch, self.uncond, rand_batch(b, rngs) < c_drop)
             loss = flow_matching_loss(eng(add_noise(x, z, t), t, **batch), x, z)
             bad = self._backward_step(eng, loss, bad)
             acc.append({"loss": loss.detach()})

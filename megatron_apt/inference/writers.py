@@ -56,16 +56,20 @@ def write_sample(
     pixels: np.ndarray,
     fps: float = 24.0,
     gif: bool = False,
+    video_format: str = "mp4",
 ) -> list[Path]:
-    """Write ``uint8 [T, H, W, 3]`` pixels: ``<stem>.png`` when ``T == 1``, else ``<stem>.mp4``
-    (and ``<stem>.gif`` with ``gif``). Returns the paths written."""
+    """Write ``uint8 [T, H, W, 3]`` pixels: ``<stem>.png`` when ``T == 1``, else
+    ``<stem>.<video_format>`` (``mp4``: H.264, lossy; ``gif``: palette, near-lossless for
+    flat colours), plus ``<stem>.gif`` with ``gif``. Returns the paths written, main first."""
+    if video_format not in ("mp4", "gif"):
+        raise ValueError(f"video_format={video_format!r}: use 'mp4' or 'gif'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     stem = sample_stem(index, prompt)
     if pixels.shape[0] == 1:
         return [write_media(output / f"{stem}.png", pixels)]
-    paths = [write_media(output / f"{stem}.mp4", pixels, fps)]
-    if gif:
+    paths = [write_media(output / f"{stem}.{video_format}", pixels, fps)]
+    if gif and video_format != "gif":
         paths.append(write_media(output / f"{stem}.gif", pixels, fps))
     return paths
 

@@ -27,6 +27,7 @@ __all__ = [
     "TIMESTEP_MODES",
     "VelocityFn",
     "add_noise",
+    "drop_condition",
     "euler_sample",
     "flow_matching_loss",
     "guided_velocity",
@@ -284,6 +285,37 @@ def _concat_cond(
             c, u = _pad_dim1(c, length), _pad_dim1(u, length)
         merged[key] = torch.cat([c, u], dim=0)
     return merged
+
+
+def drop_condition(
+    cond: Mapping[str, Any], uncond: Mapping[str, Any], drop: torch.Tensor
+) -> dict[str, Any]:
+    """Classifier-free-guidance training: samples where ``drop [B]`` (bool) is True get the
+    unconditional input ``uncond`` (the negative prompt; batch 1 or B) instead of ``cond``.
+
+    Keys are those of ``cond``; sequences of different lengths are right-padded (``False`` in
+    the mask) to the longer one. ``ValueError`` names a key that ``uncond`` lacks or cannot fit.
+    """
+    b = drop.shape[0]
+    out: dict[str, Any] = {}
+    for key, c in cond.items():
+        if not isinstance(c, torch.Tensor):
+            out[key] = c
+            continue
+        if key not in uncond:
+            raise ValueError(f"drop_condition: the unconditional input has no {key!r}")
+        u = _expand_batch(uncond[key].to(c.device, c.dtype), b, key)
+        if c.shape[1:] != u.shape[1:]:
+            if not (_can_pad(key, c, u, cond) and _can_pad(key, c, u, uncond)):
+                raise ValueError(
+                    f"drop_condition: cond[{key!r}] {tuple(c.shape)} and uncond "
+                    f"{tuple(u.shape)} differ and cannot be padded"
+                )
+            length = max(c.shape[1], u.shape[1])
+            c, u = _pad_dim1(c, length), _pad_dim1(u, length)
+        where = drop.to(c.device).view(b, *([1] * (c.ndim - 1)))
+        out[key] = torch.where(where, u, c)
+    return out
 
 
 def _guided_velocity(

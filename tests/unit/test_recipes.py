@@ -19,7 +19,9 @@ from megatron_apt.config.model import get_preset
 from megatron_apt.config.training import (
     PAPER_IMAGE_BATCH,
     RECIPES,
+    OptimConfig,
     get_recipe,
+    lr_factor,
     mmdit_8b_image_apt,
     mmdit_8b_video_apt,
     paper_image_global_batch,
@@ -91,6 +93,9 @@ def test_impossible_batch_is_a_value_error(recipe, world, changes, message):
         ({"zero_stage": 4}, "zero_stage=4"),
         ({"ema_decay": 1.0}, "ema_decay=1.0"),
         ({"train_iters": 0}, "train_iters=0"),
+        ({"cond_dropout": 1.0}, "cond_dropout=1.0"),
+        ({"optim": OptimConfig(name="sgd")}, "optimizer='sgd'"),
+        ({"optim": OptimConfig(eps=0.0)}, "eps=0.0 must be > 0"),
     ],
 )
 def test_invalid_config_is_a_value_error(changes, message):
@@ -138,7 +143,7 @@ def test_every_recipe_validates_and_tiny_ones_plan_on_two_ranks():
         cfg = get_recipe(name)
         validate(cfg)
         assert cfg.recipe == name
-        if name.startswith("tiny-"):
+        if name.startswith(("tiny-", "demo-")):
             assert plan_batch(cfg, 2).accumulation == 1
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("mmdit-9b")
@@ -187,3 +192,38 @@ def test_cli_print_config_applies_overrides():
     cfg = json.loads(proc.stdout)
     assert cfg["tensor_parallel"] == 4 and cfg["optim"]["lr"] == 1e-6
     assert cfg["global_batch_size"] == 2048 and cfg["model"]["num_layers"] == 36
+
+
+def test_cli_optimizer_flags():
+    proc = _cli(
+        "--recipe", "demo-apt", "--optimizer", "adamw", "--optim-eps", "1e-3",
+        "--cond-dropout", "0.2", "--print-config",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["eps"] == 1e-3
+    assert cfg["cond_dropout"] == 0.2 and cfg["optim"]["lr"] == get_recipe("demo-apt").optim.lr
+
+
+def test_demo_recipes_pre_stages_adam_apt_rmsprop_like_the_paper():
+    assert get_recipe("demo-diffusion").optim.name == "adamw"
+    assert get_recipe("demo-diffusion").cond_dropout > 0  # the CFG of the later stages
+    apt = get_recipe("demo-apt")
+    assert apt.optim.name == "rmsprop" and apt.optim.rmsprop_alpha == 0.9
+    assert apt.optim.weight_decay == 0 and apt.optim.grad_clip == 0
+    assert apt.r1_lambda == 100 and apt.ema_decay < 1  # the approximated R1 and the EMA
+    for r in ("mmdit-8b-image-apt", "mmdit-8b-video-apt"):
+        assert get_recipe(r).optim.name == "rmsprop"
+
+
+def test_lr_factor_warmup_then_cosine_and_paper_constant():
+    paper = get_recipe("mmdit-8b-image-apt").optim
+    assert [lr_factor(paper, s, 350) for s in (0, 100, 349)] == [1.0, 1.0, 1.0]
+    o = OptimConfig(warmup_iters=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_factor(o, 0, 110) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_factor(o, 9, 110) == pytest.approx(1.0)
+    assert lr_factor(o, 10, 110) == pytest.approx(1.0)  # cosine starts at the top
+    assert lr_factor(o, 60, 110) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert lr_factor(o, 110, 110) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr decay='step'"):
+        validate(get_recipe("demo-apt").replace(optim=OptimConfig(decay="step")))

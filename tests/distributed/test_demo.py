@@ -1,0 +1,67 @@
+"""`make demo`, shortened: every stage of examples/demo.py runs for real (synthetic data, the
+preprocessing tool, three pretrain_apt.py runs on 2 processes through the deepspeed launcher,
+generation, evaluation, figures) with a few steps each; a second run skips every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from megatron_apt.testing.launch import REPO_ROOT
+
+ROWS = ("diffusion 25 steps (CFG)", "consistency 1 step", "APT 1 step", "APT 2 steps")
+
+
+def _demo(out, *extra):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)]
+        + list(extra),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
+    out = tmp_path / "demo"
+    proc = _demo(out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    progress = json.loads((out / "progress.json").read_text())
+    stages = ("data", "preprocess", "diffusion", "consistency", "apt", "generate", "evaluate")
+    assert set(stages + ("figures",)) <= set(progress)
+    # the training stages ran on 2 ranks through the deepspeed launcher, 3 steps each
+    for stage in ("diffusion", "consistency", "apt"):
+        log = (out / "logs" / f"{stage}.log").read_text()
+        assert "deepspeed" in log.splitlines()[0] and "--num_gpus 2" in log.splitlines()[0]
+        assert log.count("TRAINING-DONE") == 2, log[-2000:]  # one line per rank
+        assert [json.loads(x)["step"] for x in (out / stage / "metrics.jsonl").open()] == [1, 2, 3]
+    apt_metrics = json.loads((out / "apt" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_g", "loss_d", "loss_r1"} <= set(apt_metrics)
+    # the table: every row, every column, finite numbers
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rows"]) == set(ROWS)
+    for row in results["rows"].values():
+        assert {"fd", "sharpness", "caption_all"} <= set(row)
+        assert all(v == v for v in row.values())  # no NaN
+    table = (out / "results.md").read_text()
+    assert all(f"| {r} |" in table for r in ROWS)
+    assert "APT 1 step vs consistency 1 step" in proc.stdout and str(out) in proc.stdout
+    # pictures: a grid (PNG), GIF and MP4 per row, and the loss curves
+    figs = out / "figures"
+    for stem in ("diffusion-25-steps-cfg", "consistency-1-step", "apt-1-step", "apt-2-steps"):
+        for ext in (".png", ".gif", ".mp4"):
+            assert (figs / f"{stem}{ext}").stat().st_size > 0, stem + ext
+    for png in ("apt_loss_curves.png", "pre_stages.png"):
+        assert (figs / png).read_bytes()[:4] == b"\x89PNG"
+    # the commands are ordinary, re-runnable ones
+    commands = (out / "commands.sh").read_text()
+    assert "pretrain_apt.py --recipe demo-apt" in commands
+    # a second run skips every stage
+    again = _demo(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(progress) - 1, again.stdout
