@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(0, 1, 2, 3),
         help="DeepSpeed ZeRO stage of every engine (sharded over data parallel)",
     )
+    g.add_argument(
+        "--recompute-activations",
+        action="store_const",
+        const="all",
+        dest="recompute_layers",
+        help="recompute every MMDiT block's activations in backward (= --recompute-layers all)",
+    )
+    g.add_argument(
+        "--recompute-layers",
+        dest="recompute_layers",
+        metavar="SPEC",
+        help="blocks to recompute in backward: none | all | 1-based numbers and ranges, e.g. "
+        "'1,2,5-8' (G's blocks and D's backbone; default: none)",
+    )
     g.add_argument("--bf16", action="store_true", default=None, help="BF16 mixed precision")
     g.add_argument("--fp32", action="store_false", dest="bf16", help="train in fp32")
     g.add_argument(
@@ -133,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "tensor_parallel",
             "sequence_parallel",
             "zero_stage",
+            "recompute_layers",
             "bf16",
             "micro_batch_size",
             "global_batch_size",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from megatron_apt.config.model import MMDiTConfig, get_preset
@@ -62,6 +62,9 @@ class TrainConfig:
     sequence_parallel: bool = False
     zero_stage: int = 2
     bf16: bool = False
+    # activation recompute: "none", "all", or 1-based block numbers "1,2,5-8" (every trained
+    # MMDiT: diffusion model, consistency student, APT generator and discriminator backbone)
+    recompute_layers: str = "none"
     # batch
     micro_batch_size: int = 2
     global_batch_size: int = 4
@@ -148,8 +151,53 @@ def lr_factor(optim: OptimConfig, step: int, total: int) -> float:
     return f
 
 
+def parse_recompute_layers(
+    spec: str | int | Sequence[int] | None, num_layers: int
+) -> tuple[int, ...]:
+    """The blocks to recompute in backward, as sorted 1-based block numbers.
+
+    ``spec``: ``None`` or ``"none"`` (no recompute), ``"all"``, or block numbers counted from 1
+    like ``return_layers`` and the discriminator's head layers: ``"1,3"``, ranges ``"1-4"``
+    (inclusive), or a sequence of ints. ``ValueError`` names a malformed or out-of-range value.
+    """
+    if spec is None:
+        return ()
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text == "all":
+            return tuple(range(1, num_layers + 1))
+        numbers: list[int] = []
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            try:
+                a = int(lo)
+                b = int(hi) if sep else a
+            except ValueError:
+                raise ValueError(
+                    f"recompute_layers={spec!r}: use 'none', 'all' or 1-based block numbers "
+                    f"and ranges like '1,3,5-8'"
+                ) from None
+            if b < a:
+                raise ValueError(f"recompute_layers={spec!r}: range {part.strip()!r} is empty")
+            numbers.extend(range(a, b + 1))
+    else:
+        numbers = [int(k) for k in spec]
+    bad = sorted({k for k in numbers if not 1 <= k <= num_layers})
+    if bad:
+        raise ValueError(
+            f"recompute_layers={spec!r}: block numbers {bad} outside 1..{num_layers} "
+            f"(blocks are counted from 1)"
+        )
+    return tuple(sorted(set(numbers)))
+
+
 def validate(cfg: TrainConfig) -> None:
     """Config errors that need no process group (raised before anything starts)."""
+    parse_recompute_layers(cfg.recompute_layers, cfg.model.num_layers)
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r}: choose one of {STAGES}")
     if cfg.zero_stage not in (0, 1, 2, 3):
@@ -221,9 +269,15 @@ def tiny_apt() -> TrainConfig:
 # The demo (examples/demo.py, `make demo`): 16x16 RGB clips of 5 frames, the `demo` preset,
 # 2 processes on a CPU. The pre-stages use AdamW (fast at toy scale); APT uses the paper's
 # RMSprop(alpha 0.9), lambda 100 and EMA, with a learning rate scaled up for a 4-layer model
-# (5e-5 and above: D overpowers G within 150 updates; 3e-5 holds), s = 1 for an 80-token latent
-# (the paper's s grows with the latent size) and sigma 0.01: the latents are pixels in [-1, 1],
-# where sigma 0.1 makes D blind to exactly the speckle noise APT has to remove.
+# and s = 1 for an 80-token latent (the paper's s grows with the latent size). sigma sets how
+# blind D is to small perturbations; the latents here are pixels in [-1, 1] (std ~0.5), not
+# unit-variance VAE latents. Measured on this recipe (128 prompts, EMA generator): sigma 0.1
+# leaves D blind to the speckle noise APT has to remove (FD worse than the consistency model);
+# sigma 0.01 barely regularizes, D overpowers G within ~50 updates at batch 16 and G collapses;
+# sigma 0.05 keeps loss_D near 2 log 2. Even then the run is chaotic at this scale: with seed
+# 1234 D overpowers G after ~40 updates and G collapses (FD 4x worse); seeds 7, 13 and 42 stay
+# balanced; seed 7 for 160 updates gives FD 339 vs the consistency model's 353 and 2.2x its
+# sharpness (256 held-out prompts). The demo pins seed 7 and reports what it measures.
 DEMO_DATA = DataConfig(frames=5, height=8, width=8, text_len=12, num_samples=2048)
 
 
@@ -256,7 +310,7 @@ def demo_diffusion() -> TrainConfig:
 def demo_consistency() -> TrainConfig:
     return _demo(
         "consistency",
-        train_iters=120,
+        train_iters=60,  # its loss is flat after ~40 updates (runs/demo/figures)
         optim=OptimConfig(name="adamw", lr=2e-4),
         ema_decay=0.98,
         guidance_scale=3.0,
@@ -270,12 +324,13 @@ def demo_apt() -> TrainConfig:
         "apt",
         micro_batch_size=8,
         global_batch_size=16,
-        train_iters=200,
+        train_iters=160,
+        seed=7,  # see above: at this scale the GAN's outcome depends on the seed
         optim=OptimConfig(lr=3e-5),
         ema_decay=0.98,
         shift=1.0,
         r1_lambda=100.0,
-        r1_sigma=0.01,
+        r1_sigma=0.05,
         save_interval=50,
     )
 

@@ -66,6 +66,8 @@ class Trainer:
         self.engines: dict = {}
         self.emas: dict = {}
         getattr(self, f"_build_{cfg.stage}")()
+        if self.rank == 0:
+            self._report_recompute()
         if cfg.load:  # before the logger exists: a refused --load writes nothing
             self._resume(cfg.load)
         self.metrics = MetricsLogger(
@@ -81,15 +83,28 @@ class Trainer:
 
     def _build_diffusion(self) -> None:
         c = self.cfg
-        model = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
+        model = build_mmdit(
+            c.model,
+            self.ps,
+            c.layer_spec,
+            init_from=c.init_generator,
+            recompute=c.recompute_layers,
+        )
         eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
         self.uncond = self._negative_prompt() if c.cond_dropout > 0 else None
 
     def _build_consistency(self) -> None:
         c = self.cfg
-        student = build_mmdit(c.model, self.ps, c.layer_spec, init_from=c.init_generator)
-        # teacher (the diffusion model) and EMA target start as exact copies of the student
+        student = build_mmdit(
+            c.model,
+            self.ps,
+            c.layer_spec,
+            init_from=c.init_generator,
+            recompute=c.recompute_layers,
+        )
+        # teacher (the diffusion model) and EMA target start as exact copies of the student;
+        # they run without gradients, so they need no recompute
         self.teacher = build_mmdit(c.model, self.ps, c.layer_spec)
         self.target = build_mmdit(c.model, self.ps, c.layer_spec)
         for m in (self.teacher, self.target):
@@ -133,12 +148,29 @@ class Trainer:
 
     def _build_apt(self) -> None:
         c = self.cfg
-        g = build_generator(c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec)
-        d = build_discriminator(c.model, self.ps, init_from=c.init_discriminator, spec=c.layer_spec)
+        rc = c.recompute_layers  # G's blocks and D's backbone blocks
+        g = build_generator(
+            c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec, recompute=rc
+        )
+        d = build_discriminator(
+            c.model, self.ps, init_from=c.init_discriminator, spec=c.layer_spec, recompute=rc
+        )
         g_eng = self._engine("generator", g, c.optim.lr, c.deepspeed_config_g)
         self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)
         self.emas["generator"] = EngineEMA(g_eng, self.ps, c.ema_decay)
         self.apt = APTConfig(shift=c.shift, r1_lambda=c.r1_lambda, r1_sigma=c.r1_sigma)
+
+    def _report_recompute(self) -> None:
+        """One line naming the blocks each trained MMDiT recomputes (read off the modules)."""
+        chosen = {}
+        for name, eng in self.engines.items():
+            mmdit = eng.module  # the MMDiT, or the Generator / Discriminator around one
+            for attr in ("model", "backbone"):
+                mmdit = getattr(mmdit, attr, mmdit)
+            if mmdit.recompute_layers:
+                chosen[name] = list(mmdit.recompute_layers)
+        if chosen:
+            print(f"activation recompute (blocks, 1-based): {chosen}", flush=True)
 
     # ---- micro-batches ----------------------------------------------------------------
     def _next(self, salt: int):

@@ -9,6 +9,7 @@ or unexpected keys are named.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -62,10 +63,14 @@ def build_mmdit(
     params_dtype: torch.dtype = torch.float32,
     init_from: str | Path | None = None,
     expect_roles: tuple[str, ...] = (),
+    recompute: str | Sequence[int] | None = None,
 ) -> MMDiT:
+    """An MMDiT, loaded from ``init_from`` when given; ``recompute``: the blocks whose
+    activations are recomputed in backward (see :meth:`MMDiT.set_recompute`)."""
     model = MMDiT(cfg, ps, spec=spec, params_dtype=params_dtype)
     if init_from is not None:
         load_model_file_into(model, init_from, expect_roles)
+    model.set_recompute(recompute)
     return model
 
 
@@ -85,6 +90,7 @@ def build_discriminator(
     disc_cfg: DiscriminatorConfig | None = None,
     **kw,
 ) -> Discriminator:
-    """D̂ with its backbone from the ORIGINAL diffusion weights (or random) and new heads."""
+    """D̂ with its backbone from the ORIGINAL diffusion weights (or random) and new heads
+    (``recompute`` in ``kw`` applies to the backbone's blocks)."""
     backbone = build_mmdit(cfg, ps, init_from=init_from, expect_roles=("diffusion",), **kw)
     return Discriminator(backbone, disc_cfg)

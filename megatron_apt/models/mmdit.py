@@ -17,16 +17,30 @@ Embeddings and the final layer run replicated on the full sequence outside the b
 their gradients are complete on every TP rank. Tensors identical on all TP ranks whose
 consumers see only part of the tokens or heads (modulation vectors, QK-norm weights, biases
 of sequence-parallel row-linears) go through :func:`reduce_grad_over_tp`.
+
+Activation recompute (:meth:`MMDiT.set_recompute`): chosen blocks keep only their inputs in
+the forward and run again in the backward (``torch.utils.checkpoint`` non-reentrant, CPU/CUDA
+RNG state restored). Non-reentrant, because in the APT generator phase the discriminator's
+parameters are frozen and the gradient must still flow through its blocks to its input.
+Under TP/SP the recomputed forward issues the same collectives in the same order on every
+rank of the group. The blocks draw no random numbers (no dropout), so megatron's CUDA RNG
+tracker (what ``tensor_parallel.checkpoint`` adds, reentrant only) has nothing to restore.
+With Transformer Engine FP8, TE's own ``checkpoint`` is used so that the recomputed forward
+reuses the forward's FP8 scaling state (not exercised on CPU).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.embeddings import (
     apply_rope,
     check_latent_shape,
@@ -292,6 +306,39 @@ class MMDiT(nn.Module):
             self.register_buffer("pos_table", table, persistent=False)
         self._init_replicated()
         self.to(dtype=params_dtype)
+        self.recompute_layers: tuple[int, ...] = ()
+
+    def set_recompute(self, layers: str | int | Sequence[int] | None) -> tuple[int, ...]:
+        """Recompute the given blocks in backward instead of keeping their activations.
+
+        ``layers``: ``None``/``"none"``, ``"all"``, or 1-based block numbers (``"1,3"``,
+        ``"1-4"``, or a sequence of ints), as :func:`parse_recompute_layers`. Returns the
+        chosen block numbers. A recomputed block keeps only its inputs (visual and text tokens,
+        conditioning) during the forward and runs its forward again in the backward; outputs and
+        gradients are unchanged. Has no effect under ``torch.no_grad``.
+        """
+        self.recompute_layers = parse_recompute_layers(layers, self.cfg.num_layers)
+        return self.recompute_layers
+
+    def _run_block(self, i: int, block: MMDiTBlock, x, c, cond, rope, key_mask):
+        """Block ``i`` (1-based), recomputed in backward when it was chosen."""
+        if i not in self.recompute_layers or not torch.is_grad_enabled():
+            return block(x, c, cond, rope, key_mask)
+        if self.spec.uses_te and self.spec.fp8:  # FP8 scaling state of the recomputed forward
+            import transformer_engine.pytorch as te
+
+            return te.checkpoint(
+                block,
+                x,
+                c,
+                cond,
+                rope,
+                key_mask,
+                distribute_saved_activations=False,
+                tp_group=self.ps.tp_group,
+                use_reentrant=False,
+            )
+        return checkpoint(block, x, c, cond, rope, key_mask, use_reentrant=False)
 
     # ---------------------------------------------------------------------------------
     def _init_replicated(self) -> None:
@@ -425,7 +472,7 @@ class MMDiT(nn.Module):
             feats = {}
             last = max(return_layers) if features_only else self.cfg.num_layers
             for i, block in enumerate(self.blocks[:last], start=1):
-                x, c = block(x, c, cond, rope, key_mask)
+                x, c = self._run_block(i, block, x, c, cond, rope, key_mask)
                 if i in return_layers:
                     feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)  # [B, N, h]
             if features_only:

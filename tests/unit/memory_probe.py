@@ -1,0 +1,130 @@
+"""Measure the real memory of single-process MMDiT training steps (run as a fresh subprocess).
+
+    python tests/unit/memory_probe.py '{"preset": "demo", "height": 32, "width": 32, ...}'
+
+Prints one JSON line. What it measures (process resident set size, RSS, from /proc):
+
+* ``base``: RSS after importing torch, one warm-up step of a throwaway tiny model (lazy
+  imports, runtime initialization) and making the inputs, before the model exists;
+* ``static``: RSS after one warm-up step (weights, gradients kept and zeroed in place as
+  DeepSpeed's buffers are, RMSprop's square averages, the fp32 EMA copy) minus ``base``;
+* ``held_after_forward``: RSS right after the forward of the measured (second) step minus
+  RSS before it: what the autograd graph keeps for the backward (plus the output);
+* ``peak``: the highest RSS during the measured step (forward, backward, optimizer step, EMA
+  update) minus ``base``; the kernel's high-water mark is reset right before the step
+  (``/proc/self/clear_refs``; where that is refused, ``ru_maxrss``, which the step's peak
+  exceeds as long as nothing before it went higher).
+
+The caller starts it with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves every tensor
+above 64 KiB with its own mmap and returns it to the OS when it is freed: RSS then follows
+the live tensor bytes instead of the allocator's free lists. One thread (``OMP_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+
+import torch
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water(resettable: bool) -> int:
+    if resettable:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def warm_up_runtime(model_cls, cfg, make_inputs) -> None:
+    """One training step of a tiny model, so that the lazy imports and kernel/runtime
+    initializations of a first step (about 18 MB of RSS) happen before the baseline."""
+    model = model_cls(cfg)
+    model.set_recompute("1")
+    model(**make_inputs(cfg)).square().mean().backward()
+    torch.optim.RMSprop(model.parameters(), foreach=False).step()
+    del model
+    gc.collect()
+
+
+def main(spec: dict) -> dict:
+    from megatron_apt.config import get_preset
+    from megatron_apt.models import MMDiT
+    from megatron_apt.testing import dummy_inputs, randomize_parameters
+
+    torch.set_num_threads(1)
+    warm_up_runtime(MMDiT, get_preset("tiny"), dummy_inputs)
+    torch.manual_seed(0)
+    cfg = get_preset(spec["preset"], **spec.get("overrides", {}))
+    inputs = dummy_inputs(
+        cfg,
+        batch=spec["batch"],
+        frames=spec.get("frames", 1),
+        height=spec["height"],
+        width=spec["width"],
+        text_len=spec["text_len"],
+        masked=False,
+    )
+    target = torch.randn(inputs["latents"].shape, generator=torch.Generator().manual_seed(1))
+    gc.collect()
+    base = rss()
+    model = MMDiT(cfg)
+    model.set_recompute(spec.get("recompute", "none"))
+    randomize_parameters(model, seed=0)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if spec.get("ema", True) else []
+    opt = torch.optim.RMSprop(params, lr=1e-6, alpha=0.9, eps=1e-8, foreach=False)
+    marks = {}
+
+    def step() -> float:
+        r0 = rss()
+        v = model(**inputs)
+        marks["held_after_forward"] = rss() - r0
+        loss = (v - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 0.01)
+        return loss.item()
+
+    step()  # warm-up: gradients and optimizer states exist from here on
+    gc.collect()
+    static = rss() - base
+    resettable = reset_peak()
+    before = rss()
+    loss = step()
+    peak = high_water(resettable) - base
+    return {
+        "base": base,
+        "static": static,
+        "before_step": before - base,
+        "held_after_forward": marks["held_after_forward"],
+        "peak": peak,
+        "hwm_reset": resettable,
+        "loss": loss,
+        "params": sum(p.numel() for p in params),
+    }
+
+
+if __name__ == "__main__":
+    print("MEMORY-PROBE " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
