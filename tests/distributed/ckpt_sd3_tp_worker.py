@@ -11,31 +11,12 @@ import torch.distributed as dist
 
 from megatron_apt.checkpoint import convert, load_mmdit
 from megatron_apt.parallel import initialize_parallel
+from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 
 
 def tiny_sd3():
     """diffusers' tester-size SD3 transformer (RMS QK norm) with every weight randomized."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=64,
-        pooled_projection_dim=24,
-        out_channels=4,
-        pos_embed_max_size=16,
-        qk_norm="rms_norm",
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return tiny_sd3_transformer("rms_norm", randomize=True)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from megatron_apt.checkpoint.diffusers_sd3 import WEIGHTS_NAME
 from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 from megatron_apt.testing.launch import REPO_ROOT
 
 pytest.importorskip("diffusers")
@@ -26,28 +27,7 @@ TOOL = REPO_ROOT / "tools" / "convert_checkpoint.py"
 
 def tiny_sd3(qk_norm="rms_norm", dual=()):
     """The diffusers tester-size SD3 transformer with every weight randomized."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=64,
-        pooled_projection_dim=24,
-        out_channels=4,
-        pos_embed_max_size=16,
-        qk_norm=qk_norm,
-        dual_attention_layers=dual,
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return tiny_sd3_transformer(qk_norm, dual, randomize=True)
 
 
 def sd3_inputs():

@@ -5,27 +5,13 @@ import torch
 
 from megatron_apt.config import count_parameters, get_preset
 from megatron_apt.models.embeddings import crop_sincos_2d, sincos_2d_table, timestep_features
+from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def tiny_sd3_diffusers(qk_norm=None):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=64,
-        pooled_projection_dim=24,
-        out_channels=4,
-        pos_embed_max_size=16,
-        qk_norm=qk_norm,
-    )
+    return tiny_sd3_transformer(qk_norm)
 
 
 @pytest.mark.parametrize("grid, base", [(16, 4), (192, 64), (24, None)])

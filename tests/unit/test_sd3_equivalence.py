@@ -7,32 +7,14 @@ import torch
 from megatron_apt.checkpoint.diffusers_sd3 import sd3_to_mmdit
 from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 
 pytest.importorskip("diffusers")
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
 def test_velocity_matches_diffusers_sd3(qk_norm):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    ref = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=64,
-        pooled_projection_dim=24,
-        out_channels=4,
-        pos_embed_max_size=16,
-        qk_norm=qk_norm,
-    ).eval()
-    with torch.no_grad():  # diffusers zero-inits nothing; make every weight matter
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    ref = tiny_sd3_transformer(qk_norm, randomize=True)  # every weight matters
     cfg = get_preset("tiny-sd3", qk_norm="rms" if qk_norm else "none")
     ours = MMDiT(cfg)
     ours.load_state_dict(sd3_to_mmdit(ref.state_dict(), cfg))
