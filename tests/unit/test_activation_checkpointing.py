@@ -13,9 +13,6 @@
 * Config: ``recompute_layers`` parsing, validation and the ``pretrain_apt.py`` flags.
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +30,9 @@ from megatron_apt.models import (
 )
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.testing import dummy_inputs, randomize_parameters
+from megatron_apt.testing.memory_probe import run_memory_probe as run_probe
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = Path(__file__).with_name("memory_probe.py")
 
 
 # ---- config -----------------------------------------------------------------------------
@@ -188,27 +185,6 @@ def test_discriminator_and_generator_phases_same_with_recompute():
 
 
 # ---- memory -------------------------------------------------------------------------------
-
-
-def run_probe(spec: dict) -> dict:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_TRIM_THRESHOLD_="0",
-        PYTHONPATH=str(ROOT),
-    )
-    proc = subprocess.run(
-        [sys.executable, str(PROBE), json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY-PROBE ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("MEMORY-PROBE "))
 
 
 def test_recompute_lowers_measured_memory():

@@ -22,7 +22,6 @@
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +40,9 @@ from megatron_apt.config.memory import (
 from megatron_apt.config.model import count_parameters
 from megatron_apt.models import MMDiT
 from megatron_apt.testing import dummy_inputs, randomize_parameters
+from megatron_apt.testing.memory_probe import run_memory_probe as run_probe
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = Path(__file__).with_name("memory_probe.py")
 
 
 def saved_storage_bytes(model: torch.nn.Module, inputs: dict) -> int:
@@ -98,27 +97,6 @@ CASES = {
         preset="demo", batch=4, height=64, width=64, text_len=32, recompute="all"
     ),
 }
-
-
-def run_probe(spec: dict) -> dict:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_TRIM_THRESHOLD_="0",
-        PYTHONPATH=str(ROOT),
-    )
-    proc = subprocess.run(
-        [sys.executable, str(PROBE), json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY-PROBE ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("MEMORY-PROBE "))
 
 
 def plan_for(spec: dict):

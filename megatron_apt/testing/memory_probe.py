@@ -1,6 +1,8 @@
 """Measure the real memory of single-process MMDiT training steps (run as a fresh subprocess).
 
-    python tests/unit/memory_probe.py '{"preset": "demo", "height": 32, "width": 32, ...}'
+    python -m megatron_apt.testing.memory_probe '{"preset": "demo", "height": 32, ...}'
+
+(tests call :func:`run_memory_probe`, which starts it with the environment described below).
 
 Prints one JSON line. What it measures (process resident set size, RSS, from /proc):
 
@@ -29,6 +31,33 @@ import resource
 import sys
 
 import torch
+
+
+def run_memory_probe(spec: dict, timeout: int = 300) -> dict:
+    """Run this probe on ``spec`` in a fresh process (one thread, every tensor above 64 KiB
+    in its own mmap) and return its JSON result; AssertionError with its output on failure."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+        PYTHONPATH=str(root),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, json.dumps(spec)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY-PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("MEMORY-PROBE "))
 
 
 def rss() -> int:
