@@ -81,28 +81,23 @@ class Trainer:
         )
         return self.engines[name]
 
+    def _trained_mmdit(self):
+        """The single trained MMDiT of the diffusion and consistency stages."""
+        c = self.cfg
+        return build_mmdit(
+            c.model, self.ps, c.layer_spec, init_from=c.init_generator, recompute=c.recompute_layers
+        )
+
     def _build_diffusion(self) -> None:
         c = self.cfg
-        model = build_mmdit(
-            c.model,
-            self.ps,
-            c.layer_spec,
-            init_from=c.init_generator,
-            recompute=c.recompute_layers,
-        )
+        model = self._trained_mmdit()
         eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
         self.uncond = self._negative_prompt() if c.cond_dropout > 0 else None
 
     def _build_consistency(self) -> None:
         c = self.cfg
-        student = build_mmdit(
-            c.model,
-            self.ps,
-            c.layer_spec,
-            init_from=c.init_generator,
-            recompute=c.recompute_layers,
-        )
+        student = self._trained_mmdit()
         # teacher (the diffusion model) and EMA target start as exact copies of the student;
         # they run without gradients, so they need no recompute
         self.teacher = build_mmdit(c.model, self.ps, c.layer_spec)
