@@ -10,7 +10,10 @@ concatenated over channels, layer-normalized and projected to a scalar logit.
 Tensor parallel like the backbone: each head's q/kv projections are column-parallel (heads
 split over TP) and its output projection row-parallel; the heads consume the gathered full
 token sequence (identical on every TP rank), so their replicated parameters get complete
-gradients through megatron's input/output mappings.
+gradients through megatron's input/output mappings. Under context parallelism the backbone
+gathers the tokens over the CP group and the heads run replicated on every CP rank
+(:func:`~megatron_apt.parallel.context_parallel.replicated_over_cp` keeps the sum of their
+gradients over CP equal to one full gradient).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.mmdit import MMDiT, megatron_config
+from megatron_apt.parallel.context_parallel import replicated_over_cp
 from megatron_apt.parallel.state import ParallelState
 
 PAPER_HEAD_FRACTIONS = (16 / 36, 26 / 36, 36 / 36)
@@ -144,6 +148,10 @@ class Discriminator(nn.Module):
             return_layers=self.head_layers,
             features_only=True,
         )
-        tokens = [head(f) for head, f in zip(self.heads, feats)]  # each [B, h]
-        logit = self.proj(self.norm(torch.cat(tokens, dim=-1)))  # [B, 1]
+        # the heads run on the gathered tokens, identically on every context-parallel rank
+        logit = replicated_over_cp(self._heads, self.backbone.ps, *feats)  # [B, 1]
         return logit[:, 0].float()
+
+    def _heads(self, *feats: torch.Tensor) -> torch.Tensor:
+        tokens = [head(f) for head, f in zip(self.heads, feats)]  # each [B, h]
+        return self.proj(self.norm(torch.cat(tokens, dim=-1)))  # [B, 1]

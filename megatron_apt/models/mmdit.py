@@ -52,6 +52,13 @@ from megatron_apt.models.embeddings import (
     unpatchify,
 )
 from megatron_apt.models.specs import LayerSpec, get_spec, local_spec
+from megatron_apt.parallel.context_parallel import (
+    cp_key_mask,
+    gather_from_cp,
+    heads_to_sequence,
+    sequence_to_heads,
+    split_for_cp,
+)
 from megatron_apt.parallel.state import ParallelState, single_process_state
 from megatron_apt.parallel.tensor_parallel import (
     gather_from_sequence_parallel,
@@ -209,14 +216,16 @@ class MMDiTBlock(nn.Module):
         context_pre_only: bool,
     ):
         super().__init__()
-        if cfg.num_heads % ps.tp_size:
+        if cfg.num_heads % (ps.tp_size * ps.cp_size):
             raise ValueError(
                 f"num_heads={cfg.num_heads} is not divisible by tensor_parallel_size={ps.tp_size}"
+                f" x context_parallel_size={ps.cp_size}"
             )
-        self.context_pre_only = context_pre_only
+        self.context_pre_only, self.ps = context_pre_only, ps
         self.visual = StreamLayer(cfg, spec, mcfg, ps, pre_only=False)
         self.text = StreamLayer(cfg, spec, mcfg, ps, pre_only=context_pre_only)
-        self.attention = spec.attention(cfg.num_heads // ps.tp_size, cfg.head_dim)
+        # under CP each rank attends with its 1/cp of the heads over the whole sequence
+        self.attention = spec.attention(cfg.num_heads // (ps.tp_size * ps.cp_size), cfg.head_dim)
 
     def forward(self, x, c, cond, rope=None, key_mask=None):
         """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; cond: ``[b, h]``;
@@ -232,9 +241,13 @@ class MMDiTBlock(nn.Module):
         if rope is not None:
             qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
         n = qx.shape[0]
-        out = self.attention(
-            torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc]), key_mask
-        )  # [N+L, b, h/tp]
+        q, k, v = torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc])
+        if self.ps.cp_size > 1:  # Ulysses: [S/cp, b, 3, nh/tp, hd] -> [S, b, 3, nh/tp/cp, hd]
+            q, k, v = sequence_to_heads(torch.stack([q, k, v], dim=2), self.ps, 3).unbind(2)
+        out = self.attention(q, k, v, key_mask)  # [N+L, b, h/tp] (CP: [S, b, h/tp/cp])
+        if self.ps.cp_size > 1:
+            s, b = out.shape[:2]
+            out = heads_to_sequence(out.view(s, b, -1, q.shape[-1]), self.ps, 2).flatten(2)
         x = self.visual.finish(x, out[:n], mx[2], mx[3], mx[4], mx[5])
         if self.context_pre_only:
             return x, None
@@ -395,27 +408,48 @@ class MMDiT(nn.Module):
             )
 
     def embed(self, latents, timesteps, text, text_mask, pooled_text):
-        """Replicated embeddings on the full sequence: visual ``[B, N, h]``, text ``[B, L, h]``
-        (text padded to a multiple of TP under SP), the key mask and ``cond [B, h]``."""
+        """Replicated embeddings: visual ``[B, N/cp, h]`` and text ``[B, L/cp, h]`` (this CP
+        rank's chunks; text padded with masked tokens to a multiple of the ranks that split
+        it), the key mask of the joint sequence as attention sees it, and ``cond [B, h]``."""
         cfg, ps = self.cfg, self.ps
+        split = ps.cp_size * (ps.tp_size if ps.sequence_parallel else 1)
+        tokens = patchify(latents, cfg.patch_size)  # [B, N, patch_dim]
+        if tokens.shape[1] % split:
+            raise ValueError(
+                f"{tokens.shape[1]} visual tokens (grid {self.grid(latents.shape)}) are not "
+                f"divisible by {split} = context_parallel_size {ps.cp_size}"
+                + (
+                    f" x tensor_parallel_size {ps.tp_size} (sequence parallel)"
+                    if split > ps.cp_size
+                    else ""
+                )
+                + ", which split the tokens evenly"
+            )
+        n = tokens.shape[1]
+        tokens = split_for_cp(tokens, ps, dim=1)
         # fp32 input projection: small perturbations of the input (the discriminator's
         # approximated R1 uses sigma = 0.01) survive it even when the weights are bf16.
         w, b = self.patch_embed.weight, self.patch_embed.bias
-        x = F.linear(patchify(latents, cfg.patch_size).float(), w.float(), b.float()).to(w.dtype)
+        x = F.linear(tokens.float(), w.float(), b.float()).to(w.dtype)
         gt, gh, gw = self.grid(latents.shape)
         if cfg.pos_embed == "sincos2d":
-            x = x + crop_sincos_2d(self.pos_table, gh, gw).repeat(gt, 1).to(x.dtype)[None]
+            pos = crop_sincos_2d(self.pos_table, gh, gw).repeat(gt, 1)
+            x = x + split_for_cp(pos, ps, dim=0).to(x.dtype)[None]
         c = self.text_embed(text.to(x.dtype))
-        if ps.sequence_parallel and c.shape[1] % ps.tp_size:  # pad text with masked tokens
-            pad = ps.tp_size - c.shape[1] % ps.tp_size
+        if c.shape[1] % split:  # pad text with masked tokens
+            pad = split - c.shape[1] % split
             c = F.pad(c, (0, 0, 0, pad))
             if text_mask is None:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             text_mask = F.pad(text_mask, (0, pad), value=False)
+        c = split_for_cp(c, ps, dim=1)
         key_mask = None
         if text_mask is not None and not bool(text_mask.all()):
-            vis = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            key_mask = torch.cat([vis, text_mask.bool()], dim=1)  # [B, N+L]
+            if ps.cp_size > 1:  # the order of the all-to-all's sequence: [x_0; c_0; x_1; ...]
+                key_mask = cp_key_mask(n, text_mask, ps)
+            else:
+                vis = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                key_mask = torch.cat([vis, text_mask.bool()], dim=1)  # [B, N+L]
         t_feat = timestep_features(timesteps * cfg.timestep_scale, cfg.timestep_freq_dim)
         cond = self.time_embed(t_feat.to(x.dtype))
         if self.pooled_embed is not None:
@@ -457,30 +491,27 @@ class MMDiT(nn.Module):
             if not 1 <= k <= self.cfg.num_layers:
                 raise ValueError(f"return_layers entry {k} outside 1..{self.cfg.num_layers}")
         ps, grid = self.ps, self.grid(latents.shape)
-        with self.spec.autocast(ps.tp_group):
+        with self.spec.autocast(ps.amax_group):
             x, c, key_mask, cond = self.embed(latents, timesteps, text, text_mask, pooled_text)
-            if x.shape[1] % ps.tp_size and ps.sequence_parallel:
-                raise ValueError(
-                    f"{x.shape[1]} visual tokens (grid {grid}) are not divisible by the "
-                    f"tensor-parallel size {ps.tp_size} required by sequence parallelism"
-                )
             rope = None
             if self.cfg.pos_embed == "rope3d":
-                rope = rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta, x.device)
-            x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/tp, B, h]
-            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
+                cos_sin = rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta, x.device)
+                rope = tuple(split_for_cp(t, ps, dim=0) for t in cos_sin)  # this rank's tokens
+            x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/cp/tp, B, h]
+            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/cp/tp, B, h]
             feats = {}
             last = max(return_layers) if features_only else self.cfg.num_layers
             for i, block in enumerate(self.blocks[:last], start=1):
                 x, c = self._run_block(i, block, x, c, cond, rope, key_mask)
                 if i in return_layers:
-                    feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)  # [B, N, h]
+                    full = gather_from_cp(gather_from_sequence_parallel(x, ps), ps)
+                    feats[i] = full.transpose(0, 1)  # [B, N, h]
             if features_only:
                 return [feats[k] for k in return_layers]
-            x = gather_from_sequence_parallel(x, ps)  # [N, B, h]
+            x = gather_from_sequence_parallel(x, ps)  # [N/cp, B, h]
             scale, shift = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
             x = modulate(layer_norm(x, self.cfg.norm_eps), shift, scale)
-            out = self.final_proj(x).transpose(0, 1)  # [B, N, pt*ph*pw*C]
+            out = gather_from_cp(self.final_proj(x), ps).transpose(0, 1)  # [B, N, pt*ph*pw*C]
         v = unpatchify(out, self.cfg.patch_size, grid, self.cfg.out_channels)
         if return_layers:
             return v, [feats[k] for k in return_layers]

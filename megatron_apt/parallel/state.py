@@ -33,10 +33,34 @@ class ParallelState:
     cp_size: int = 1
     cp_rank: int = 0
     sequence_parallel: bool = False
+    # data x context parallel: the group gradients are reduced over and ZeRO shards over
+    # (megatron's ``get_data_parallel_group(with_context_parallel=True)``); None when cp = 1
+    dp_cp_group: dist.ProcessGroup | None = None
+    dp_cp_rank: int = 0
+    # tensor x context parallel: the FP8 amax reduction group (activations split over both)
+    tp_cp_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
         return self.tp_size * self.cp_size * self.dp_size
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def grad_group(self) -> dist.ProcessGroup | None:
+        """The group of the data-parallel gradient reduction (and ZeRO partitioning)."""
+        return self.dp_cp_group if self.cp_size > 1 else self.dp_group
+
+    @property
+    def amax_group(self) -> dist.ProcessGroup | None:
+        """Where FP8 amaxes are reduced: every rank that holds part of the same activations."""
+        return self.tp_cp_group if self.cp_size > 1 else self.tp_group
+
+    @property
+    def grad_rank(self) -> int:
+        return self.dp_cp_rank if self.cp_size > 1 else self.dp_rank
 
 
 def _rank_env() -> tuple[int, int, int] | None:
@@ -157,6 +181,9 @@ def initialize_parallel(
         cp_size=ps.get_context_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
         sequence_parallel=bool(sequence_parallel and tensor_parallel_size > 1),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        tp_cp_group=ps.get_tensor_and_context_parallel_group(),
     )
 
 

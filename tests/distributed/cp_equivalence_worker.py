@@ -1,0 +1,150 @@
+"""Worker for test_context_parallel: context parallel size 2 (Ulysses) against CP=1, same weights.
+
+Launched with ``torchrun --nproc-per-node 2`` (CP=2) or ``4`` with ``--tp 2`` (TP=2 with
+sequence parallel x CP=2). Every rank builds the single-process reference on a process group
+of its own and the parallel model from the reference's weights (TP shards; CP replicates).
+Parallel gradients: gathered over TP, then summed over CP (what the ``dp x cp`` reduction of the
+trainer does with the loss multiplied by ``cp``). Rank 0 writes the largest differences as JSON.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+import megatron_apt.models.discriminator as discriminator_module
+import megatron_apt.models.mmdit as mmdit_module
+from megatron_apt.config import get_preset
+from megatron_apt.models import Discriminator, MMDiT
+from megatron_apt.parallel import initialize_parallel, single_process_state
+from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
+from megatron_apt.testing import dummy_inputs, randomize_parameters
+
+
+def pair(build, ps_ref, ps_par, seed):
+    ref = build(ps_ref)
+    randomize_parameters(ref, seed=seed)
+    par = build(ps_par)
+    par.load_state_dict(shard_state_dict(ref.state_dict(), par, ps_par))
+    return ref, par
+
+
+def summed_grads(model, ps):
+    grads = gather_state_dict(model, ps, grads=True)
+    for g in grads.values():
+        dist.all_reduce(g, group=ps.cp_group)
+    return grads
+
+
+def grad_report(ref, par, ps):
+    got = summed_grads(par, ps)
+    diffs = {}
+    for n, p in ref.named_parameters():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        diffs[n] = (got[n] - want).abs().max().item()
+    return {
+        "grad_diff": max(diffs.values()),
+        "worst_grad": max(diffs, key=diffs.get),
+        "grad_max": max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None),
+        "num_grads": len(diffs),
+    }
+
+
+def mmdit_case(preset, frames, text_len, ps_ref, ps, recompute=False):
+    cfg = get_preset(preset)
+    ref, par = pair(lambda p: MMDiT(cfg, p), ps_ref, ps, seed=1)
+    if recompute:
+        par.set_recompute("all")
+    inputs = dummy_inputs(cfg, batch=2, frames=frames, height=8, width=8, text_len=text_len)
+    layers = (1, cfg.num_layers)
+    outs = []
+    for m in (ref, par):
+        v, feats = m(**inputs, return_layers=layers)
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(3))
+        ((v * w).sum() + sum((f**2).mean() for f in feats)).backward()
+        outs.append((v.detach(), [f.detach() for f in feats]))
+    return {
+        "out_max": outs[0][0].abs().max().item(),
+        "out_diff": (outs[0][0] - outs[1][0]).abs().max().item(),
+        "feat_diff": max((a - b).abs().max().item() for a, b in zip(outs[0][1], outs[1][1])),
+        **grad_report(ref, par, ps),
+    }
+
+
+def disc_case(ps_ref, ps):
+    """Logits, parameter gradients and the gradient w.r.t. the input latents (the G phase
+    backpropagates through D into G's sample)."""
+    cfg = get_preset("tiny", num_layers=3)
+    ref, par = pair(lambda p: Discriminator(MMDiT(cfg, p)), ps_ref, ps, seed=2)
+    inputs = dummy_inputs(cfg, batch=3, frames=2, text_len=5, seed=4)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    logits, input_grads = [], []
+    for d in (ref, par):
+        x = inputs["latents"].clone().requires_grad_(True)
+        lg = d(**{**inputs, "latents": x})
+        (lg * w).sum().backward()
+        logits.append(lg.detach())
+        input_grads.append(x.grad)
+    g_in = input_grads[1].clone()
+    dist.all_reduce(g_in, group=ps.cp_group)  # each CP rank holds its tokens' part
+    heads = [n for n, _ in ref.named_parameters() if not n.startswith("backbone.")]
+    return {
+        "out_max": logits[0].abs().max().item(),
+        "out_diff": (logits[0] - logits[1]).abs().max().item(),
+        "input_grad_diff": (g_in - input_grads[0]).abs().max().item(),
+        "input_grad_max": input_grads[0].abs().max().item(),
+        "head_params": len(heads),
+        **grad_report(ref, par, ps),
+    }
+
+
+def main(out_path: str, tp: int) -> None:
+    torch.manual_seed(0)
+    ps = initialize_parallel(
+        tensor_parallel_size=tp, context_parallel_size=2, sequence_parallel=tp > 1
+    )
+    ps_ref = single_process_state()
+    results = {"world": [dist.get_world_size(), ps.tp_size, ps.cp_size, ps.dp_size]}
+    results["sequence_parallel"] = ps.sequence_parallel
+    for preset, frames, text_len in (("tiny", 1, 5), ("tiny", 3, 6), ("tiny-sd3", 1, 7)):
+        key = f"{preset}/T={frames}/L={text_len}"
+        results[key] = mmdit_case(preset, frames, text_len, ps_ref, ps)
+    results["recompute"] = mmdit_case("tiny", 3, 5, ps_ref, ps, recompute=True)
+    results["discriminator"] = disc_case(ps_ref, ps)
+
+    # Negative controls: the checks above can fail.
+    # (a) heads without the 1/cp gradient scale: their gradients count cp times
+    saved_rep = discriminator_module.replicated_over_cp
+    discriminator_module.replicated_over_cp = lambda fn, ps, *xs: fn(*xs)
+    try:
+        results["control/no-replicated-scale"] = disc_case(ps_ref, ps)
+    finally:
+        discriminator_module.replicated_over_cp = saved_rep
+
+    # (b) the key mask in the unpermuted order [x; c] instead of the all-to-all's order
+    def naive_mask(n, text_mask, ps):
+        vis = torch.ones(text_mask.shape[0], n, dtype=torch.bool)
+        return torch.cat([vis, text_mask.bool()], dim=1)
+
+    saved_mask = mmdit_module.cp_key_mask
+    mmdit_module.cp_key_mask = naive_mask
+    try:
+        results["control/naive-key-mask"] = mmdit_case("tiny", 1, 5, ps_ref, ps)
+    finally:
+        mmdit_module.cp_key_mask = saved_mask
+
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    print("CP-EQUIVALENCE-DONE", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = ap.parse_args()
+    main(args.out, args.tp)
