@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="split tokens over the TP group around norms and modulation",
     )
     g.add_argument(
+        "--context-parallel-size",
+        type=int,
+        dest="context_parallel",
+        help="CP size: tokens split over this many ranks, Ulysses all-to-all around attention "
+        "(long videos); heads must divide by TP x CP",
+    )
+    g.add_argument(
         "--zero-stage",
         type=int,
         choices=(0, 1, 2, 3),
@@ -145,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "stage",
             "layer_spec",
             "tensor_parallel",
+            "context_parallel",
             "sequence_parallel",
             "zero_stage",
             "recompute_layers",

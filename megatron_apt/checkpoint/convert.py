@@ -358,8 +358,8 @@ def read_training(
     tp, world = int(train.get("tensor_parallel", 1)), int(trainer_state.get("world_size", 0))
     if tp < 1 or world < tp or world % tp:
         raise ValueError(f"{d}: world_size={world} does not split into tensor_parallel={tp}")
-    if int(train.get("context_parallel", 1)) != 1:  # rank = dp * tp + tp_rank assumes cp = 1
-        raise ValueError(f"{d}: context_parallel={train['context_parallel']} is not supported")
+    # DeepSpeed's data-parallel group is DP x CP (context-parallel ranks hold the same
+    # weights): global rank = j * tp + tp_rank for its rank j, so world // tp counts its shards
     present = [e for e in tc.ENGINES if (d / e).is_dir()]
     role = role or ("generator" if "generator" in present else "model")
     if role not in present:

@@ -4,7 +4,8 @@ Nothing is built or allocated: weights come from :func:`count_parameters`, activ
 an inventory of the tensors each MMDiT block saves for backward, FLOPs from
 :func:`forward_flops`. Bytes are per GPU (one rank).
 
-**Static memory** (per trained network; ``dp`` = data-parallel size):
+**Static memory** (per trained network; ``DP`` below = the group ZeRO shards over, which is
+DeepSpeed's data-parallel group: data parallel x context parallel, as in the trainer):
 
 * weights: model dtype (2 B bf16 / 4 B fp32); tensor-parallel linears divided by TP; ZeRO-3
   divides them by DP (plus, as workspace, two gathered blocks: the one running and the
@@ -364,25 +365,26 @@ def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
     recompute = parse_recompute_layers(inp.recompute, cfg.num_layers)
     m = DTYPE_BYTES[inp.dtype]
     lay = _Layout(m=m, tp=inp.tp, cp=inp.cp, sp=inp.sequence_parallel)
-    dp = max(1, inp.dp)
+    shards = max(1, inp.dp) * inp.cp  # ZeRO shards over DeepSpeed's DP x CP group
     n_vis = visual_tokens(cfg, inp.frames, inp.height, inp.width)
     n_txt = inp.text_len
-    if inp.sequence_parallel and n_txt % inp.tp:
-        n_txt += inp.tp - n_txt % inp.tp  # padded text tokens
+    split = inp.cp * (inp.tp if inp.sequence_parallel else 1)
+    if n_txt % split:
+        n_txt += split - n_txt % split  # padded text tokens (as MMDiT.embed)
     b = inp.micro_batch
     comp: dict[str, float] = {}
     g_local, _ = model_parameters(cfg, inp.tp)
-    g_static = _static(g_local, g_local, inp, dp)
+    g_static = _static(g_local, g_local, inp, shards)
     comp["g_weights"] = g_static["weights"]
     phases: dict[str, float] = {}
     g_pass = pass_activation_bytes(cfg, n_vis, n_txt, b, lay, recompute)
     if inp.stage == "apt":
         heads = tuple(inp.head_layers or default_head_layers(cfg.num_layers))
         d_stored, d_trained = discriminator_parameters(cfg, inp.tp, heads)
-        d_static = _static(d_stored, d_trained, inp, dp)
+        d_static = _static(d_stored, d_trained, inp, shards)
         comp["d_weights"] = d_static["weights"]
         if inp.ema:
-            comp["g_ema"] = g_local * 4 / (dp if inp.zero_stage >= 3 else 1)
+            comp["g_ema"] = g_local * 4 / (shards if inp.zero_stage >= 3 else 1)
         comp["grads"] = g_static["grads"] + d_static["grads"]
         comp["optimizer"] = g_static["optimizer"] + d_static["optimizer"]
         last = max(heads)
@@ -401,7 +403,7 @@ def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
         )
     else:
         if inp.ema:
-            comp["ema"] = g_local * 4 / (dp if inp.zero_stage >= 3 else 1)
+            comp["ema"] = g_local * 4 / (shards if inp.zero_stage >= 3 else 1)
         comp["grads"] = g_static["grads"]
         comp["optimizer"] = g_static["optimizer"]
         phases["train"] = g_pass[1] + backward_workspace(cfg, n_vis, b, lay)

@@ -60,6 +60,9 @@ class TrainConfig:
     # parallelism
     tensor_parallel: int = 1
     sequence_parallel: bool = False
+    # Ulysses context parallelism: tokens split over this many ranks, attention heads
+    # exchanged by all-to-all (long video sequences); gradients reduced over DP x CP
+    context_parallel: int = 1
     zero_stage: int = 2
     bf16: bool = False
     # activation recompute: "none", "all", or 1-based block numbers "1,2,5-8" (every trained
@@ -113,20 +116,28 @@ class BatchPlan:
     micro_batch_size: int
     accumulation: int
     data_parallel: int
+    context_parallel: int = 1
 
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.accumulation * self.data_parallel
 
+    @property
+    def deepspeed_batch_size(self) -> int:
+        """``train_batch_size`` as DeepSpeed counts it: its data-parallel group is DP x CP
+        (every CP rank of a DP replica sees the same samples)."""
+        return self.global_batch_size * self.context_parallel
 
-def plan_batch(cfg: TrainConfig, world_size: int, context_parallel: int = 1) -> BatchPlan:
+
+def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
     """Accumulation steps for ``cfg`` on ``world_size`` ranks; ``ValueError`` naming the values
-    when the global batch cannot be reached exactly."""
-    mp = cfg.tensor_parallel * context_parallel
+    when the global batch cannot be reached exactly. Context-parallel ranks share samples, so
+    data parallel = world / (TP x CP)."""
+    mp = cfg.tensor_parallel * cfg.context_parallel
     if world_size % mp:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_parallel={cfg.tensor_parallel}"
-            f" x context_parallel={context_parallel}"
+            f" x context_parallel={cfg.context_parallel}"
         )
     dp = world_size // mp
     per_step = cfg.micro_batch_size * dp
@@ -136,7 +147,9 @@ def plan_batch(cfg: TrainConfig, world_size: int, context_parallel: int = 1) -> 
             f"{cfg.micro_batch_size} x data_parallel={dp} (= {per_step}); choose a global batch"
             f" of k x {per_step} or another micro batch"
         )
-    return BatchPlan(cfg.micro_batch_size, cfg.global_batch_size // per_step, dp)
+    return BatchPlan(
+        cfg.micro_batch_size, cfg.global_batch_size // per_step, dp, cfg.context_parallel
+    )
 
 
 def lr_factor(optim: OptimConfig, step: int, total: int) -> float:
@@ -202,10 +215,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"stage={cfg.stage!r}: choose one of {STAGES}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={cfg.zero_stage}: DeepSpeed ZeRO stages are 0-3")
-    if cfg.model.num_heads % cfg.tensor_parallel:
+    if cfg.tensor_parallel < 1 or cfg.context_parallel < 1:
+        raise ValueError(
+            f"tensor_parallel={cfg.tensor_parallel} and context_parallel={cfg.context_parallel}"
+            " must be >= 1"
+        )
+    if cfg.model.num_heads % (cfg.tensor_parallel * cfg.context_parallel):
         raise ValueError(
             f"num_heads={cfg.model.num_heads} is not divisible by tensor_parallel="
-            f"{cfg.tensor_parallel}"
+            f"{cfg.tensor_parallel} x context_parallel={cfg.context_parallel} (each rank "
+            "attends with whole heads)"
         )
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         raise ValueError("sequence_parallel needs tensor_parallel > 1")

@@ -194,7 +194,13 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return d
 
 
-def load_checkpoint(d: Path, engines: dict, emas: dict, modules: dict | None = None) -> dict:
+def load_checkpoint(
+    d: Path,
+    engines: dict,
+    emas: dict,
+    modules: dict | None = None,
+    current_layout: dict | None = None,
+) -> dict:
     """Load engines and EMA shadows of this rank; returns the trainer state. Checks the
     manifest first, so that nothing is loaded from a checkpoint of another model."""
     state_file = d / "trainer_state.json"
@@ -208,6 +214,17 @@ def load_checkpoint(d: Path, engines: dict, emas: dict, modules: dict | None = N
             f"{dist.get_world_size()}: optimizer shards, EMA shadows and the data position are "
             "per rank; resume with the same world size"
         )
+    saved_cfg = state.get("config", {})
+    for key in ("tensor_parallel", "context_parallel"):
+        if current_layout is None:
+            break
+        saved, now = saved_cfg.get(key, 1), current_layout.get(key, 1)
+        if saved != now:
+            raise CheckpointMismatchError(
+                f"checkpoint {d} was written with {key}={saved}, this run has {key}={now}: "
+                "ZeRO shards are laid out per rank; resume with the same layout (or convert "
+                "the weights with tools/convert_checkpoint.py and start from them)"
+            )
     check_manifest(d, engines, modules)
     for name, engine in engines.items():
         path = d / name

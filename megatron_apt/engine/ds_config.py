@@ -31,7 +31,7 @@ def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, override: str | No
     conf = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.accumulation,
-        "train_batch_size": plan.global_batch_size,
+        "train_batch_size": plan.deepspeed_batch_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bool(cfg.bf16)},

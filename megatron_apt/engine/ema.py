@@ -61,11 +61,11 @@ class EngineEMA:
 
 
 def _gather_partition(part: torch.Tensor, p: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    if ps.dp_size == 1:
+    if ps.dp_cp_size == 1:
         flat = part
-    else:
-        parts = [torch.empty_like(part) for _ in range(ps.dp_size)]
-        dist.all_gather(parts, part.contiguous(), group=ps.dp_group)
+    else:  # ZeRO-3 partitions over DeepSpeed's data-parallel group: DP x CP
+        parts = [torch.empty_like(part) for _ in range(ps.dp_cp_size)]
+        dist.all_gather(parts, part.contiguous(), group=ps.grad_group)
         flat = torch.cat(parts)
     return flat[: p.ds_numel].view(p.ds_shape)
 

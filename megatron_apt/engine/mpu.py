@@ -1,8 +1,12 @@
 """The ``mpu`` object DeepSpeed asks for, over our :class:`ParallelState`.
 
 DeepSpeed 0.19.8 partitions ZeRO state over ``get_data_parallel_group()`` and treats the TP
-group as the model-parallel group. It must NOT have ``initialize_sequence_parallel``: when
-present, DeepSpeed ignores the mpu's groups (CPU-FACTS.md).
+group as the model-parallel group. Under context parallelism the data-parallel group handed to
+DeepSpeed is DP x CP: it averages gradients over it, and the trainer multiplies the loss by CP
+so that the partial gradients of the CP ranks add up (megatron's scheme).
+
+It must NOT have ``initialize_sequence_parallel``: when present, DeepSpeed ignores the mpu's
+groups (CPU-FACTS.md).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ class DeepSpeedMPU:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return dist.get_rank() - self.ps.tp_rank  # TP ranks are adjacent (tp-cp-dp order)
 
-    # data parallel
+    # data parallel, as far as gradients and ZeRO are concerned: DP x CP (context-parallel
+    # ranks hold partial gradients of the same replica; megatron reduces over the same group)
     def get_data_parallel_rank(self) -> int:
-        return self.ps.dp_rank
+        return self.ps.grad_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.dp_size
+        return self.ps.dp_cp_size
 
     def get_data_parallel_group(self):
-        return self.ps.dp_group
+        return self.ps.grad_group

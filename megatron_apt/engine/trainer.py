@@ -54,7 +54,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
         self.cfg = cfg
-        self.ps = initialize_parallel(cfg.tensor_parallel, 1, cfg.sequence_parallel, seed=cfg.seed)
+        self.ps = initialize_parallel(
+            cfg.tensor_parallel, cfg.context_parallel, cfg.sequence_parallel, seed=cfg.seed
+        )
         self.rank = dist.get_rank()
         self.plan = plan_batch(cfg, dist.get_world_size())
         self.device = _device()
@@ -184,7 +186,9 @@ class Trainer:
         poisoned = poisoned or not self._finite_everywhere(loss)
         if poisoned:
             loss = torch.nan_to_num(loss) * float("nan")
-        engine.backward(loss)
+        # DeepSpeed averages over DP x CP; the CP ranks' gradients are partial sums (each saw
+        # its tokens) and must add up, so the loss is scaled by CP (megatron does the same)
+        engine.backward(loss * self.ps.cp_size if self.ps.cp_size > 1 else loss)
         if (
             poisoned
             and engine.is_gradient_accumulation_boundary()
@@ -329,7 +333,8 @@ class Trainer:
             if self.rank == 0:
                 print(f"no checkpoint in {root}: starting from step 0", flush=True)
             return
-        state = load_checkpoint(d, self.engines, self.emas, self._modules())
+        layout = {"tensor_parallel": self.ps.tp_size, "context_parallel": self.ps.cp_size}
+        state = load_checkpoint(d, self.engines, self.emas, self._modules(), layout)
         if state.get("stage") != self.cfg.stage:
             raise ValueError(
                 f"{d} is a {state.get('stage')!r} checkpoint, this run trains {self.cfg.stage!r}"

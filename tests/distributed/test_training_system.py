@@ -350,6 +350,21 @@ def test_load_of_other_model_names_keys_and_writes_nothing(runs):
     assert digest(save) == before, "a failed --load modified the checkpoint directory"
 
 
+def test_load_with_another_parallel_layout_is_refused(runs):
+    """Same world size, another split (DP 2 -> CP 2): ZeRO shards would not line up."""
+    save = runs.root / "layout"
+    shutil.copytree(runs.chain("torchrun") / "apt", save)
+    before = digest(save)
+    proc = train_fails("torchrun", "tiny-apt", save, "--context-parallel-size", 2, "--load", save)
+    want = (
+        f"checkpoint {save / 'iter_0000002'} was written with context_parallel=1, this run has "
+        "context_parallel=2"
+    )
+    assert want in proc.stderr, proc.stderr[-3000:]
+    assert 'checkpointing.py", line' not in proc.stderr, "a traceback instead of a clean error"
+    assert digest(save) == before, "a failed --load modified the checkpoint directory"
+
+
 # ------------------------------------------------------------------------------------------
 # 6. Non-finite losses
 # ------------------------------------------------------------------------------------------

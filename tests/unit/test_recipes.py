@@ -89,6 +89,8 @@ def test_impossible_batch_is_a_value_error(recipe, world, changes, message):
     [
         ({"tensor_parallel": 8}, "num_heads=20 is not divisible by tensor_parallel=8"),
         ({"tensor_parallel": 1, "sequence_parallel": True}, "sequence_parallel needs"),
+        ({"context_parallel": 8}, "tensor_parallel=4 x context_parallel=8"),  # 20 heads
+        ({"context_parallel": 0}, "context_parallel=0 must be >= 1"),
         ({"stage": "gan"}, "stage='gan'"),
         ({"zero_stage": 4}, "zero_stage=4"),
         ({"ema_decay": 1.0}, "ema_decay=1.0"),
@@ -176,6 +178,7 @@ def _cli(*args: str, world_size: int | None = None) -> subprocess.CompletedProce
         (("--tensor-model-parallel-size", "3"), 3, "error: num_heads=4 is not divisible"),
         (("--recipe", "mmdit-8b-video-apt"), 6, "error: world size 6 is not divisible"),
         (("--model", "tiny-9b"), None, "error: unknown model preset 'tiny-9b'"),
+        (("--context-parallel-size", "2"), 3, "error: world size 3 is not divisible"),
     ],
 )
 def test_cli_config_error_exits_2_without_traceback(tmp_path, args, world, message):
@@ -184,6 +187,20 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path, args, world, messa
     assert proc.stderr.startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_context_parallel_batch_plan_and_deepspeed_batch():
+    """CP ranks share samples: DP = world / (TP x CP); DeepSpeed's data-parallel group is
+    DP x CP, so its train_batch_size counts the global batch CP times."""
+    from megatron_apt.engine.ds_config import build_deepspeed_config
+
+    cfg = mmdit_8b_video_apt().replace(context_parallel=2)  # TP 4 x CP 2 on 1024 GPUs
+    plan = plan_batch(cfg, world_size=1024)
+    assert (plan.data_parallel, plan.accumulation, plan.global_batch_size) == (128, 16, 2048)
+    ds = build_deepspeed_config(cfg, plan)
+    assert ds["train_batch_size"] == 4096 == ds["train_micro_batch_size_per_gpu"] * 16 * 256
+    proc = _cli("--recipe", "tiny-apt", "--context-parallel-size", "2", "--print-config")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["context_parallel"] == 2
 
 
 def test_cli_print_config_applies_overrides():
