@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensor-parallel-size", type=int, help="default: all ranks of torchrun")
     r.add_argument("--sequence-parallel", action="store_true", help="with TP > 1")
     r.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="split the tokens over this many ranks (Ulysses all-to-all around attention; "
+        "long videos); TP = ranks / CP unless given",
+    )
+    r.add_argument(
         "--warmup", type=int, default=0, help="untimed batches first (first-call overheads)"
     )
     return p
@@ -136,18 +143,28 @@ def parse_latent_shape(text: str) -> tuple[int, int, int]:
 
 
 def setup_runtime(args: argparse.Namespace):
-    """``(ps, device, dtype, spec)``: TP over all ranks under a launcher, else one process."""
+    """``(ps, device, dtype, spec)``: one model-parallel group (TP x CP) over all ranks under a
+    launcher, else one process."""
     from megatron_apt.parallel import initialize_parallel, single_process_state
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = args.tensor_parallel_size or world
-    if tp != world:
+    cp = args.context_parallel_size
+    if cp < 1 or world % cp:
         raise ValueError(
-            f"--tensor-parallel-size {tp} must equal the number of ranks ({world}): "
-            "generation runs one tensor-parallel group"
+            f"--context-parallel-size {cp} must be >= 1 and divide the number of ranks ({world})"
+        )
+    tp = args.tensor_parallel_size or world // cp
+    if tp * cp != world:
+        raise ValueError(
+            f"--tensor-parallel-size {tp} x --context-parallel-size {cp} must equal the number "
+            f"of ranks ({world}): generation runs one model-parallel group"
         )
     if world > 1:
-        ps = initialize_parallel(tensor_parallel_size=tp, sequence_parallel=args.sequence_parallel)
+        ps = initialize_parallel(
+            tensor_parallel_size=tp,
+            context_parallel_size=cp,
+            sequence_parallel=args.sequence_parallel,
+        )
     else:
         ps = single_process_state()
     cuda = torch.cuda.is_available()
@@ -170,7 +187,7 @@ def load_pipeline(args, ps, device, dtype, spec) -> GenerationPipeline:
         args.checkpoint, device, dtype, ps, spec=spec, role=args.checkpoint_role, ema=args.ema
     )
     encoder = None
-    if ps.tp_rank == 0:  # only TP rank 0 encodes (the embeddings are broadcast)
+    if ps.model_rank == 0:  # only model-parallel rank 0 encodes (the embeddings are broadcast)
         enc_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
         encoder = TextEncoder.from_pretrained(
             args.text_encoder, device=device, dtype=enc_dtype, max_length=args.max_text_length
@@ -275,6 +292,7 @@ def summarize(args, pipe, sampling, shape, pixels, records, load_s, write_s) -> 
         "dtype": str(pipe.model.final_proj.weight.dtype).removeprefix("torch."),
         "layer_spec": pipe.model.spec.name,
         "tensor_parallel_size": pipe.ps.tp_size,
+        "context_parallel_size": pipe.ps.cp_size,
         "sequence_parallel": pipe.ps.sequence_parallel,
         "num_samples": n,
         "seconds": {**seconds, "total": round(total, 6)},
@@ -299,6 +317,7 @@ def print_report(summary: dict) -> None:
         f"\n{n} sample{'s' if n != 1 else ''} of {p['frames']}x{p['height']}x{p['width']} "
         f"(frames x H x W), {s['mode']} {steps}{cfg}, batch {summary['batch_size']}, "
         f"{summary['device']} {summary['dtype']}, TP={summary['tensor_parallel_size']}"
+        f" CP={summary['context_parallel_size']}"
     )
     print(format_timing_table(summary["seconds"], summary["num_samples"]))
     print(

@@ -188,9 +188,9 @@ class GenerationPipeline:
         self.ps = ps or model.ps
         self.device = torch.device(device)
         self.timer = timer or ComponentTimer(self.device)
-        self.is_writer = self.ps.tp_rank == 0
+        self.is_writer = self.ps.model_rank == 0  # rank 0 of the TP (x CP) group
         if self.is_writer and text_encoder is None:
-            raise ValueError("TP rank 0 needs a text encoder")
+            raise ValueError("model-parallel rank 0 needs a text encoder")
         if text_encoder is not None and text_encoder.dim != model.cfg.text_dim:
             raise ValueError(
                 f"text encoder gives {text_encoder.dim}-wide embeddings, the model expects "
@@ -232,10 +232,16 @@ class GenerationPipeline:
                 f"{pt}x{ph}x{pw}: pixel height and width must be multiples of {s * ph}x{s * pw}"
             )
         tokens = (t // pt) * (h // ph) * (w // pw)
-        if self.ps.sequence_parallel and tokens % self.ps.tp_size:
+        split = self.ps.cp_size * (self.ps.tp_size if self.ps.sequence_parallel else 1)
+        if tokens % split:
             raise ValueError(
-                f"{tokens} visual tokens are not divisible by the tensor-parallel size "
-                f"{self.ps.tp_size} (sequence parallelism)"
+                f"{tokens} visual tokens are not divisible by {split}, the ranks that split "
+                f"them (context parallel {self.ps.cp_size}"
+                + (
+                    f" x tensor parallel {self.ps.tp_size} with SP)"
+                    if self.ps.sequence_parallel
+                    else ")"
+                )
             )
 
     def pixel_shape(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -254,11 +260,12 @@ class GenerationPipeline:
         return emb.to(self.device)
 
     def _broadcast(self, emb: TextEmbeddings | None) -> TextEmbeddings:
-        if self.ps.tp_size == 1:
+        if self.ps.tp_size * self.ps.cp_size == 1:
             return emb
         box = [emb]
-        src = dist.get_global_rank(self.ps.tp_group, 0)
-        dist.broadcast_object_list(box, src=src, group=self.ps.tp_group)
+        group = self.ps.model_group
+        src = dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(box, src=src, group=group)
         return box[0]
 
     @torch.no_grad()

@@ -42,11 +42,12 @@ from torch.utils.checkpoint import checkpoint
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.embeddings import (
-    apply_rope,
+    apply_rotation,
     check_latent_shape,
     crop_sincos_2d,
     patchify,
     rope_3d,
+    rope_rotation,
     sincos_2d_table,
     timestep_features,
     unpatchify,
@@ -98,7 +99,8 @@ def _cuda_rng_tracker_ready() -> bool:
 
 
 def modulate(x_sbh: torch.Tensor, shift_bh: torch.Tensor, scale_bh: torch.Tensor) -> torch.Tensor:
-    return x_sbh * (1 + scale_bh[None]) + shift_bh[None]
+    """``x (1 + scale) + shift`` in one pass over ``x`` (``addcmul``)."""
+    return torch.addcmul(shift_bh[None], x_sbh, 1 + scale_bh[None])
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,9 +120,7 @@ class RMSNorm(nn.Module):
         # One weight shared by all heads, each TP rank normalizing only its heads: the
         # weight's gradient is a per-rank partial sum.
         w = reduce_grad_over_tp(self.weight, self.ps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * w.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), w.float(), self.eps).to(x.dtype)
 
 
 class StreamLayer(nn.Module):
@@ -197,11 +197,11 @@ class StreamLayer(nn.Module):
 
     def finish(self, x_sbh, attn_sbh, gate_msa, shift_mlp, scale_mlp, gate_mlp):
         """Residual attention output, then the modulated MLP. ``attn_sbh``: ``[s, b, h/tp]``."""
-        x = x_sbh + gate_msa[None] * self.row_out(self.proj, attn_sbh)
+        x = torch.addcmul(x_sbh, gate_msa[None], self.row_out(self.proj, attn_sbh))
         h = modulate(layer_norm(x, self.eps), shift_mlp, scale_mlp)
         h, _ = self.fc1(h)  # [s, b, f/tp]
         h = F.gelu(h, approximate="tanh")
-        return x + gate_mlp[None] * self.row_out(self.fc2, h)
+        return torch.addcmul(x, gate_mlp[None], self.row_out(self.fc2, h))
 
 
 class MMDiTBlock(nn.Module):
@@ -229,7 +229,8 @@ class MMDiTBlock(nn.Module):
 
     def forward(self, x, c, cond, rope=None, key_mask=None):
         """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; cond: ``[b, h]``;
-        rope: (cos, sin) ``[N, hd/2]``; key_mask: ``[b, N+L]`` bool or None.
+        rope: the rotation of the visual tokens (:func:`rope_rotation`, ``[N, 1, 1, hd/2]``
+        complex, or its ``(cos, sin)`` ``[N, hd/2]``); key_mask: ``[b, N+L]`` bool or None.
         Returns (x, c) with c None after a context-pre-only block."""
         mx = self.visual.modulation(cond)
         mc = self.text.modulation(cond)
@@ -239,7 +240,8 @@ class MMDiTBlock(nn.Module):
         else:
             qc, kc, vc = self.text.qkv_heads(c, mc[0], mc[1])  # [L, b, nh/tp, hd]
         if rope is not None:
-            qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
+            rot = rope if isinstance(rope, torch.Tensor) else rope_rotation(*rope)
+            qx, kx = apply_rotation(qx, rot), apply_rotation(kx, rot)
         n = qx.shape[0]
         q, k, v = torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc])
         if self.ps.cp_size > 1:  # Ulysses: [S/cp, b, 3, nh/tp, hd] -> [S, b, 3, nh/tp/cp, hd]
@@ -496,7 +498,8 @@ class MMDiT(nn.Module):
             rope = None
             if self.cfg.pos_embed == "rope3d":
                 cos_sin = rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta, x.device)
-                rope = tuple(split_for_cp(t, ps, dim=0) for t in cos_sin)  # this rank's tokens
+                # one complex rotation of this rank's tokens, shared by every block
+                rope = rope_rotation(*(split_for_cp(t, ps, dim=0) for t in cos_sin))
             x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/cp/tp, B, h]
             c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/cp/tp, B, h]
             feats = {}

@@ -4,7 +4,7 @@
   ``scaled_dot_product_attention``. Runs everywhere (CPU with gloo included).
 * ``te``: Transformer Engine linears through megatron-core's TE wrappers and TE's fused
   attention; BF16, or FP8 with ``fp8=True`` (TE ``fp8_autocast`` with delayed scaling, amax
-  reduced over the tensor-parallel group).
+  reduced over the group the model passes: TP, or TP x CP under context parallelism).
 * ``te-flash``: TE linears with flash-attn as the attention core.
 
 Transformer Engine and flash-attn are imported only when their spec is requested, so a CPU

@@ -54,9 +54,19 @@ class ParallelState:
         return self.dp_cp_group if self.cp_size > 1 else self.dp_group
 
     @property
+    def model_group(self) -> dist.ProcessGroup | None:
+        """The ranks that compute one model replica together: TP, or TP x CP."""
+        return self.tp_cp_group if self.cp_size > 1 else self.tp_group
+
+    @property
+    def model_rank(self) -> int:
+        """Rank in :attr:`model_group` (TP ranks adjacent, then CP)."""
+        return self.cp_rank * self.tp_size + self.tp_rank
+
+    @property
     def amax_group(self) -> dist.ProcessGroup | None:
         """Where FP8 amaxes are reduced: every rank that holds part of the same activations."""
-        return self.tp_cp_group if self.cp_size > 1 else self.tp_group
+        return self.model_group
 
     @property
     def grad_rank(self) -> int:
