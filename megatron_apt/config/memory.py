@@ -32,7 +32,8 @@ token the bytes below, read off ``models/mmdit.py`` (``m`` = model dtype bytes, 
   gradient);
 * joint attention (both streams' tokens): q, k, v ``3d m``, output ``d m`` and log-sum-exp
   ``nh 4`` (kept by the kernel; the out-projections keep views of the same output; a kernel
-  whose output layout needs a copy before the projection adds ``d m``);
+  whose output layout needs a copy before the projection adds ``d m``, and so does context
+  parallelism: the projections keep the output of the inverse all-to-all);
 * full (not context-pre-only) stream after attention: out-projection ``d m`` (gate), the
   residual ``d m`` (LayerNorm 2) and its mean/rstd ``8``, LN output ``d m``, modulated input
   ``d m`` (fc1), fc1 output ``f m`` (GELU), GELU output ``f m`` (fc2), fc2 output ``d m``
@@ -255,11 +256,13 @@ def _stream_bytes(cfg: MMDiTConfig, m: int, pre_only: bool) -> tuple[float, floa
     return seq, tp
 
 
-def _attention_bytes(cfg: MMDiTConfig, m: int) -> float:
+def _attention_bytes(cfg: MMDiTConfig, m: int, cp: int = 1) -> float:
     """Bytes per joint token kept by the attention (TP region): q, k, v, the output (which the
-    out-projections of both streams save as views) and the log-sum-exp."""
+    out-projections of both streams save as views) and the log-sum-exp; under context
+    parallelism the out-projections save the output after the inverse all-to-all, a second
+    copy."""
     d, nh = cfg.hidden_size, cfg.num_heads
-    return 3 * d * m + d * m + nh * 4
+    return 3 * d * m + d * m + nh * 4 + (d * m if cp > 1 else 0)
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,8 @@ def block_saved_bytes(
     sv, tv = _stream_bytes(cfg, m, False)
     st, tt = _stream_bytes(cfg, m, pre_only)
     seq = n_visual * sv + n_text * st
-    par = n_visual * tv + n_text * tt + (n_visual + n_text) * _attention_bytes(cfg, m)
+    attn = _attention_bytes(cfg, m, layout.cp)
+    par = n_visual * tv + n_text * tt + (n_visual + n_text) * attn
     return batch * (layout.seq(seq) + layout.par(par))
 
 
@@ -320,7 +324,8 @@ def pass_activation_bytes(
         else:
             held += full
     if output_layer:
-        held += batch * n_visual * (3 * d * m + 8)  # LN input, LN out, modulated + stats
+        # LN input, LN out, modulated + stats, on this CP rank's tokens (gathered over TP)
+        held += batch * n_visual * (3 * d * m + 8) / lay.cp
     if heads:
         # per head, on the gathered (full) visual tokens: the gathered features under SP, the
         # LN output and stats, k/v (split over TP); plus the deepest features, which no

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_pg_size
 from torch import nn
 
 
@@ -118,6 +119,31 @@ class TEAttention(nn.Module):
         return self.core(q, k, v, attention_mask=te_mask)
 
 
+class _SingleRankGemm:
+    """Mixin for megatron-core's parallel linears: with a tensor-parallel group of one rank the
+    GEMM is ``F.linear`` (bias fused into ``addmm``) instead of megatron's autograd function,
+    which at TP=1 computes the same ``x W^T + b`` with the bias added in a separate pass over
+    the output. Everything else (parameters, initialization, TP metadata, state dict, the
+    mappings and ``skip_bias_add`` of ``forward``) is megatron's; with TP > 1 nothing changes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._single_rank = get_pg_size(self.tp_group) == 1  # megatron's own count
+
+    def _forward_impl(self, input, weight, bias=None, *args, **kwargs):
+        if self._single_rank:
+            return F.linear(input, weight, bias)
+        return super()._forward_impl(input, weight, bias, *args, **kwargs)
+
+
+class LocalColumnParallelLinear(_SingleRankGemm, ColumnParallelLinear):
+    """megatron-core ``ColumnParallelLinear`` (see :class:`_SingleRankGemm`)."""
+
+
+class LocalRowParallelLinear(_SingleRankGemm, RowParallelLinear):
+    """megatron-core ``RowParallelLinear`` (see :class:`_SingleRankGemm`)."""
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """The kernels of one MMDiT build. Linears follow megatron-core's calling convention:
@@ -146,7 +172,7 @@ class LayerSpec:
 
 
 def local_spec() -> LayerSpec:
-    return LayerSpec("local", ColumnParallelLinear, RowParallelLinear, SDPAttention)
+    return LayerSpec("local", LocalColumnParallelLinear, LocalRowParallelLinear, SDPAttention)
 
 
 def te_spec(fp8: bool = False, attention: str = "te") -> LayerSpec:

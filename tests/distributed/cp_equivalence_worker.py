@@ -99,6 +99,37 @@ def disc_case(ps_ref, ps):
     }
 
 
+def saved_bytes_case(ps):
+    """Bytes of the distinct non-parameter storages autograd keeps for backward on this rank,
+    against tools/plan_memory.py's inventory for the same layout (it divides the block
+    activations by CP and counts the all-to-all's extra output copy)."""
+    from megatron_apt.config.memory import _Layout, pass_activation_bytes
+
+    cfg = get_preset("tiny", num_layers=3)
+    model = MMDiT(cfg, ps)
+    randomize_parameters(model, seed=0)
+    batch, text_len = 2, 16
+    inputs = dummy_inputs(cfg, batch=batch, height=32, width=32, text_len=text_len, masked=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**inputs)
+    del out
+    lay = _Layout(m=4, tp=ps.tp_size, cp=ps.cp_size, sp=ps.sequence_parallel)
+    _, planned = pass_activation_bytes(cfg, 256, text_len, batch, lay, recompute=())
+    _, planned_cp1 = pass_activation_bytes(
+        cfg, 256, text_len, batch, _Layout(m=4, tp=ps.tp_size, cp=1, sp=ps.sequence_parallel), ()
+    )
+    return {"measured": sum(seen.values()), "planned": planned, "planned_cp1": planned_cp1}
+
+
 def main(out_path: str, tp: int) -> None:
     torch.manual_seed(0)
     ps = initialize_parallel(
@@ -112,6 +143,7 @@ def main(out_path: str, tp: int) -> None:
         results[key] = mmdit_case(preset, frames, text_len, ps_ref, ps)
     results["recompute"] = mmdit_case("tiny", 3, 5, ps_ref, ps, recompute=True)
     results["discriminator"] = disc_case(ps_ref, ps)
+    results["saved_bytes"] = saved_bytes_case(ps)
 
     # Negative controls: the checks above can fail.
     # (a) heads without the 1/cp gradient scale: their gradients count cp times

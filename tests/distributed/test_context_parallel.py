@@ -54,3 +54,11 @@ def test_controls_are_detected(results):
     assert r["worst_grad"].startswith(("heads.", "proj.", "norm.")), r
     r = results["control/naive-key-mask"]
     assert r["out_diff"] > 1e-3 * r["out_max"], r
+
+
+def test_plan_memory_counts_context_parallel_activations(results):
+    """tools/plan_memory.py's activation inventory with CP (and TP+SP) against the bytes
+    autograd keeps on a rank: within 2 %, and CP=2 well below the CP=1 plan."""
+    r = results["saved_bytes"]
+    assert abs(r["planned"] - r["measured"]) <= 0.02 * r["measured"], r
+    assert r["measured"] < 0.7 * r["planned_cp1"], r
