@@ -60,6 +60,24 @@ def run_memory_probe(spec: dict, timeout: int = 300) -> dict:
     return json.loads(lines[-1].removeprefix("MEMORY-PROBE "))
 
 
+def saved_storage_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward of
+    ``model(**inputs)`` (what an activation inventory must account for; in-process)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**inputs)
+    del out
+    return sum(seen.values())
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

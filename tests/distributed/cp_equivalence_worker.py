@@ -20,6 +20,7 @@ from megatron_apt.models import Discriminator, MMDiT
 from megatron_apt.parallel import initialize_parallel, single_process_state
 from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
 from megatron_apt.testing import dummy_inputs, randomize_parameters
+from megatron_apt.testing.memory_probe import saved_storage_bytes
 
 
 def pair(build, ps_ref, ps_par, seed):
@@ -110,24 +111,13 @@ def saved_bytes_case(ps):
     randomize_parameters(model, seed=0)
     batch, text_len = 2, 16
     inputs = dummy_inputs(cfg, batch=batch, height=32, width=32, text_len=text_len, masked=False)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**inputs)
-    del out
+    measured = saved_storage_bytes(model, inputs)
     lay = _Layout(m=4, tp=ps.tp_size, cp=ps.cp_size, sp=ps.sequence_parallel)
     _, planned = pass_activation_bytes(cfg, 256, text_len, batch, lay, recompute=())
     _, planned_cp1 = pass_activation_bytes(
         cfg, 256, text_len, batch, _Layout(m=4, tp=ps.tp_size, cp=1, sp=ps.sequence_parallel), ()
     )
-    return {"measured": sum(seen.values()), "planned": planned, "planned_cp1": planned_cp1}
+    return {"measured": measured, "planned": planned, "planned_cp1": planned_cp1}
 
 
 def main(out_path: str, tp: int) -> None:

@@ -41,25 +41,9 @@ from megatron_apt.config.model import count_parameters
 from megatron_apt.models import MMDiT
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.memory_probe import run_memory_probe as run_probe
+from megatron_apt.testing.memory_probe import saved_storage_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def saved_storage_bytes(model: torch.nn.Module, inputs: dict) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**inputs)
-    del out
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd3"])

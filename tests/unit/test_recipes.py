@@ -194,11 +194,15 @@ def test_context_parallel_batch_plan_and_deepspeed_batch():
     DP x CP, so its train_batch_size counts the global batch CP times."""
     from megatron_apt.engine.ds_config import build_deepspeed_config
 
-    cfg = mmdit_8b_video_apt().replace(context_parallel=2)  # TP 4 x CP 2 on 1024 GPUs
+    # 20 heads: TP 4 x CP 2 cannot split them, TP 2 x CP 2 can (5 heads per rank)
+    with pytest.raises(ValueError, match="num_heads=20 is not divisible by tensor_parallel=4 x"):
+        validate(mmdit_8b_video_apt().replace(context_parallel=2))
+    cfg = mmdit_8b_video_apt().replace(tensor_parallel=2, context_parallel=2)
+    validate(cfg)
     plan = plan_batch(cfg, world_size=1024)
-    assert (plan.data_parallel, plan.accumulation, plan.global_batch_size) == (128, 16, 2048)
+    assert (plan.data_parallel, plan.accumulation, plan.global_batch_size) == (256, 8, 2048)
     ds = build_deepspeed_config(cfg, plan)
-    assert ds["train_batch_size"] == 4096 == ds["train_micro_batch_size_per_gpu"] * 16 * 256
+    assert ds["train_batch_size"] == 4096 == ds["train_micro_batch_size_per_gpu"] * 8 * 512
     proc = _cli("--recipe", "tiny-apt", "--context-parallel-size", "2", "--print-config")
     assert proc.returncode == 0 and json.loads(proc.stdout)["context_parallel"] == 2
 
