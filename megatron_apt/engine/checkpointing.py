@@ -215,10 +215,8 @@ def load_checkpoint(
             "per rank; resume with the same world size"
         )
     saved_cfg = state.get("config", {})
-    for key in ("tensor_parallel", "context_parallel"):
-        if current_layout is None:
-            break
-        saved, now = saved_cfg.get(key, 1), current_layout.get(key, 1)
+    for key, now in (current_layout or {}).items():
+        saved = saved_cfg.get(key, 1)
         if saved != now:
             raise CheckpointMismatchError(
                 f"checkpoint {d} was written with {key}={saved}, this run has {key}={now}: "

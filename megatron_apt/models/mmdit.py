@@ -230,7 +230,7 @@ class MMDiTBlock(nn.Module):
     def forward(self, x, c, cond, rope=None, key_mask=None):
         """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; cond: ``[b, h]``;
         rope: the rotation of the visual tokens (:func:`rope_rotation`, ``[N, 1, 1, hd/2]``
-        complex, or its ``(cos, sin)`` ``[N, hd/2]``); key_mask: ``[b, N+L]`` bool or None.
+        complex); key_mask: ``[b, N+L]`` bool or None.
         Returns (x, c) with c None after a context-pre-only block."""
         mx = self.visual.modulation(cond)
         mc = self.text.modulation(cond)
@@ -240,8 +240,7 @@ class MMDiTBlock(nn.Module):
         else:
             qc, kc, vc = self.text.qkv_heads(c, mc[0], mc[1])  # [L, b, nh/tp, hd]
         if rope is not None:
-            rot = rope if isinstance(rope, torch.Tensor) else rope_rotation(*rope)
-            qx, kx = apply_rotation(qx, rot), apply_rotation(kx, rot)
+            qx, kx = apply_rotation(qx, rope), apply_rotation(kx, rope)
         n = qx.shape[0]
         q, k, v = torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc])
         if self.ps.cp_size > 1:  # Ulysses: [S/cp, b, 3, nh/tp, hd] -> [S, b, 3, nh/tp/cp, hd]
@@ -493,7 +492,8 @@ class MMDiT(nn.Module):
             if not 1 <= k <= self.cfg.num_layers:
                 raise ValueError(f"return_layers entry {k} outside 1..{self.cfg.num_layers}")
         ps, grid = self.ps, self.grid(latents.shape)
-        with self.spec.autocast(ps.amax_group):
+        # FP8 amaxes reduced over every rank that holds part of the same activations
+        with self.spec.autocast(ps.model_group):
             x, c, key_mask, cond = self.embed(latents, timesteps, text, text_mask, pooled_text)
             rope = None
             if self.cfg.pos_embed == "rope3d":

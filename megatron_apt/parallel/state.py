@@ -64,11 +64,6 @@ class ParallelState:
         return self.cp_rank * self.tp_size + self.tp_rank
 
     @property
-    def amax_group(self) -> dist.ProcessGroup | None:
-        """Where FP8 amaxes are reduced: every rank that holds part of the same activations."""
-        return self.model_group
-
-    @property
     def grad_rank(self) -> int:
         return self.dp_cp_rank if self.cp_size > 1 else self.dp_rank
 

@@ -5,7 +5,13 @@ import torch
 
 from megatron_apt.config import PRESETS, count_parameters, get_preset
 from megatron_apt.models import MMDiT
-from megatron_apt.models.embeddings import apply_rope, patchify, rope_3d, unpatchify
+from megatron_apt.models.embeddings import (
+    apply_rope,
+    patchify,
+    rope_3d,
+    rope_rotation,
+    unpatchify,
+)
 from megatron_apt.parallel import ParallelState
 from megatron_apt.parallel.tensor_parallel import scatter_to_sequence_parallel
 from megatron_apt.testing import dummy_inputs, randomize_parameters
@@ -35,7 +41,7 @@ def test_adaln_zero_blocks_are_identity_at_init(tiny):
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(12, 2, 64, generator=g), torch.randn(5, 2, 64, generator=g)
     cond = torch.randn(2, 64, generator=g)
-    rope = rope_3d((1, 3, 4), tiny.cfg.rope_axes_dim)
+    rope = rope_rotation(*rope_3d((1, 3, 4), tiny.cfg.rope_axes_dim))
     for i, block in enumerate(tiny.blocks):
         x_out, c_out = block(x, c, cond, rope)
         assert torch.equal(x_out, x)
@@ -51,7 +57,7 @@ def test_blocks_not_identity_after_randomizing():
     m = MMDiT(get_preset("tiny"))
     randomize_parameters(m, seed=0)
     x, c, cond = torch.randn(12, 2, 64), torch.randn(5, 2, 64), torch.randn(2, 64)
-    x_out, c_out = m.blocks[0](x, c, cond, rope_3d((1, 3, 4), m.cfg.rope_axes_dim))
+    x_out, c_out = m.blocks[0](x, c, cond, rope_rotation(*rope_3d((1, 3, 4), m.cfg.rope_axes_dim)))
     assert (x_out - x).abs().max() > 1e-3 and (c_out - c).abs().max() > 1e-3
 
 
