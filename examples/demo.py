@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+VAE = "identity:2:-0.72:3.0"  # pixel-unshuffle, normalized to zero mean, unit variance
 STAGES = (
     "data",
     "preprocess",
@@ -182,7 +183,7 @@ class Demo:
         self.run("preprocess", [
             self.py, ROOT / "tools" / "preprocess_data.py",
             "--input", self.p("data", "train"), "--output", self.p("shards"),
-            "--bucket", "16x16x5@8", "--vae", "identity:2",
+            "--bucket", "16x16x5@8", "--vae", VAE,
             "--text-encoder", self.p("models", "t5"), "--max-text-length", "12",
             "--batch-size", "64", "--samples-per-shard", "512", "--no-progress",
         ])  # fmt: skip
@@ -216,7 +217,7 @@ class Demo:
             self.py, ROOT / "tools" / "generate.py",
             "--prompts-file", self.p("data", "eval_prompts.txt"),
             "--text-encoder", self.p("models", "t5"), "--max-text-length", "12",
-            "--vae", "identity:2", "--frames", "5", "--height", "16", "--width", "16",
+            "--vae", VAE, "--frames", "5", "--height", "16", "--width", "16",
             "--fps", "8", "--video-format", "gif", "--batch-size", "64", "--seed", "0",
             "--device", "cpu",
         ]  # fmt: skip

@@ -83,29 +83,43 @@ def random_spec(seed: int, index: int, size: int, video: bool) -> ShapeSpec:
     return ShapeSpec(color, shape, motion, float(cx), float(cy), float(radius), float(travel))
 
 
-def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Boolean ``[size, size]`` mask of a shape centered at ``(cx, cy)`` with half-size r."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centers
+def _shape_mask(
+    shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 1
+) -> np.ndarray:
+    """``[size, size]`` coverage of a shape centered at ``(cx, cy)`` with half-size r: boolean
+    for ``supersample=1`` (pixel centers), else the float share of ``supersample^2``
+    sub-pixel centers inside the shape (anti-aliased edges)."""
+    n = size * supersample
+    y, x = (np.mgrid[0:n, 0:n].astype(np.float64) + 0.5) / supersample  # sample points
     dx, dy = x - cx, y - cy
     if shape == "circle":
-        return dx**2 + dy**2 <= r**2
-    if shape == "square":
-        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    if shape == "triangle":  # apex up, base 2r at the bottom: half the bounding box
-        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
-    raise ValueError(f"unknown shape {shape!r} (expected one of {SHAPES})")
+        inside = dx**2 + dy**2 <= r**2
+    elif shape == "square":
+        inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    elif shape == "triangle":  # apex up, base 2r at the bottom: half the bounding box
+        inside = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    else:
+        raise ValueError(f"unknown shape {shape!r} (expected one of {SHAPES})")
+    if supersample == 1:
+        return inside
+    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-def render(spec: ShapeSpec, size: int, frames: int = 1) -> np.ndarray:
+def render(spec: ShapeSpec, size: int, frames: int = 1, antialias: int = 4) -> np.ndarray:
     """Pixels ``uint8 [frames, size, size, 3]`` of ``spec``; the shape moves linearly from its
-    start center by ``travel`` pixels over the clip."""
+    start center by ``travel`` pixels over the clip. ``antialias``: sub-pixel samples per axis
+    (4: edges blend with the background by coverage, as a camera's would; 1: pixel-exact,
+    hard edges)."""
+    if antialias < 1:
+        raise ValueError(f"antialias must be >= 1, got {antialias}")
+    bg, fg = np.array(BACKGROUND, np.float64), np.array(COLORS[spec.color], np.float64)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
-    out[:] = BACKGROUND
     dx, dy = _DIRECTION[spec.motion]
     for t in range(frames):
         frac = t / (frames - 1) if frames > 1 else 0.0
         cx, cy = spec.cx + dx * spec.travel * frac, spec.cy + dy * spec.travel * frac
-        out[t][_shape_mask(spec.shape, cx, cy, spec.radius, size)] = COLORS[spec.color]
+        cover = _shape_mask(spec.shape, cx, cy, spec.radius, size, antialias)[..., None]
+        out[t] = np.round(bg + (fg - bg) * cover).astype(np.uint8)
     return out
 
 
@@ -118,6 +132,7 @@ def make_synthetic_dataset(
     fmt: str | None = None,
     fps: float = 8.0,
     seed: int = 0,
+    antialias: int = 4,
 ) -> list[Path]:
     """Write ``num`` media files ``{kind}_{i:05d}.{fmt}`` with same-stem ``.txt`` captions into
     ``output``; return the media paths. ``fmt``: png/jpg (images), mp4/gif (videos); default
@@ -133,7 +148,9 @@ def make_synthetic_dataset(
     paths = []
     for i in range(num):
         spec = random_spec(seed, i, size, video=kind == "video")
-        path = write_media(out / f"{kind}_{i:05d}.{fmt}", render(spec, size, frames), fps)
+        path = write_media(
+            out / f"{kind}_{i:05d}.{fmt}", render(spec, size, frames, antialias), fps
+        )
         path.with_suffix(".txt").write_text(spec.caption + "\n")
         paths.append(path)
     return paths
@@ -166,32 +183,61 @@ def _to_thwc_uint8(pixels: np.ndarray | torch.Tensor) -> np.ndarray:
     return x
 
 
-def _foreground(x: np.ndarray) -> np.ndarray:
-    """``[T, H, W]`` mask of pixels far from the background (median of the border pixels)."""
+def _background(x: np.ndarray) -> np.ndarray:
+    """Background colour ``[3]``: the median of the border pixels of every frame."""
     edges = (x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1])
-    border = np.concatenate([e.reshape(-1, 3) for e in edges])
-    bg = np.median(border, axis=0)
-    return np.abs(x.astype(np.int32) - bg).sum(-1) > 90
+    return np.median(np.concatenate([e.reshape(-1, 3) for e in edges]), axis=0)
 
 
-def _classify_shape(mask: np.ndarray) -> str:
-    ratios = []
-    for m in mask:
-        ys, xs = np.nonzero(m)
-        if len(ys):
-            ratios.append(len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
-    if not ratios:
+def _alpha(x: np.ndarray, bg: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """``[T, H, W]`` coverage in [0, 1]: each pixel projected on the line from the background
+    colour to the shape's colour (anti-aliased and blurred edges get fractional coverage)."""
+    d = rgb - bg
+    return np.clip(((x.astype(np.float64) - bg) @ d) / max(float(d @ d), 1e-6), 0.0, 1.0)
+
+
+def _nearest_color(rgb: np.ndarray, bg: np.ndarray) -> str:
+    """The palette colour whose direction from the background is closest (cosine) to
+    ``rgb``'s: a colour blended with the background (blur, partial coverage) keeps its
+    direction."""
+    palette = np.array(list(COLORS.values()), dtype=np.float64) - bg
+    v = rgb - bg
+    cos = palette @ v / (np.linalg.norm(palette, axis=1) * max(np.linalg.norm(v), 1e-6))
+    return list(COLORS)[int(np.argmax(cos))]
+
+
+def _template_error(alpha: np.ndarray, shape: str) -> float:
+    """Squared error between a frame's coverage ``[H, W]`` and ``shape`` rendered with the
+    same area and centroid (4x4 supersampled)."""
+    area = alpha.sum()
+    ys, xs = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]] + 0.5
+    cy, cx = (alpha * ys).sum() / area, (alpha * xs).sum() / area
+    r = np.sqrt(area / {"circle": np.pi, "square": 4.0, "triangle": 2.0}[shape])
+    if shape == "triangle":  # centroid of the apex-up triangle lies r/3 below its box center
+        cy -= r / 3
+    return float(((_shape_mask(shape, cx, cy, r, alpha.shape[0], 4) - alpha) ** 2).sum())
+
+
+def _classify_shape(alpha: np.ndarray) -> str:
+    """The shape whose template fits the coverage best, summed over the frames with enough
+    foreground (at least 2 pixels' worth)."""
+    frames = [a for a in alpha if a.sum() >= 2.0]
+    if not frames:
         return "none"
-    fill = float(np.median(ratios))
-    return "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    errors = {s: sum(_template_error(a, s) for a in frames) for s in SHAPES}
+    return min(errors, key=errors.get)
 
 
-def _classify_motion(mask: np.ndarray) -> str:
-    if mask.shape[0] < 2 or not mask[0].any() or not mask[-1].any():
+def _classify_motion(alpha: np.ndarray) -> str:
+    """Direction of the coverage centroid's displacement from the first to the last frame."""
+    if alpha.shape[0] < 2 or alpha[0].sum() < 1.0 or alpha[-1].sum() < 1.0:
         return "still"
-    (y0, x0), (y1, x1) = (np.argwhere(m).mean(0) for m in (mask[0], mask[-1]))
+    ys, xs = np.mgrid[0 : alpha.shape[1], 0 : alpha.shape[2]]
+    (y0, x0), (y1, x1) = (
+        ((a * ys).sum() / a.sum(), (a * xs).sum() / a.sum()) for a in (alpha[0], alpha[-1])
+    )
     dx, dy = x1 - x0, y1 - y0
-    if max(abs(dx), abs(dy)) < max(1.0, 0.05 * mask.shape[-1]):
+    if max(abs(dx), abs(dy)) < max(1.0, 0.05 * alpha.shape[-1]):
         return "still"
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
@@ -200,15 +246,25 @@ def _classify_motion(mask: np.ndarray) -> str:
 
 def estimate_attributes(pixels: np.ndarray | torch.Tensor) -> dict[str, str]:
     """Estimated ``{"color", "shape", "motion"}`` of a clip ``[3, T, H, W]`` (float in [-1, 1]
-    or uint8) or ``[T, H, W, 3]``; ``"none"`` when no foreground is found."""
+    or uint8) or ``[T, H, W, 3]``; ``"none"`` when no foreground is found.
+
+    Foreground: pixels whose L1 distance to the background colour (border median) exceeds 90.
+    Colour: the palette colour in the direction (from the background) of the median of the
+    strongest quarter of them (edge pixels blend with the background). Shape and motion read
+    the coverage map (:func:`_alpha`): the best-fitting template of equal area and centroid,
+    and the centroid's displacement.
+    """
     x = _to_thwc_uint8(pixels)
-    mask = _foreground(x)
-    if not mask.any():
+    bg = _background(x)
+    dist = np.abs(x.astype(np.float64) - bg).sum(-1)  # [T, H, W]
+    fg = dist > 90
+    if not fg.any():
         return {"color": "none", "shape": "none", "motion": "still"}
-    rgb = np.median(x[mask], axis=0)
-    palette = np.array(list(COLORS.values()), dtype=np.float64)
-    color = list(COLORS)[int(np.argmin(((palette - rgb) ** 2).sum(-1)))]
-    return {"color": color, "shape": _classify_shape(mask), "motion": _classify_motion(mask)}
+    strong = fg & (dist >= np.quantile(dist[fg], 0.75))
+    rgb = np.median(x[strong].astype(np.float64), axis=0)
+    color = _nearest_color(rgb, bg)
+    alpha = _alpha(x, bg, rgb) * (dist > 30)  # faint noise on the background is not a shape
+    return {"color": color, "shape": _classify_shape(alpha), "motion": _classify_motion(alpha)}
 
 
 def score_sample(pixels: np.ndarray | torch.Tensor, caption: str) -> dict[str, bool]:

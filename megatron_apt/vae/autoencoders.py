@@ -13,8 +13,9 @@ Outputs of both directions are float32 whatever the VAE's dtype. ``T = 1`` for i
 
 Supported (``load_vae(spec)``):
 
-* ``"identity"`` or ``"identity:<p>"``: :class:`IdentityVAE`, pixels are the latents after a
-  ``p x p`` pixel-unshuffle per frame (``C = 3 p^2``, ``H' = H / p``); for toy demos.
+* ``"identity"``, ``"identity:<p>"`` or ``"identity:<p>:<shift>:<scale>"``:
+  :class:`IdentityVAE`, pixels are the latents after a ``p x p`` pixel-unshuffle per frame
+  (``C = 3 p^2``, ``H' = H / p``), normalized as ``(pixels - shift) * scale``; for toy demos.
 * a local diffusers directory (or ``"tiny:<dir>"``, e.g. from :func:`build_tiny_vae`; a model
   directory with a ``vae/`` subfolder also works), dispatched on ``config.json``'s
   ``_class_name``:
@@ -35,6 +36,7 @@ Weights are read from safetensors only and nothing is downloaded.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,14 +172,21 @@ class VAE(torch.nn.Module):
 class IdentityVAE(VAE):
     """Pixels are the latents, after a ``patch x patch`` pixel-unshuffle of every frame:
     ``[B, 3, T, H, W] -> [B, 3 patch^2, T, H / patch, W / patch]``, channel order of
-    ``F.pixel_unshuffle`` (``c * p^2 + i * p + j``). No scaling: latents stay in [-1, 1].
-    ``decode(encode(x)) == x`` exactly. ``patch = 2`` halves the token count of toy demos."""
+    ``F.pixel_unshuffle`` (``c * p^2 + i * p + j``), then normalized like a real VAE's latents
+    (SD3's ``shift_factor`` / ``scaling_factor``): ``latents = (pixels - shift) * scale``.
+    The defaults (0, 1) keep latents in [-1, 1]; the demo passes its data's mean and 1/std
+    so that the diffusion model sees zero-mean, unit-variance latents. ``decode(encode(x))
+    == x`` up to float round-off. ``patch = 2`` halves the token count of toy demos."""
 
-    def __init__(self, patch: int = 1) -> None:
+    def __init__(self, patch: int = 1, shift: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
         if not isinstance(patch, int) or patch < 1:
             raise ValueError(f"IdentityVAE patch must be an int >= 1, got {patch!r}")
-        self.patch = patch
+        if not (math.isfinite(shift) and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"IdentityVAE needs a finite shift and a finite scale > 0, got {shift}, {scale}"
+            )
+        self.patch, self.shift, self.scale = patch, float(shift), float(scale)
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self.latent_channels = 3 * patch * patch
         self.spatial_compression = patch
@@ -185,9 +194,16 @@ class IdentityVAE(VAE):
     def _encode(
         self, pixels: torch.Tensor, sample: bool, generator: torch.Generator | None
     ) -> torch.Tensor:
-        return _per_frame(pixels, lambda x: F.pixel_unshuffle(x, self.patch))
+        latents = _per_frame(pixels, lambda x: F.pixel_unshuffle(x, self.patch))
+        return (
+            latents
+            if self.shift == 0.0 and self.scale == 1.0
+            else (latents - self.shift) * self.scale
+        )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.shift != 0.0 or self.scale != 1.0:
+            latents = latents / self.scale + self.shift
         return _per_frame(latents, lambda x: F.pixel_shuffle(x, self.patch))
 
 
@@ -316,6 +332,21 @@ _CLASSES = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _identity_from_spec(spec: str) -> IdentityVAE:
+    """``identity[:<patch>[:<shift>:<scale>]]`` -> :class:`IdentityVAE`."""
+    parts = spec.split(":")[1:]
+    if len(parts) not in (0, 1, 3) or (parts and not parts[0].isdigit()):
+        raise ValueError(
+            f"VAE spec {spec!r}: expected 'identity', 'identity:<patch>' or "
+            "'identity:<patch>:<shift>:<scale>' (patch a positive integer)"
+        )
+    try:
+        norm = [float(v) for v in parts[1:]]
+    except ValueError:
+        raise ValueError(f"VAE spec {spec!r}: shift and scale must be numbers") from None
+    return IdentityVAE(int(parts[0]) if parts else 1, *norm)
+
+
 def load_vae(
     spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> VAE:
@@ -324,10 +355,7 @@ def load_vae(
     docstring. Never downloads; safetensors only."""
     spec = str(spec)
     if spec == "identity" or spec.startswith("identity:"):
-        patch = spec.partition(":")[2] or "1"
-        if not patch.isdigit():
-            raise ValueError(f"VAE spec {spec!r}: patch must be a positive integer")
-        return IdentityVAE(int(patch)).to(device)
+        return _identity_from_spec(spec).to(device)
     path = Path(spec.removeprefix("tiny:"))
     if not path.is_dir():
         raise FileNotFoundError(
