@@ -35,6 +35,7 @@ from megatron_apt.stages.noise import Rng, rand_batch, randn_like_batch
 __all__ = [
     "APTConfig",
     "approx_r1_penalty",
+    "discriminator_health",
     "discriminator_loss",
     "discriminator_step",
     "frozen",
@@ -97,6 +98,25 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> 
 def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating ``-E[log σ(D(G(z)))]`` (negated eq. 2), fp32 scalar."""
     return F.softplus(-logits_fake.float()).mean()
+
+
+@torch.no_grad()
+def discriminator_health(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How well D separates real from fake on one micro-batch (fp32 scalars, no graph).
+
+    ``d_acc_real``: share of real logits > 0 (D calls them real); ``d_acc_fake``: share of fake
+    logits < 0; ``logit_gap``: mean real logit - mean fake logit. A balanced accuracy
+    ``(d_acc_real + d_acc_fake) / 2`` near 1 with a small ``loss_d`` is a saturated D (the
+    paper's collapse mode), near 0.5 a blind one (``megatron_apt.engine.health``).
+    """
+    real, fake = logits_real.detach().float(), logits_fake.detach().float()
+    return {
+        "d_acc_real": (real > 0).float().mean(),
+        "d_acc_fake": (fake < 0).float().mean(),
+        "logit_gap": real.mean() - fake.mean(),
+    }
 
 
 def approx_r1_penalty(
@@ -184,6 +204,7 @@ def discriminator_step(
         "loss_r1": loss_r1.detach(),
         "d_real": l_real.detach().mean(),
         "d_fake": l_fake.detach().mean(),
+        **discriminator_health(l_real, l_fake),
     }
     return loss_adv + loss_r1, metrics
 
