@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.io import save_model_file
-from megatron_apt.config.training import TrainConfig, plan_batch, validate
+from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_apt.engine.data import build_stream
 from megatron_apt.engine.ema import EngineEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
+from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
@@ -153,13 +154,22 @@ class Trainer:
         g = build_generator(
             c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec, recompute=rc
         )
+        heads = DiscriminatorConfig(
+            head_layers=parse_head_layers(c.d_head_layers, c.model.num_layers)
+        )
         d = build_discriminator(
-            c.model, self.ps, init_from=c.init_discriminator, spec=c.layer_spec, recompute=rc
+            c.model,
+            self.ps,
+            init_from=c.init_discriminator,
+            disc_cfg=heads,
+            spec=c.layer_spec,
+            recompute=rc,
         )
         g_eng = self._engine("generator", g, c.optim.lr, c.deepspeed_config_g)
+        # a frozen D (control run) still gets an engine: checkpoints, resume and export as usual
         self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)
         self.emas["generator"] = EngineEMA(g_eng, self.ps, c.ema_decay)
-        self.apt = APTConfig(shift=c.shift, r1_lambda=c.r1_lambda, r1_sigma=c.r1_sigma)
+        self.apt = apt_config(c)
 
     def _report_recompute(self) -> None:
         """One line naming the blocks each trained MMDiT recomputes (read off the modules)."""
@@ -268,8 +278,12 @@ class Trainer:
         for _ in range(self.cfg.d_updates_per_iter):
             for _ in range(self.plan.accumulation):
                 batch, rngs = self._next(SALT["d"])
-                loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
-                bad = self._backward_step(d_eng, loss, bad)
+                if self.cfg.freeze_discriminator:  # metrics only: no backward, no step
+                    with torch.no_grad():
+                        _, m = discriminator_step(d_eng.module, g_eng.module, batch, self.apt, rngs)
+                else:
+                    loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
+                    bad = self._backward_step(d_eng, loss, bad)
                 acc.append(m)
         with frozen(d_eng.module):
             for _ in range(self.plan.accumulation):
@@ -393,6 +407,17 @@ class Trainer:
                     extra={"ema_decay": self.cfg.ema_decay, "step": self.step},
                 )
         dist.barrier()
+
+
+def apt_config(cfg: TrainConfig) -> APTConfig:
+    """The adversarial objective's settings of a run (paper values and the ablations)."""
+    return APTConfig(
+        shift=cfg.shift,
+        r1_lambda=cfg.r1_lambda,
+        r1_sigma=cfg.r1_sigma,
+        r1_noise_std=cfg.r1_noise_std,
+        d_timesteps=cfg.d_timesteps,
+    )
 
 
 def _mean(records: list[dict]) -> dict:
