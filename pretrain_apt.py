@@ -20,8 +20,10 @@ import sys
 
 from megatron_apt.config.model import get_preset
 from megatron_apt.config.training import (
+    D_TIMESTEPS,
     LR_DECAYS,
     OPTIMIZERS,
+    R1_NOISE_STDS,
     RECIPES,
     STAGES,
     TrainConfig,
@@ -107,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        help="rmsprop (the paper's, alpha 0.9) or adamw (pre-stages)",
+        help="rmsprop (the paper's, alpha 0.9, no bias correction), adam (torch Adam with bias "
+        "correction, no weight decay; --adam-betas 0 0.9 is the paper's 'equivalent' of "
+        "RMSprop(alpha 0.9), whose first steps are ~3x larger) or adamw (pre-stages)",
+    )
+    b.add_argument(
+        "--adam-betas",
+        type=float,
+        nargs=2,
+        metavar=("B1", "B2"),
+        help="betas of adam / adamw (default 0.9 0.99)",
     )
     b.add_argument("--optim-eps", type=float, help="optimizer epsilon (1e-8)")
     b.add_argument("--lr-warmup-iters", type=int, help="linear warm-up updates (0)")
@@ -118,6 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shift", type=float, help="APT: D timestep shift s (1 images, 12 video)")
     s.add_argument("--r1-lambda", type=float, help="weight of the approximated R1 (100)")
     s.add_argument("--r1-sigma", type=float, help="0.01 images, 0.1 videos")
+    s.add_argument(
+        "--r1-noise-std",
+        choices=R1_NOISE_STDS,
+        help="standard deviation of the R1 perturbation: sigma (default; exact-R1 weight "
+        "lambda*sigma^2) or sqrt-sigma (the paper's N(x, sigma I) read as a variance; weight "
+        "lambda*sigma)",
+    )
+    s.add_argument(
+        "--d-timesteps",
+        choices=D_TIMESTEPS,
+        help="APT: D's timestep per sample: ensemble (default, t = shift(u, s)) or zero "
+        "(always t = 0: the section 3.3 ablation), in both the D and G phases",
+    )
+    s.add_argument(
+        "--d-head-layers",
+        metavar="SPEC",
+        help="APT: blocks (1-based) after which D's heads read tokens: 'last' (one head on "
+        "the last block: the section 5.2 ablation) or numbers like '2,4' (default: the "
+        "paper's 16, 26, 36 of 36 as fractions of the depth)",
+    )
+    s.add_argument(
+        "--freeze-discriminator",
+        action="store_true",
+        default=None,
+        help="APT control run: D keeps its initialization (diffusion backbone + fresh heads); "
+        "its phase only computes and logs its metrics, G trains against the frozen D",
+    )
     s.add_argument("--guidance-scale", type=float, help="consistency teacher CFG (7.5)")
     s.add_argument(
         "--cond-dropout",
@@ -166,6 +204,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "shift",
             "r1_lambda",
             "r1_sigma",
+            "r1_noise_std",
+            "d_timesteps",
+            "d_head_layers",
+            "freeze_discriminator",
             "guidance_scale",
             "cond_dropout",
             "init_generator",
@@ -191,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             ("eps", args.optim_eps),
             ("warmup_iters", args.lr_warmup_iters),
             ("decay", args.lr_decay),
+            ("adam_betas", tuple(args.adam_betas) if args.adam_betas else None),
         )
         if value is not None
     }

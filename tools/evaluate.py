@@ -3,15 +3,29 @@
 
     python tools/evaluate.py --real data/media \\
         --row "diffusion 25 steps (CFG)=samples/diffusion" --row "APT 1 step=samples/apt1" \\
-        --output results.md
+        --output results --max-samples 128
 
 Every folder is a tools/generate.py output (its summary.json names files and prompts) or is
 read like preprocessing input: media files with a same-stem .txt caption, or a captions.jsonl
-(``{"path", "caption"}`` per line). Columns:
-Fréchet distance in the feature space of a small CNN trained on the synthetic data (lower is
-better), sharpness (variance of the Laplacian, higher is sharper) and caption accuracy (colour,
-shape, motion, all three). Prints a Markdown table (like Tables 5 and 7 of the paper) and
-writes it, plus JSON, to --output.
+(``{"path", "caption"}`` per line).
+
+The real clips are split in two halves of N: the second half is the reference of every row,
+the first half is scored like a row ("real data": the floor of every metric at that N). Columns
+(definitions in megatron_apt/evaluation/metrics.py):
+
+* FD [95 % CI]: Fréchet distance in the feature space of a small CNN trained on the synthetic
+  data, with a percentile bootstrap interval (--bootstrap resamples); lower is better. FD
+  depends on N: rows whose N differs from the reference's get a warning (use --max-samples).
+* sharpness ratio: Laplacian variance over the reference's (1 = as sharp as real data).
+* background noise: mean |pixel - 3x3 median| over background pixels, 0-255 (real ~0): speckle
+  raises sharpness but also this.
+* saturation distance: Wasserstein-1 between the object pixels' HSV-saturation histograms of
+  the row and the reference (CFG over-saturation, paper section 5.3), with the mean saturation.
+* caption accuracy: colour, shape, motion, all three; N: clips scored.
+
+Prints a Markdown table (like Tables 5 and 7 of the paper) and writes it to OUTPUT.md, and the
+numbers to OUTPUT.json: {"real": row, "rows": {name: row}, "reference", "bootstrap",
+"warnings", "feature_net_accuracy"}.
 """
 
 from __future__ import annotations
@@ -25,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_apt.data.media import list_inputs, read_frames  # noqa: E402
-from megatron_apt.evaluation import evaluate_samples, load_or_train_feature_net  # noqa: E402
-from megatron_apt.evaluation.metrics import features_of, sharpness  # noqa: E402
+from megatron_apt.evaluation import evaluate_against_real, load_or_train_feature_net  # noqa: E402
+from megatron_apt.evaluation.metrics import markdown_table  # noqa: E402
 
 
 def load_folder(path: str):
@@ -41,19 +55,6 @@ def load_folder(path: str):
     return [read_frames(i.path) for i in items], [i.caption for i in items]
 
 
-def markdown(rows: dict[str, dict], real: dict) -> str:
-    lines = [
-        "| method | FD ↓ | sharpness ↑ | colour | shape | motion | all |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in {"real data": real, **rows}.items():
-        lines.append(
-            f"| {name} | {r['fd']:.2f} | {r['sharpness']:.1f} | {r['caption_color']:.2f} | "
-            f"{r['caption_shape']:.2f} | {r['caption_motion']:.2f} | {r['caption_all']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,15 +67,28 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=FOLDER",
         help="a method's generated samples (repeatable)",
     )
-    ap.add_argument("--output", help="write NAME.md and NAME.json (default: print only)")
+    ap.add_argument("--output", help="write OUTPUT.md and OUTPUT.json (default: print only)")
     ap.add_argument("--feature-net", help="cache path (.safetensors) of the feature network")
     ap.add_argument("--size", type=int, default=32, help="feature-net input size (pixels)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="feature-net and bootstrap seed")
     ap.add_argument(
         "--feature-steps",
         type=int,
         default=300,
         help="training steps of the feature network when not cached",
+    )
+    ap.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples of the FD interval (0: no interval; default 1000)",
+    )
+    ap.add_argument(
+        "--max-samples",
+        type=int,
+        metavar="N",
+        help="use at most N clips of every row and of each real half (the first ones)",
     )
     args = ap.parse_args(argv)
     rows_spec = []
@@ -86,24 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         args.feature_net, size=args.size, steps=args.feature_steps, seed=args.seed
     )
     real, real_caps = load_folder(args.real)
-    half = len(real) // 2  # the real row compares two halves of the real data: FD's floor
-    real_feats = features_of(net, real)
-    real_row = evaluate_samples(net, real[half:], real_caps[half:], real_feats[:half])
-    real_row["sharpness"] = sharpness(real)
-    rows = {}
-    for name, folder in rows_spec:
-        samples, caps = load_folder(folder)
-        rows[name] = evaluate_samples(net, samples, caps, real_feats)
-    table = markdown(rows, real_row)
+    rows = {name: load_folder(folder) for name, folder in rows_spec}
+    results = evaluate_against_real(
+        net,
+        real,
+        real_caps,
+        rows,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        max_samples=args.max_samples,
+    )
+    results["feature_net_accuracy"] = acc
+    table = markdown_table(results)
     print(table)
     print(f"\nfeature net held-out accuracy: {json.dumps(acc)}")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(table + "\n")
-        out.with_suffix(".json").write_text(
-            json.dumps({"real": real_row, "rows": rows, "feature_net_accuracy": acc}, indent=1)
-        )
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Pictures of a run: per sample folder a frame-strip grid (PNG) and an animated grid (GIF and
-MP4); per training log a panel of its loss curves (one PNG).
+MP4); per training log a panel of its loss curves (one PNG); with --health, per training log a
+row of panels per key group (losses, D logits, D accuracy, gradient norms) with the collapse /
+rollback events marked (``<curves-name>_health.png``).
 
     python tools/make_figures.py --output figures/ \\
         --samples "APT 1 step=samples/apt1" --samples "consistency 1 step=samples/cd1" \\
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_apt.evaluation.figures import (  # noqa: E402
     comparison_grid,
     plot_curves,
+    plot_health,
     write_grids,
 )
 from megatron_apt.inference.writers import slugify  # noqa: E402
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--per-row", type=int, default=4, help="samples per comparison row")
     ap.add_argument("--curves-name", default="loss_curves", help="stem of the curves PNG")
+    ap.add_argument(
+        "--health",
+        action="store_true",
+        help="also draw the discriminator health panels of every --metrics log "
+        "(<curves-name>_health.png: losses, D logits, D accuracy, gradient norms, events)",
+    )
     args = ap.parse_args(argv)
     if not args.samples and not args.metrics:
         ap.error("nothing to draw: give --samples and/or --metrics")
@@ -81,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             keys = {n: k.split(",") for n, k in _pairs(ap, args.keys, "--keys")}
             path = plot_curves(runs, out / f"{args.curves_name}.png", keys)
+            health = (
+                plot_health(runs, out / f"{args.curves_name}_health.png") if args.health else None
+            )
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"curves: {path}")
+        if health:
+            print(f"health: {health}")
     return 0
 
 

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from megatron_apt.config.model import MMDiTConfig, get_preset
 
 STAGES = ("diffusion", "consistency", "apt")
-OPTIMIZERS = ("rmsprop", "adamw")
+OPTIMIZERS = ("rmsprop", "adam", "adamw")
 LR_DECAYS = ("constant", "cosine")
+# APT ablations (TrainConfig.r1_noise_std / d_timesteps; megatron_apt.stages.apt)
+R1_NOISE_STDS = ("sigma", "sqrt-sigma")
+D_TIMESTEPS = ("ensemble", "zero")
 
 
 @dataclass(kw_only=True)
@@ -36,13 +39,19 @@ class DataConfig:
 class OptimConfig:
     """The paper's APT optimizer is RMSprop (section 3.5). ``name="adamw"`` is for the
     pre-stages (diffusion pre-training, consistency distillation), which the paper leaves open
-    and which converge far faster with Adam at toy scale."""
+    and which converge far faster with Adam at toy scale.
 
-    name: str = "rmsprop"  # rmsprop | adamw
+    ``name="adam"`` (torch Adam, bias-corrected, no weight decay) with ``adam_betas=(0, 0.9)``
+    is what the paper calls RMSprop(alpha 0.9) "equivalent" to. It is not the same in its first
+    updates: torch's RMSprop has no bias correction, so with ``v_1 = (1 - alpha) g^2`` its first
+    step is ``lr / sqrt(1 - alpha)`` ~ 3.16 lr on a constant gradient where Adam's is ``lr``
+    (tests/unit/test_ablation_options.py); the two agree once ``alpha^t`` is small."""
+
+    name: str = "rmsprop"  # rmsprop | adam | adamw
     lr: float = 5e-6
     lr_d: float | None = None  # discriminator lr; None = same as the generator's (paper)
     rmsprop_alpha: float = 0.9  # paper: RMSprop alpha 0.9 (Adam beta1 = 0, beta2 = 0.9)
-    adam_betas: tuple[float, float] = (0.9, 0.99)  # adamw only
+    adam_betas: tuple[float, float] = (0.9, 0.99)  # adam and adamw
     eps: float = 1e-8
     weight_decay: float = 0.0  # paper: none
     grad_clip: float = 0.0  # paper: none (DeepSpeed's default of 1.0 is turned off)
@@ -80,6 +89,12 @@ class TrainConfig:
     shift: float = 1.0  # APT: discriminator timestep shift s; diffusion: training shift
     r1_lambda: float = 100.0
     r1_sigma: float = 0.01
+    # APT ablations. r1_noise_std: the R1 perturbation's standard deviation is sigma ("sigma",
+    # default) or sqrt(sigma) ("sqrt-sigma": the paper's N(x, sigma I) read as a variance).
+    r1_noise_std: str = "sigma"
+    d_timesteps: str = "ensemble"  # D's t: "ensemble" shift(u, s) (paper) | "zero" (sec. 3.3)
+    d_head_layers: str | None = None  # D's heads: None = paper fractions | "last" | "1,2,..."
+    freeze_discriminator: bool = False  # D keeps its init (control run); G trains against it
     guidance_scale: float = 7.5  # consistency teacher CFG
     consistency_steps: int = 32
     target_ema_decay: float = 0.95
@@ -208,6 +223,75 @@ def parse_recompute_layers(
     return tuple(sorted(set(numbers)))
 
 
+def parse_head_layers(spec: str | Sequence[int] | None, num_layers: int) -> tuple[int, ...] | None:
+    """The discriminator's head layers as 1-based block numbers, from ``d_head_layers``.
+
+    ``None`` (or ``"paper"``): ``None``, i.e. the paper's layers 16, 26, 36 of 36 as fractions
+    of other depths (:func:`megatron_apt.models.discriminator.default_head_layers`); ``"last"``:
+    one head on the last layer only (section 5.2's ablation); ``"2,4"`` (or ints): heads after
+    those blocks, in that order. ``ValueError`` naming the value when malformed, repeated or
+    outside ``1..num_layers``.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "paper":
+            return None
+        if text == "last":
+            return (num_layers,)
+        try:
+            layers = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ValueError(
+                f"d_head_layers={spec!r}: use 'last' or 1-based block numbers like '2,4'"
+            ) from None
+    else:
+        layers = tuple(int(k) for k in spec)
+    bad = sorted({k for k in layers if not 1 <= k <= num_layers})
+    if not layers or bad:
+        raise ValueError(
+            f"d_head_layers={spec!r}: block numbers {bad} outside 1..{num_layers} (the model's "
+            "num_layers; blocks are counted from 1)"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"d_head_layers={spec!r}: a block is named twice")
+    return layers
+
+
+def _validate_apt_options(cfg: TrainConfig) -> None:
+    if cfg.r1_noise_std not in R1_NOISE_STDS:
+        raise ValueError(f"r1_noise_std={cfg.r1_noise_std!r}: choose one of {R1_NOISE_STDS}")
+    if cfg.d_timesteps not in D_TIMESTEPS:
+        raise ValueError(f"d_timesteps={cfg.d_timesteps!r}: choose one of {D_TIMESTEPS}")
+    parse_head_layers(cfg.d_head_layers, cfg.model.num_layers)
+    if cfg.stage != "apt":
+        for name, default in (("freeze_discriminator", False), ("d_head_layers", None)):
+            if getattr(cfg, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(cfg, name)!r} applies to the apt stage only "
+                    f"(stage={cfg.stage!r} has no discriminator)"
+                )
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    if o.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={o.name!r}: choose one of {OPTIMIZERS}")
+    if o.decay not in LR_DECAYS:
+        raise ValueError(f"lr decay={o.decay!r}: choose one of {LR_DECAYS}")
+    if o.warmup_iters < 0:
+        raise ValueError(f"warmup_iters={o.warmup_iters} must be >= 0")
+    if o.eps <= 0 or o.lr <= 0:
+        raise ValueError(f"lr={o.lr} and eps={o.eps} must be > 0")
+    if len(o.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in o.adam_betas):
+        raise ValueError(f"adam_betas={tuple(o.adam_betas)}: two betas in [0, 1)")
+    if o.name == "adam" and o.weight_decay:
+        raise ValueError(
+            f"optimizer='adam' takes no weight decay (weight_decay={o.weight_decay}); "
+            "use adamw for decoupled weight decay"
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     """Config errors that need no process group (raised before anything starts)."""
     parse_recompute_layers(cfg.recompute_layers, cfg.model.num_layers)
@@ -231,14 +315,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("micro_batch_size", "global_batch_size", "train_iters", "d_updates_per_iter"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer={cfg.optim.name!r}: choose one of {OPTIMIZERS}")
-    if cfg.optim.decay not in LR_DECAYS:
-        raise ValueError(f"lr decay={cfg.optim.decay!r}: choose one of {LR_DECAYS}")
-    if cfg.optim.warmup_iters < 0:
-        raise ValueError(f"warmup_iters={cfg.optim.warmup_iters} must be >= 0")
-    if cfg.optim.eps <= 0 or cfg.optim.lr <= 0:
-        raise ValueError(f"lr={cfg.optim.lr} and eps={cfg.optim.eps} must be > 0")
+    _validate_optim(cfg.optim)
+    _validate_apt_options(cfg)
     if not 0.0 <= cfg.cond_dropout < 1.0:
         raise ValueError(f"cond_dropout={cfg.cond_dropout} must lie in [0, 1)")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -24,16 +24,24 @@ def prepare_deepspeed() -> None:
 
 
 def build_optimizer(params: list, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed wraps (ZeRO partitions its states)."""
+    """The client optimizer DeepSpeed wraps (ZeRO partitions its states): RMSprop (the
+    paper's), Adam (bias-corrected, no weight decay; ``adam_betas=(0, 0.9)`` is the paper's
+    "equivalent" of RMSprop(alpha 0.9), see :class:`OptimConfig`) or AdamW."""
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(optim.adam_betas), eps=optim.eps)
     if optim.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=lr, betas=optim.adam_betas, eps=optim.eps, weight_decay=optim.weight_decay
+            params,
+            lr=lr,
+            betas=tuple(optim.adam_betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
         )
     if optim.name == "rmsprop":
         return torch.optim.RMSprop(
             params, lr=lr, alpha=optim.rmsprop_alpha, eps=optim.eps, weight_decay=optim.weight_decay
         )
-    raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop' or 'adamw'")
+    raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop', 'adam' or 'adamw'")
 
 
 def create_engine(
@@ -45,7 +53,7 @@ def create_engine(
     ds_json: str | None = None,
 ):
     """A DeepSpeed engine for ``module`` with the recipe's optimizer (the paper's RMSprop,
-    alpha 0.9, no weight decay; or AdamW for the pre-stages) over its trainable parameters,
+    alpha 0.9, no weight decay; Adam; or AdamW for the pre-stages) over its trainable parameters,
     ZeRO sharding over ``ps``'s data-parallel group, weights-only checkpoint loading."""
     prepare_deepspeed()
     import deepspeed

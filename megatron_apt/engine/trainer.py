@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.io import save_model_file
-from megatron_apt.config.training import TrainConfig, plan_batch, validate
+from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_apt.engine.data import build_stream
 from megatron_apt.engine.ema import EngineEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
+from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
+from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
@@ -40,6 +42,8 @@ from megatron_apt.stages.noise import rand_batch, randn_like_batch, sample_gener
 from megatron_apt.utils.metrics import MetricsLogger
 
 SALT = {"diffusion": 0, "consistency": 3, "d": 1, "g": 2}
+# metric name of each engine's gradient norm (one value per optimizer step, mean per update)
+GRAD_NORM_KEYS = {"generator": "grad_norm_g", "discriminator": "grad_norm_d", "model": "grad_norm"}
 
 
 def _device() -> torch.device:
@@ -67,6 +71,7 @@ class Trainer:
         self.step, self.samples, self.skipped = 0, 0, 0
         self.engines: dict = {}
         self.emas: dict = {}
+        self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
         getattr(self, f"_build_{cfg.stage}")()
         if self.rank == 0:
             self._report_recompute()
@@ -149,13 +154,22 @@ class Trainer:
         g = build_generator(
             c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec, recompute=rc
         )
+        heads = DiscriminatorConfig(
+            head_layers=parse_head_layers(c.d_head_layers, c.model.num_layers)
+        )
         d = build_discriminator(
-            c.model, self.ps, init_from=c.init_discriminator, spec=c.layer_spec, recompute=rc
+            c.model,
+            self.ps,
+            init_from=c.init_discriminator,
+            disc_cfg=heads,
+            spec=c.layer_spec,
+            recompute=rc,
         )
         g_eng = self._engine("generator", g, c.optim.lr, c.deepspeed_config_g)
+        # a frozen D (control run) still gets an engine: checkpoints, resume and export as usual
         self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)
         self.emas["generator"] = EngineEMA(g_eng, self.ps, c.ema_decay)
-        self.apt = APTConfig(shift=c.shift, r1_lambda=c.r1_lambda, r1_sigma=c.r1_sigma)
+        self.apt = apt_config(c)
 
     def _report_recompute(self) -> None:
         """One line naming the blocks each trained MMDiT recomputes (read off the modules)."""
@@ -182,22 +196,33 @@ class Trainer:
         return flag.item() == 0.0
 
     def _backward_step(self, engine, loss: torch.Tensor, poisoned: bool) -> bool:
-        """Backward one micro-batch and step; returns whether the update is poisoned."""
+        """Backward one micro-batch and step; returns whether the update is poisoned. At the
+        accumulation boundary the optimizer step's gradient norm is noted (NaN if poisoned)."""
         poisoned = poisoned or not self._finite_everywhere(loss)
         if poisoned:
             loss = torch.nan_to_num(loss) * float("nan")
+        boundary = engine.is_gradient_accumulation_boundary()
         # DeepSpeed averages over DP x CP; the CP ranks' gradients are partial sums (each saw
         # its tokens) and must add up, so the loss is scaled by CP (megatron does the same)
         engine.backward(loss * self.ps.cp_size if self.ps.cp_size > 1 else loss)
-        if (
-            poisoned
-            and engine.is_gradient_accumulation_boundary()
-            and engine.zero_optimization_stage() == 0
-        ):
+        own_norm = boundary and not poisoned and not deepspeed_has_norm(engine)
+        norm = grad_norm_of_grads(engine.module, self.ps) if own_norm else float("nan")
+        if poisoned and boundary and engine.zero_optimization_stage() == 0:
             for p in engine.module.parameters():
                 p.grad = None
         engine.step()
+        if boundary:
+            if not (poisoned or own_norm):
+                norm = engine_grad_norm(engine)  # recorded by DeepSpeed's optimizer step
+            name = next(n for n, e in self.engines.items() if e is engine)
+            self.grad_norms.setdefault(GRAD_NORM_KEYS[name], []).append(norm)
         return poisoned
+
+    def _pop_grad_norms(self) -> dict[str, torch.Tensor]:
+        """Mean gradient norm per engine over this update's optimizer steps."""
+        out = {k: torch.tensor(v).mean() for k, v in sorted(self.grad_norms.items())}
+        self.grad_norms = {}
+        return out
 
     # ---- one update per stage -----------------------------------------------------------
     def _update_diffusion(self) -> tuple[dict, bool]:
@@ -253,8 +278,12 @@ class Trainer:
         for _ in range(self.cfg.d_updates_per_iter):
             for _ in range(self.plan.accumulation):
                 batch, rngs = self._next(SALT["d"])
-                loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
-                bad = self._backward_step(d_eng, loss, bad)
+                if self.cfg.freeze_discriminator:  # metrics only: no backward, no step
+                    with torch.no_grad():
+                        _, m = discriminator_step(d_eng.module, g_eng.module, batch, self.apt, rngs)
+                else:
+                    loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
+                    bad = self._backward_step(d_eng, loss, bad)
                 acc.append(m)
         with frozen(d_eng.module):
             for _ in range(self.plan.accumulation):
@@ -272,6 +301,7 @@ class Trainer:
         while self.step < c.train_iters:
             t0 = time.perf_counter()
             metrics, bad = update()
+            metrics.update(self._pop_grad_norms())
             if bad:
                 self.skipped += 1
             else:
@@ -291,11 +321,13 @@ class Trainer:
         return last
 
     def _log(self, metrics: dict, dt: float) -> dict:
-        values = {}
-        for k, v in metrics.items():  # one all-reduce per log step: mean over data parallel
-            t = v.detach().float().reshape(1).cpu()
-            dist.all_reduce(t, group=self.ps.dp_group)
-            values[k] = t.item() / self.ps.dp_size
+        """One all-reduce per log step: the mean over every rank (= over data parallel; TP and
+        CP peers hold the same values). Every rank gets the same reduced numbers, which the
+        collapse detector relies on to decide the same on every rank without a collective."""
+        keys = list(metrics)  # the same order on every rank (sorted by _mean, then grad norms)
+        t = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.device)
+        dist.all_reduce(t)
+        values = dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
         lr = next(iter(self.engines.values())).optimizer.param_groups[0]["lr"]
         values.update(samples=self.samples, lr=lr, step_time_s=dt, skipped=self.skipped)
         self.metrics.log(self.step, values)
@@ -375,6 +407,17 @@ class Trainer:
                     extra={"ema_decay": self.cfg.ema_decay, "step": self.step},
                 )
         dist.barrier()
+
+
+def apt_config(cfg: TrainConfig) -> APTConfig:
+    """The adversarial objective's settings of a run (paper values and the ablations)."""
+    return APTConfig(
+        shift=cfg.shift,
+        r1_lambda=cfg.r1_lambda,
+        r1_sigma=cfg.r1_sigma,
+        r1_noise_std=cfg.r1_noise_std,
+        d_timesteps=cfg.d_timesteps,
+    )
 
 
 def _mean(records: list[dict]) -> dict:

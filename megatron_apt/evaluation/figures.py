@@ -16,10 +16,13 @@ import numpy as np
 from megatron_apt.data.media import write_media
 
 __all__ = [
+    "METRIC_GROUPS",
     "animated_grid",
     "comparison_grid",
     "frame_strip_grid",
     "plot_curves",
+    "plot_health",
+    "read_events",
     "read_metrics",
     "upscale",
 ]
@@ -130,22 +133,35 @@ def write_grids(
     return paths
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` (megatron_apt.utils.metrics); the last record of a step
-    wins (a resumed run logs its steps again)."""
+def _records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
-    by_step: dict[int, dict] = {}
+    out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        by_step[int(rec["step"])] = rec
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Metric records of a ``metrics.jsonl`` (megatron_apt.utils.metrics) by step; the last
+    record of a step wins (a resumed or rolled-back run logs its steps again). Event records
+    (an ``"event"`` key: collapse, rollback, stop) are left out: see :func:`read_events`."""
+    by_step: dict[int, dict] = {}
+    for rec in _records(path):
+        if "event" not in rec:
+            by_step[int(rec["step"])] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """The event records of a ``metrics.jsonl`` in the order they were written."""
+    return [rec for rec in _records(path) if "event" in rec]
 
 
 def plot_curves(
@@ -154,7 +170,8 @@ def plot_curves(
     keys: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """One panel per run (``{title: metrics.jsonl}``), the chosen ``keys`` of each (default:
-    every key whose name starts with ``loss`` or ``d_``) against the step; writes a PNG."""
+    every key whose name starts with ``loss`` or ``d_`` but D's accuracies) against the step;
+    writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +181,7 @@ def plot_curves(
     for ax, (title, path) in zip(axes[0], runs.items(), strict=True):
         records = read_metrics(path)
         names = (keys or {}).get(title) or sorted(
-            {k for r in records for k in r if k.startswith(("loss", "d_"))}
+            {k for r in records for k in r if k.startswith(("loss", "d_")) and "_acc_" not in k}
         )
         for name in names:
             pts = [(r["step"], r[name]) for r in records if name in r]
@@ -174,6 +191,69 @@ def plot_curves(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# Panels of :func:`plot_health`: title -> (keys, log scale)
+METRIC_GROUPS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "losses": (("loss", "loss_g", "loss_d", "loss_r1"), False),
+    "D logits": (("d_real", "d_fake", "d_fake_g", "logit_gap"), False),
+    "D accuracy": (("d_acc_real", "d_acc_fake"), False),
+    "gradient norms": (("grad_norm", "grad_norm_g", "grad_norm_d"), True),
+}
+EVENT_COLORS = {"collapse": "tab:orange", "rollback": "tab:red", "stop": "black"}
+
+
+def plot_health(
+    runs: Mapping[str, str | Path],
+    output: str | Path,
+    groups: Mapping[str, tuple[Sequence[str], bool]] = METRIC_GROUPS,
+) -> Path:
+    """One row per run (``{title: metrics.jsonl}``), one panel per key group that the run
+    logged (losses, D's logits, D's accuracy on real/fake with the 0.5 line, gradient norms
+    on a log scale); events (collapse, rollback, stop) as vertical lines. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {title: (read_metrics(p), read_events(p)) for title, p in runs.items()}
+    present = [
+        g
+        for g, (keys, _) in groups.items()
+        if any(k in r for recs, _ in data.values() for r in recs for k in keys)
+    ]
+    if not present:
+        raise ValueError(
+            f"none of the metrics {sorted(k for ks, _ in groups.values() for k in ks)} logged"
+        )
+    fig, axes = plt.subplots(
+        len(runs), len(present), figsize=(4.2 * len(present), 3.2 * len(runs)), squeeze=False
+    )
+    for row, (title, (records, events)) in zip(axes, data.items(), strict=True):
+        for ax, group in zip(row, present, strict=True):
+            keys, log = groups[group]
+            for name in keys:
+                pts = [(r["step"], r[name]) for r in records if name in r]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), label=name, linewidth=1.4)
+            if group == "D accuracy":
+                ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+            if log:
+                ax.set_yscale("log")
+            for ev in events:
+                color = EVENT_COLORS.get(ev["event"], "gray")
+                ax.axvline(ev["step"], color=color, linestyle="--", linewidth=1, alpha=0.8)
+            ax.set_title(f"{title}: {group}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,10 @@ class Discriminator(nn.Module):
         self.head_layers = tuple(cfg.head_layers or default_head_layers(mcfg_b.num_layers))
         for k in self.head_layers:
             if not 1 <= k <= mcfg_b.num_layers:
-                raise ValueError(f"head layer {k} outside 1..{mcfg_b.num_layers}")
+                raise ValueError(
+                    f"head_layers={self.head_layers}: head layer {k} outside "
+                    f"1..{mcfg_b.num_layers} (the backbone's num_layers)"
+                )
         ps, d = backbone.ps, mcfg_b.hidden_size
         # Heads read gathered (full) tokens: build their linears without sequence parallel.
         plain = ParallelState(**{**ps.__dict__, "sequence_parallel": False})

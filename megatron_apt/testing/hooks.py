@@ -64,8 +64,10 @@ def _install_nan(trainer, spec: str) -> None:
 
 
 def _calls_per_update(trainer) -> int:
-    acc = trainer.plan.accumulation
-    return acc * (1 + trainer.cfg.d_updates_per_iter) if trainer.cfg.stage == "apt" else acc
+    acc, c = trainer.plan.accumulation, trainer.cfg
+    if c.stage != "apt":
+        return acc
+    return acc * (1 + (0 if c.freeze_discriminator else c.d_updates_per_iter))
 
 
 def local_weights(trainer) -> dict[str, torch.Tensor]:

@@ -67,6 +67,8 @@ class MetricsLogger:
         for k in ("loss", "loss_g", "loss_d", "loss_r1", "d_real", "d_fake"):
             if k in r:
                 parts.append(f"{k} {r[k]:.4f}")
+        if "d_acc_real" in r and "d_acc_fake" in r:  # D's accuracy on real / fake samples
+            parts.append(f"d_acc {r['d_acc_real']:.2f}/{r['d_acc_fake']:.2f}")
         if "lr" in r:
             parts.append(f"lr {r['lr']:.1e}")
         if "skipped" in r and r["skipped"]:
@@ -96,7 +98,14 @@ class MetricsLogger:
             self.tb.close()
 
 
+HEALTH_KEYS = ("d_acc_real", "d_acc_fake", "logit_gap")
+
+
 def _tag(key: str) -> str:
+    """TensorBoard tag: ``Loss/``, ``Health/`` (D's accuracies, logit gap, gradient norms),
+    ``D/`` (mean logits), ``Train/`` (the rest)."""
+    if key in HEALTH_KEYS or key.startswith("grad_norm"):
+        return f"Health/{key}"
     if key.startswith("loss"):
         return f"Loss/{key}"
     if key.startswith("d_"):

@@ -1,7 +1,7 @@
 """Numerical equivalence of distributed APT training (issue 4), fp32, under real launchers.
 
-1. Two DeepSpeed engines (G and D) at ZeRO-2 and ZeRO-3 on 2 data-parallel processes (micro 2
-   x accumulation 2 x DP 2) equal, after 3 APT updates, a single-process plain-torch
+1. Two DeepSpeed engines (G and D) at ZeRO-0, ZeRO-2 and ZeRO-3 on 2 data-parallel processes
+   (micro 2 x accumulation 2 x DP 2) equal, after 3 APT updates, a single-process plain-torch
    reference on the full batch (``train_reference_worker.py``: no DeepSpeed, RMSprop, the
    same data order and per-sample noise, full-batch mean loss): G, D and G's EMA.
 2. Gradient accumulation is exact: micro 2 x acc 2 x DP 2, micro 4 x acc 1 x DP 2 and micro
@@ -13,7 +13,13 @@
 4. Context parallel 2 (Ulysses) at ZeRO-2 and ZeRO-3, and TP=2 + SP x CP=2 on 4 processes,
    equal the reference after 3 updates.
 
-The logged losses of every update equal the reference's as well. Runs go through
+5. The logged gradient norms of G and D (read from DeepSpeed at ZeRO-2/3, computed by the
+   trainer at fp32 ZeRO-0) are the norm of the full gradient, over DP, TP and CP: DP 2 at
+   ZeRO 0/2/3, TP 2 + SP at ZeRO 0/2/3, CP 2 and TP 2 x CP 2, to 1e-5 relative, while
+   counting the replicated parameters on both TP ranks would be told apart.
+
+The logged losses and discriminator health metrics of every update equal the reference's as
+well. Runs go through
 ``train_equivalence_worker.py`` (``pretrain_apt.py`` plus ``--optim-eps``, 1e-3 here: see the
 worker for why RMSprop's 1e-8 makes weight comparisons ill-posed).
 Every test also checks that the compared weights moved far more than the tolerance and that
@@ -91,16 +97,23 @@ def compare(run: Path, ref: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def compare_metrics(run: Path, ref: Path, steps: int) -> dict[str, float]:
-    """Per logged loss: max over the first ``steps`` updates of |run - ref| / max(1, |ref|)
-    (the trainer logs means over micro-batches and DP ranks: full-batch means)."""
+def logged_metrics(run: Path) -> dict[int, dict]:
+    """step -> the metrics record of a run (event records left out)."""
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = {r["step"]: r for r in logged if "step" in r}
+    return {r["step"]: r for r in logged if "step" in r and "event" not in r}
+
+
+def compare_metrics(run: Path, ref: Path, steps: int) -> dict[str, float]:
+    """Per logged metric: max over the first ``steps`` updates of |run - ref| / max(1, |ref|)
+    (the trainer logs means over micro-batches and DP ranks: full-batch means); gradient
+    norms relative to |ref|."""
+    logged = logged_metrics(run)
     out: dict[str, float] = {}
     for r in json.loads((ref / "metrics.json").read_text())[:steps]:
         for k, v in r.items():
             if k != "step":
-                err = abs(logged[r["step"]][k] - v) / max(1.0, abs(v))
+                scale = abs(v) if k.startswith("grad_norm") else max(1.0, abs(v))
+                err = abs(logged[r["step"]][k] - v) / scale
                 out[k] = max(out.get(k, 0.0), err)
     return out
 
@@ -134,6 +147,7 @@ def reference(root) -> Path:
 def zero_runs(root) -> dict[str, Path]:
     common = ("--micro-batch-size", "2", "--train-iters", ITERS)
     return {
+        "zero0": train(root, "zero0", 2, "--zero-stage", "0", *common),
         "zero2": train(root, "zero2", 2, "--zero-stage", "2", *common),
         "zero3": train(root, "zero3", 2, "--zero-stage", "3", *common, launcher="deepspeed"),
     }
@@ -177,11 +191,14 @@ def stage_runs(root) -> dict[str, dict[str, Path]]:
 
 @pytest.fixture(scope="module")
 def tp_runs(root) -> dict[str, Path]:
-    common = ("--micro-batch-size", "4", "--train-iters", ITERS, "--zero-stage", "2")
+    common = ("--micro-batch-size", "4", "--train-iters", ITERS)
     tp2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel")
     return {
-        "tp2-sp": train(root, "tp2sp", 2, *tp2, *common),
-        "tp1": train(root, "tp1", 1, *common),
+        "tp2-sp": train(root, "tp2sp", 2, *tp2, *common, "--zero-stage", "2"),
+        "tp1": train(root, "tp1", 1, *common, "--zero-stage", "2"),
+        # the gradient norm under TP: computed by the trainer (ZeRO-0) or DeepSpeed (ZeRO-3)
+        "tp2-sp-zero0": train(root, "tp2sp-z0", 2, *tp2, *common, "--zero-stage", "0"),
+        "tp2-sp-zero3": train(root, "tp2sp-z3", 2, *tp2, *common, "--zero-stage", "3"),
     }
 
 
@@ -198,9 +215,9 @@ def test_reference_moves_and_controls_differ(reference):
         assert worst > 50, (variant, result)
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3"])
 def test_two_engines_match_plain_torch(zero_runs, reference, stage):
-    """ZeRO-2/3, 2 DP ranks, micro 2 x acc 2: G, D and G's EMA after 3 updates equal the
+    """ZeRO-0/2/3, 2 DP ranks, micro 2 x acc 2: G, D and G's EMA after 3 updates equal the
     single-process full-batch reference."""
     result = compare(zero_runs[stage], reference / "exact" / f"step_{ITERS}")
     print(json.dumps({stage: result}))
@@ -292,10 +309,10 @@ def test_context_parallel_matches_reference(cp_runs, reference, run):
 def test_tp2_sequence_parallel_matches_tp1(tp_runs, reference):
     """TP=2 + SP (DP=1, micro 4 x acc 2, ZeRO-2) == TP=1 (1 process) after 3 updates; both
     equal the reference."""
+    final = reference / "exact" / f"step_{ITERS}"
     results = {
         "tp2-vs-tp1": compare(tp_runs["tp2-sp"], tp_runs["tp1"]),
-        "tp1-vs-ref": compare(tp_runs["tp1"], reference / "exact" / f"step_{ITERS}"),
-        "tp2-vs-ref": compare(tp_runs["tp2-sp"], reference / "exact" / f"step_{ITERS}"),
+        **{f"{name}-vs-ref": compare(path, final) for name, path in tp_runs.items()},
     }
     print(json.dumps(results))
     for label, result in results.items():
@@ -303,3 +320,23 @@ def test_tp2_sequence_parallel_matches_tp1(tp_runs, reference):
     for name, path in tp_runs.items():
         losses = compare_metrics(path, reference / "exact", ITERS)
         assert max(losses.values()) <= RTOL, (name, losses)
+
+
+GRAD_NORM_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("group", ["zero", "tp"])
+def test_grad_norms_are_full_gradient_norms(zero_runs, tp_runs, reference, group):
+    """``grad_norm_g`` / ``grad_norm_d`` of every update equal the plain-torch norm of the full
+    gradient (DP 2 at ZeRO 0/2/3; TP 2 + SP at ZeRO 0/2/3 and TP 1), to 1e-5 relative; the
+    norm with the replicated parameters counted on both TP ranks is far outside that."""
+    runs = zero_runs if group == "zero" else tp_runs
+    ref = json.loads((reference / "exact" / "metrics.json").read_text())
+    controls = json.loads((reference / "exact" / "grad_norm_controls.json").read_text())
+    for name, path in runs.items():
+        logged = logged_metrics(path)
+        for r, wrong in zip(ref, controls, strict=True):
+            for key in ("grad_norm_d", "grad_norm_g"):
+                got, want = logged[r["step"]][key], r[key]
+                assert want > 0 and abs(got - want) <= GRAD_NORM_RTOL * want, (name, r, key, got)
+                assert abs(wrong[key] - want) > 100 * GRAD_NORM_RTOL * want, (key, wrong, want)

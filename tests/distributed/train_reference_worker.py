@@ -11,9 +11,13 @@ and the generator EMA after every G update. Models: ``initialize_parallel(seed=c
 then ``build_generator`` / ``build_discriminator``, as the trainer builds them.
 
 Writes ``OUT/VARIANT/step_K/{generator,generator_ema,discriminator}.safetensors`` after every
-update K (keys as ``pretrain_apt.py`` exports them) and the losses of every update to
-``OUT/VARIANT/metrics.json``. ``--variants`` adds deliberately wrong references
-(negative controls that the tests must be able to tell apart):
+update K (keys as ``pretrain_apt.py`` exports them) and the losses, discriminator health
+metrics and gradient norms (``torch.linalg.vector_norm`` of every trainable parameter's full
+gradient, ``grad_norm_d`` / ``grad_norm_g``) of every update to ``OUT/VARIANT/metrics.json``;
+``OUT/VARIANT/grad_norm_controls.json`` holds, per update, the norm a TP=2 run would log if it
+counted the replicated parameters on both TP ranks (a negative control for the norm test).
+``--variants`` adds deliberately wrong references (negative controls that the tests must be
+able to tell apart):
 
 * ``swapped-phases``: the D phase reads the G phase's samples and vice versa;
 * ``sum-over-dp``: gradients summed instead of averaged over 2 data-parallel ranks on the
@@ -94,15 +98,18 @@ def optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.RMSprop:
     )
 
 
-def step(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_scale: float) -> None:
+def step(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_scale: float) -> tuple[float, float]:
+    """One optimizer step; returns the gradient norm and the replicated-twice control."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_scale != 1.0:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(grad_scale)
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    for p in params:
+        p.grad.mul_(grad_scale)
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item()
+    replicated = [p.grad.flatten() for p in params if not getattr(p, "tensor_model_parallel", 0)]
+    twice = (norm**2 + torch.linalg.vector_norm(torch.cat(replicated)).item() ** 2) ** 0.5
     opt.step()
+    return norm, twice
 
 
 VARIANTS = ("exact", "swapped-phases", "sum-over-dp", "shared-salt")
@@ -128,23 +135,26 @@ def train(cfg, variant: str, out: Path) -> None:
         salt = SALT_D if variant == "shared-salt" else salt
         return full_batch(data, pos, cfg.seed), sample_generators(cfg.seed, pos, salt)
 
-    log = []
+    log, controls = [], []
     for it in range(cfg.train_iters):
         scale = 2.0 if variant == "sum-over-dp" and it == 0 else 1.0
         for _ in range(cfg.d_updates_per_iter):
             batch, rngs = next_batch(SALT_D)
             loss, m_d = discriminator_step(d, g, batch, apt, rngs)  # full-batch mean loss
-            step(d_opt, loss, scale)
+            norm_d, twice_d = step(d_opt, loss, scale)
         with frozen(d):  # gradients reach G only, through D's input
             batch, rngs = next_batch(SALT_G)
             loss, m_g = generator_step(d, g, batch, apt, rngs)
-            step(g_opt, loss, scale)
+            norm_g, twice_g = step(g_opt, loss, scale)
         with torch.no_grad():  # shadow <- decay * shadow + (1 - decay) * weights
             for n, p in g.named_parameters():
                 ema[n].mul_(cfg.ema_decay).add_(p, alpha=1 - cfg.ema_decay)
         export(out / f"step_{it + 1}", g, ema, d)
         log.append({"step": it + 1, **{k: v.item() for k, v in {**m_d, **m_g}.items()}})
+        log[-1].update(grad_norm_d=norm_d, grad_norm_g=norm_g)
+        controls.append({"grad_norm_d": twice_d, "grad_norm_g": twice_g})
     (out / "metrics.json").write_text(json.dumps(log, indent=1))
+    (out / "grad_norm_controls.json").write_text(json.dumps(controls, indent=1))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from megatron_apt.models import Discriminator, Generator, MMDiT
 from megatron_apt.stages.apt import (
     APTConfig,
     approx_r1_penalty,
+    discriminator_health,
     discriminator_loss,
     discriminator_step,
     frozen,
@@ -53,6 +54,23 @@ def test_losses_equal_log_sigmoid_expressions():
     assert generator_loss(zero).item() == pytest.approx(math.log(2))
     # stable far in the tails (softplus form)
     assert torch.isfinite(discriminator_loss(torch.tensor([-200.0]), torch.tensor([200.0])))
+
+
+HEALTH = {"d_acc_real", "d_acc_fake", "logit_gap"}
+
+
+def test_discriminator_health_on_hand_made_logits():
+    real = torch.tensor([2.0, 0.5, -1.0, 0.0])  # 2 of 4 above 0 (0 is not "real")
+    fake = torch.tensor([-3.0, -0.1, 1.0, 0.0, -2.0])  # 3 of 5 below 0
+    h = discriminator_health(real.bfloat16(), fake.requires_grad_())
+    assert set(h) == HEALTH and all(v.dtype == torch.float32 for v in h.values())
+    assert h["d_acc_real"].item() == 0.5 and h["d_acc_fake"].item() == pytest.approx(0.6)
+    assert h["logit_gap"].item() == pytest.approx(0.375 - (-0.82))
+    assert not h["logit_gap"].requires_grad
+    perfect = discriminator_health(torch.full((8,), 5.0), torch.full((8,), -5.0))
+    assert (perfect["d_acc_real"].item(), perfect["d_acc_fake"].item()) == (1.0, 1.0)
+    blind = discriminator_health(torch.zeros(8), torch.zeros(8))  # sigmoid 0.5 everywhere
+    assert (blind["d_acc_real"].item(), blind["d_acc_fake"].item()) == (0.0, 0.0)
 
 
 def test_approx_r1_hand_values():
@@ -140,8 +158,12 @@ def test_d_phase_runs_one_forward_on_real_fake_perturbed():
     with torch.no_grad():
         fake = g(torch.randn_like(real), batch["text"], batch["text_mask"])
     assert not torch.equal(x[b : 2 * b], real) and x[b : 2 * b].shape == fake.shape
-    assert set(m) == {"loss_d", "loss_r1", "d_real", "d_fake"}
+    assert set(m) == {"loss_d", "loss_r1", "d_real", "d_fake"} | HEALTH
     torch.testing.assert_close(loss.detach(), m["loss_d"] + m["loss_r1"])
+    with torch.no_grad():  # the health metrics are those of the real and fake logits
+        l_real, l_fake, _ = d(x, t, **cond).split(b)
+    for k, v in discriminator_health(l_real, l_fake).items():
+        torch.testing.assert_close(m[k], v)
     loss.backward()
     assert all(p.grad is None for p in g.parameters())  # G is not trained in the D phase
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())

@@ -1,5 +1,7 @@
 """Evaluation metrics against hand values, and tools/evaluate.py on rendered data."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -36,36 +38,56 @@ def test_sharpness_and_caption_accuracy():
     assert caption_accuracy(noise, [s.caption for s in specs])["all"] < 0.3
 
 
-def test_evaluate_tool_ranks_real_above_corrupted(tmp_path):
+ROW_KEYS = {
+    "fd",
+    "fd_ci",
+    "sharpness_ratio",
+    "background_noise",
+    "saturation_distance",
+    "caption_color",
+    "caption_shape",
+    "caption_motion",
+    "caption_all",
+    "num_samples",
+}
+
+
+def test_evaluate_tool_json_keys_reference_halves_and_n_warning(tmp_path, capsys):
     make_synthetic_dataset(tmp_path / "real", 24, "video", size=32, frames=9, fmt="gif", seed=0)
     make_synthetic_dataset(tmp_path / "other", 16, "video", size=32, frames=9, fmt="gif", seed=1)
     out = tmp_path / "res"
-    evaluate_tool.main(
-        [
-            "--real",
-            str(tmp_path / "real"),
-            "--row",
-            f"held-out={tmp_path / 'other'}",
-            "--output",
-            str(out),
-            "--feature-net",
-            str(tmp_path / "net.safetensors"),
-            "--feature-steps",
-            "30",
-        ]
-    )
-    import json
-
+    common = ["--real", str(tmp_path / "real"), "--row", f"held-out={tmp_path / 'other'}"]
+    common += ["--feature-net", str(tmp_path / "net.safetensors"), "--feature-steps", "30"]
+    evaluate_tool.main([*common, "--output", str(out), "--bootstrap", "200"])
     res = json.loads(out.with_suffix(".json").read_text())
-    row = res["rows"]["held-out"]
-    assert row["caption_all"] > 0.9 and row["sharpness"] > 100
+    assert set(res) >= {"real", "rows", "feature_net_accuracy", "reference", "warnings"}
+    for row in (res["real"], res["rows"]["held-out"]):
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        lo, hi = row["fd_ci"]
+        assert lo < hi and row["fd"] >= 0
+    real, row = res["real"], res["rows"]["held-out"]
+    # two halves of 12 real clips: one the reference of every row, the other the real row
+    assert res["reference"]["num_samples"] == 12 and real["num_samples"] == 12
+    assert row["num_samples"] == 16
+    assert row["caption_all"] > 0.9 and row["sharpness"] > 100  # "sharpness" kept for the demo
+    assert 0.5 < row["sharpness_ratio"] < 2 and 0.5 < real["sharpness_ratio"] < 2
+    assert real["background_noise"] < 0.5 and row["background_noise"] < 0.5  # GIF: lossless
+    assert row["saturation_distance"] < 0.05 and 0.7 < row["saturation_mean"] < 1
     assert (tmp_path / "net.safetensors").exists()
-    assert "| held-out |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| held-out |" in table and "| real data |" in table and "FD ↓ [95 % CI]" in table
+    # N differs from the reference's: warned (stderr, JSON and table) ...
+    assert len(res["warnings"]) == 1 and "N=16" in res["warnings"][0]
+    assert "N=16" in capsys.readouterr().err and "N=16" in table
+    # ... and not once every set is capped to the same N (the cached net is reused)
+    evaluate_tool.main([*common, "--output", str(out), "--max-samples", "8", "--bootstrap", "0"])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["warnings"] == [] and res["reference"]["num_samples"] == 8
+    assert res["real"]["num_samples"] == res["rows"]["held-out"]["num_samples"] == 8
+    assert res["rows"]["held-out"]["fd_ci"] is None
 
 
 def test_reads_generate_output_folders(tmp_path):
-    import json
-
     from megatron_apt.data.media import write_media
 
     spec = random_spec(3, 0, 32, video=True)

@@ -15,6 +15,8 @@ from megatron_apt.evaluation.figures import (
     animated_grid,
     frame_strip_grid,
     plot_curves,
+    plot_health,
+    read_events,
     read_metrics,
     upscale,
     write_grids,
@@ -67,6 +69,27 @@ def test_read_metrics_last_record_of_a_step_wins_and_bad_line_is_named(tmp_path)
         read_metrics(f)
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         read_metrics(tmp_path / "nowhere.jsonl")
+
+
+def test_health_panels_and_events(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    recs = [
+        {"step": s, "loss_d": 1.0 / s, "d_acc_real": 0.5 + s / 10, "d_acc_fake": 0.6,
+         "logit_gap": 0.1 * s, "grad_norm_g": 0.5 * s, "grad_norm_d": 2.0}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    recs.insert(3, {"step": 3, "event": "collapse", "condition": "saturated"})
+    recs.append({"step": 3, "event": "rollback", "to_step": 1, "lr_scale": 0.5})
+    recs.append({"step": 2, "loss_d": 9.0})  # after the rollback: step 2 again
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [r["step"] for r in read_metrics(f)] == [1, 2, 3]  # events are not metrics
+    assert read_metrics(f)[1] == {"step": 2, "loss_d": 9.0}
+    assert [e["event"] for e in read_events(f)] == ["collapse", "rollback"]
+    out = plot_health({"APT": f, "again": f}, tmp_path / "health.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    f.write_text(json.dumps({"step": 1, "lr": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="none of the metrics"):
+        plot_health({"APT": f}, tmp_path / "none.png")
 
 
 def test_write_sample_gif_as_main_file_is_near_lossless(tmp_path):

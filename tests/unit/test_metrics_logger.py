@@ -18,6 +18,11 @@ def test_jsonl_console_and_tensorboard(tmp_path):
             "loss_r1": 0.01,
             "d_real": 0.1,
             "d_fake": -0.1,
+            "d_acc_real": 0.75,
+            "d_acc_fake": 0.5,
+            "logit_gap": 0.2,
+            "grad_norm_g": 1.5,
+            "grad_norm_d": 2.5,
             "lr": 5e-6,
             "step_time_s": 2.5,
         },
@@ -27,9 +32,16 @@ def test_jsonl_console_and_tensorboard(tmp_path):
     assert rec["step"] == 1 and rec["loss_g"] == 0.69 and rec["samples"] == 9216
     assert out.getvalue().splitlines()[0] == (
         "step 1/350 | samples 9216 | loss_g 0.6900 | loss_d 1.3800 | loss_r1 0.0100 | "
-        "d_real 0.1000 | d_fake -0.1000 | lr 5.0e-06 | 2.500 s"
+        "d_real 0.1000 | d_fake -0.1000 | d_acc 0.75/0.50 | lr 5.0e-06 | 2.500 s"
     )
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    health = {f"Health/{k}" for k in ("d_acc_real", "d_acc_fake", "logit_gap")}
+    health |= {"Health/grad_norm_g", "Health/grad_norm_d"}
+    assert health | {"Loss/loss_g", "D/d_real", "Train/lr"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("Health/grad_norm_d")[0].value == 2.5
 
 
 def test_collapse_warning_after_patience(tmp_path):

@@ -1,0 +1,136 @@
+"""The bootstrap interval of FD, background noise and saturation distance on known cases."""
+
+import numpy as np
+import pytest
+
+from megatron_apt.data.synthetic import random_spec, render
+from megatron_apt.evaluation.metrics import (
+    background_noise,
+    frechet_distance,
+    frechet_distance_bootstrap,
+    saturation_distance,
+    saturation_values,
+    sharpness,
+    wasserstein1_hist,
+)
+
+D = 4
+MU = np.array([1.0, 0.5, 0.0, 0.0])
+SCALE = np.array([1.0, 1.0, 1.5, 0.7])  # b ~ N(MU, diag(SCALE^2)), a ~ N(0, I)
+ANALYTIC_FD = float((MU**2).sum() + ((1 - SCALE) ** 2).sum())  # 1.25 + 0.25 + 0.09 = 1.59
+
+
+def _gaussians(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, D)), MU + SCALE * rng.normal(size=(n, D))
+
+
+def test_bootstrap_resamples_are_fd_of_explicit_resamples_whatever_the_chunk():
+    a, b = _gaussians(300, 0)
+    b = b @ np.random.default_rng(1).normal(size=(D, D))  # full covariance
+    r = frechet_distance_bootstrap(a, b, 50, seed=3, chunk=7)
+    assert r.fd == pytest.approx(frechet_distance(a, b), rel=1e-12)
+    rng = np.random.default_rng(3)  # the documented draw: all of a's indices, then all of b's
+    ia, ib = rng.integers(0, 300, (50, 300)), rng.integers(0, 300, (50, 300))
+    for k in (0, 17, 49):
+        assert r.resamples[k] == pytest.approx(frechet_distance(a[ia[k]], b[ib[k]]), rel=1e-9)
+    np.testing.assert_allclose(
+        r.resamples, frechet_distance_bootstrap(a, b, 50, seed=3).resamples, rtol=1e-10
+    )
+    lo, hi = r.ci
+    assert lo == pytest.approx(np.percentile(r.resamples, 2.5)) and lo < hi
+
+
+def test_bootstrap_interval_covers_analytic_fd_and_narrows_with_n():
+    widths = {}
+    for n in (500, 4000):
+        a, b = _gaussians(n, n)
+        r = frechet_distance_bootstrap(a, b, 400, seed=0)
+        lo, hi = r.ci
+        assert lo <= ANALYTIC_FD <= hi, (n, r.ci)
+        assert abs(r.fd - ANALYTIC_FD) < hi - lo
+        widths[n] = hi - lo
+    # 8x the samples: about sqrt(8) = 2.8x narrower
+    assert widths[4000] < 0.5 * widths[500], widths
+
+
+def test_identical_sets_interval_near_zero_relative_to_a_shifted_set():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1000, 16))
+    same = frechet_distance_bootstrap(a, a, 200, seed=0)
+    shifted = frechet_distance_bootstrap(a, a + 0.5, 200, seed=0)  # FD = 16 * 0.25 = 4
+    assert same.fd == pytest.approx(0.0, abs=1e-8)
+    assert shifted.fd == pytest.approx(4.0, rel=1e-6)
+    # the resampling alone gives a small positive FD (the upward bias of the bootstrap)
+    assert 0 <= same.ci[0] < same.ci[1] < 0.1 * shifted.ci[0]
+
+
+def test_bootstrap_singular_covariance_and_no_resamples():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.normal(size=(50, 3)), np.ones((50, 1))], 1)  # a dead feature
+    r = frechet_distance_bootstrap(a, a + 1.0, 20, seed=0)
+    assert np.isfinite(r.resamples).all() and r.fd == pytest.approx(4.0, rel=1e-6)
+    r0 = frechet_distance_bootstrap(a, a, 0)
+    assert np.isnan(r0.ci[0]) and len(r0.resamples) == 0
+    with pytest.raises(ValueError, match="equal D"):
+        frechet_distance_bootstrap(a, a[:, :2])
+
+
+def _clips(n=16, size=16, frames=5, seed=0):
+    return [render(random_spec(seed, i, size, video=True), size, frames) for i in range(n)]
+
+
+def _box_blur(f):
+    x = f.astype(np.float64)
+    x = (x[:, :-1] + x[:, 1:]) / 2
+    x = (x[:, :, :-1] + x[:, :, 1:]) / 2
+    return np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge").round().astype(np.uint8)
+
+
+def test_background_noise_zero_on_clean_and_soft_edges_positive_on_speckle():
+    clean = _clips()
+    assert background_noise(clean) == pytest.approx(0.0, abs=1e-9)
+    # blurred (anti-aliased) object edges are not background noise ...
+    assert background_noise([_box_blur(f) for f in clean]) < 0.1
+    # ... speckle is, even where it raises sharpness above the clean data's
+    rng = np.random.default_rng(0)
+    speckle = []
+    for f in clean:
+        hit = rng.random(f.shape[:3] + (1,)) < 0.1
+        delta = rng.choice([-40, 40], f.shape[:3] + (1,))
+        speckle.append(np.clip(f.astype(int) + hit * delta, 0, 255).astype(np.uint8))
+    assert sharpness(speckle) > 1.2 * sharpness(clean)
+    assert background_noise(speckle) > 2.0
+    gauss = [np.clip(f + rng.normal(0, 8, f.shape), 0, 255).astype(np.uint8) for f in clean]
+    assert background_noise(gauss) > 3.0
+    assert background_noise([np.full((2, 8, 8, 3), 200, np.uint8)]) == 0.0  # all background
+
+
+def _oversaturate(f, k=1.12):
+    x = f.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    return np.clip(top - (top - x) * k, 0, 255).round().astype(np.uint8)  # min channel -> 0
+
+
+def test_saturation_distance_zero_to_itself_larger_when_oversaturated():
+    clean = _clips(24)
+    assert saturation_distance(clean, clean) == 0.0
+    other = _clips(24, seed=1)
+    over = [_oversaturate(f) for f in clean]
+    floor = saturation_distance(other, clean)
+    assert saturation_distance(over, clean) > max(0.05, 5 * floor)
+    assert saturation_values(over).mean() > saturation_values(clean).mean() + 0.05
+    # the grey background does not count: more background pixels change nothing
+    padded = [np.pad(f, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge") for f in clean]
+    assert saturation_distance(padded, clean) == 0.0
+    # no object at all: undefined, not a number
+    assert saturation_distance([np.full((2, 8, 8, 3), 24, np.uint8)], clean) is None
+
+
+def test_wasserstein1_hist_hand_values():
+    p, q = np.zeros(10), np.zeros(10)
+    p[0], q[9] = 1.0, 1.0
+    assert wasserstein1_hist(p, q) == pytest.approx(0.9)  # bin 0 to bin 9: 9 bins of 0.1
+    q2 = np.zeros(10)
+    q2[1] = 1.0
+    assert wasserstein1_hist(p, q2) == pytest.approx(0.1)
