@@ -20,6 +20,7 @@ import sys
 
 from megatron_apt.config.model import get_preset
 from megatron_apt.config.training import (
+    COLLAPSE_ACTIONS,
     D_TIMESTEPS,
     LR_DECAYS,
     OPTIMIZERS,
@@ -162,6 +163,39 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="diffusion: share of samples trained on the negative prompt, for CFG (0)",
     )
+    h = p.add_argument_group(
+        "discriminator health (APT): balanced accuracy = (d_acc_real + d_acc_fake) / 2 per log step"
+    )
+    h.add_argument(
+        "--on-collapse",
+        choices=COLLAPSE_ACTIONS,
+        help="when D saturates or goes blind: warn (default: one WARNING line, training goes "
+        "on), stop (exit code 3, nothing more saved; names the last healthy checkpoint) or "
+        "rollback (reload the newest checkpoint saved healthy before the streak began, learning "
+        "rates x --rollback-lr-factor, go on; needs --save and --save-interval)",
+    )
+    h.add_argument(
+        "--collapse-patience",
+        type=int,
+        help="D saturated: this many consecutive log steps with balanced accuracy >= "
+        "--saturated-acc and loss_d < --saturated-loss-d (3)",
+    )
+    h.add_argument("--saturated-acc", type=float, help="saturation accuracy threshold (0.98)")
+    h.add_argument("--saturated-loss-d", type=float, help="saturation loss_d threshold (0.05)")
+    h.add_argument(
+        "--blind-patience",
+        type=int,
+        help="D blind: this many consecutive log steps with balanced accuracy within 0.5 +- "
+        "--blind-margin (20)",
+    )
+    h.add_argument("--blind-margin", type=float, help="blindness margin around 0.5 (0.03)")
+    h.add_argument(
+        "--rollback-lr-factor",
+        type=float,
+        help="every engine's learning rate x this at each rollback, cumulative, kept across "
+        "resumes (0.5)",
+    )
+    h.add_argument("--max-rollbacks", type=int, help="rollbacks before the run stops (3)")
     io = p.add_argument_group("data, init, checkpoints, logs")
     io.add_argument(
         "--data-path",
@@ -239,6 +273,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if optim:
         top["optim"] = dataclasses.replace(cfg.optim, **optim)
+    health = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cfg.health)
+        if getattr(args, f.name, None) is not None
+    }
+    if health:
+        top["health"] = dataclasses.replace(cfg.health, **health)
     if args.data_path:
         top["data"] = dataclasses.replace(cfg.data, path=args.data_path)
     cfg = cfg.replace(**top)
@@ -273,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user and config errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    from megatron_apt.engine.recovery import TrainingStopped
     from megatron_apt.engine.trainer import Trainer
     from megatron_apt.testing.hooks import install_test_hooks
 
@@ -284,7 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     install_test_hooks(trainer)
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingStopped as e:  # the collapse policy ended the run, on every rank alike
+        if trainer.rank == 0:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        print(f"TRAINING-STOPPED rank={trainer.rank} step={trainer.step}", flush=True)
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has said so before a launcher tears the others down
+        return e.exit_code
     if hasattr(trainer, "test_hook_finish"):
         trainer.test_hook_finish()
     # Every rank prints it: launch tests count one per process (a rank that died late shows).

@@ -21,6 +21,7 @@ LR_DECAYS = ("constant", "cosine")
 # APT ablations (TrainConfig.r1_noise_std / d_timesteps; megatron_apt.stages.apt)
 R1_NOISE_STDS = ("sigma", "sqrt-sigma")
 D_TIMESTEPS = ("ensemble", "zero")
+COLLAPSE_ACTIONS = ("warn", "stop", "rollback")
 
 
 @dataclass(kw_only=True)
@@ -61,6 +62,22 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class HealthConfig:
+    """Discriminator collapse detection at every log step (``megatron_apt.engine.health``) and
+    what the run does when it fires (``megatron_apt.engine.recovery``). Balanced accuracy =
+    ``(d_acc_real + d_acc_fake) / 2``; streaks count consecutive log steps."""
+
+    on_collapse: str = "warn"  # warn | stop (exit code 3) | rollback (reload a healthy ckpt)
+    saturated_acc: float = 0.98  # D saturated: balanced accuracy >= this ...
+    saturated_loss_d: float = 0.05  # ... and loss_d (without R1) below this ...
+    collapse_patience: int = 3  # ... for this many consecutive log steps
+    blind_margin: float = 0.03  # D blind: balanced accuracy within 0.5 +- this ...
+    blind_patience: int = 20  # ... for this many consecutive log steps
+    rollback_lr_factor: float = 0.5  # every engine's lr x this per rollback (cumulative)
+    max_rollbacks: int = 3  # then stop
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     recipe: str = "custom"
     stage: str = "apt"
@@ -95,6 +112,7 @@ class TrainConfig:
     d_timesteps: str = "ensemble"  # D's t: "ensemble" shift(u, s) (paper) | "zero" (sec. 3.3)
     d_head_layers: str | None = None  # D's heads: None = paper fractions | "last" | "1,2,..."
     freeze_discriminator: bool = False  # D keeps its init (control run); G trains against it
+    health: HealthConfig = field(default_factory=HealthConfig)  # APT: collapse detector
     guidance_scale: float = 7.5  # consistency teacher CFG
     consistency_steps: int = 32
     target_ema_decay: float = 0.95
@@ -274,6 +292,36 @@ def _validate_apt_options(cfg: TrainConfig) -> None:
                 )
 
 
+def _validate_health(cfg: TrainConfig) -> None:
+    h = cfg.health
+    if h.on_collapse not in COLLAPSE_ACTIONS:
+        raise ValueError(f"on_collapse={h.on_collapse!r}: choose one of {COLLAPSE_ACTIONS}")
+    for name in ("collapse_patience", "blind_patience"):
+        if getattr(h, name) < 1:
+            raise ValueError(f"{name}={getattr(h, name)} must be >= 1 (log steps)")
+    if not 0.5 < h.saturated_acc <= 1.0 or h.saturated_loss_d <= 0:
+        raise ValueError(
+            f"saturated_acc={h.saturated_acc} must lie in (0.5, 1] and saturated_loss_d="
+            f"{h.saturated_loss_d} be > 0"
+        )
+    if not 0.0 <= h.blind_margin < 0.5:
+        raise ValueError(f"blind_margin={h.blind_margin} must lie in [0, 0.5)")
+    if not 0.0 < h.rollback_lr_factor <= 1.0:
+        raise ValueError(f"rollback_lr_factor={h.rollback_lr_factor} must lie in (0, 1]")
+    if h.max_rollbacks < 0:
+        raise ValueError(f"max_rollbacks={h.max_rollbacks} must be >= 0")
+    if h.on_collapse != "warn" and cfg.stage != "apt":
+        raise ValueError(
+            f"on_collapse={h.on_collapse!r} watches the discriminator: stage={cfg.stage!r} "
+            "has none (use it with the apt stage)"
+        )
+    if h.on_collapse == "rollback" and not (cfg.save and cfg.save_interval > 0):
+        raise ValueError(
+            f"on_collapse='rollback' reloads a healthy checkpoint: it needs --save and "
+            f"--save-interval > 0 (save={cfg.save!r}, save_interval={cfg.save_interval})"
+        )
+
+
 def _validate_optim(o: OptimConfig) -> None:
     if o.name not in OPTIMIZERS:
         raise ValueError(f"optimizer={o.name!r}: choose one of {OPTIMIZERS}")
@@ -317,6 +365,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
     _validate_optim(cfg.optim)
     _validate_apt_options(cfg)
+    _validate_health(cfg)
     if not 0.0 <= cfg.cond_dropout < 1.0:
         raise ValueError(f"cond_dropout={cfg.cond_dropout} must lie in [0, 1)")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -179,6 +179,17 @@ def check_manifest(d: Path, engines: dict, modules: dict | None = None) -> None:
                 )
 
 
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    found = []
+    for d in root.glob("iter_*") if root.is_dir() else ():
+        step = d.name.removeprefix("iter_")
+        if step.isdigit() and (d / "COMPLETE").exists():
+            found.append((int(step), d))
+    return sorted(found)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The directory ``latest`` points at, or None for a fresh start. Errors name the file."""
     root = Path(root)

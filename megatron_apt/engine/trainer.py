@@ -10,6 +10,10 @@ A non-finite loss on any rank poisons the whole update on every rank: the remain
 are multiplied by NaN so that DeepSpeed's overflow check skips the optimizer step of both
 engines consistently (ZeRO-0, which has no such check, drops the gradients instead); the EMA
 is not updated and ``skipped`` counts it.
+
+Each log step reduces every metric (losses, D's health, G's and D's gradient norms) in one
+all-reduce over all ranks and hands the result to the collapse policy
+(:mod:`megatron_apt.engine.recovery`: warn, stop, or roll back to a healthy checkpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from megatron_apt.engine.data import build_stream
 from megatron_apt.engine.ema import EngineEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
+from megatron_apt.engine.recovery import CollapseGuard
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import initialize_parallel
@@ -71,8 +76,11 @@ class Trainer:
         self.step, self.samples, self.skipped = 0, 0, 0
         self.engines: dict = {}
         self.emas: dict = {}
+        self.base_lrs: dict[str, float] = {}  # configured lr per engine (before lr_scale)
         self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
+        self.metrics: MetricsLogger | None = None
         getattr(self, f"_build_{cfg.stage}")()
+        self.guard = CollapseGuard(self)  # collapse detector and --on-collapse policy
         if self.rank == 0:
             self._report_recompute()
         if cfg.load:  # before the logger exists: a refused --load writes nothing
@@ -83,6 +91,7 @@ class Trainer:
 
     # ---- building ---------------------------------------------------------------------
     def _engine(self, name: str, module, lr: float, ds_json: str | None):
+        self.base_lrs[name] = lr
         self.engines[name] = create_engine(
             module.to(self.device), self.cfg, self.plan, self.ps, lr, ds_json
         )
@@ -298,26 +307,30 @@ class Trainer:
         c, per_update = self.cfg, self.plan.global_batch_size
         update = getattr(self, f"_update_{c.stage}")
         last = {}
-        while self.step < c.train_iters:
-            t0 = time.perf_counter()
-            metrics, bad = update()
-            metrics.update(self._pop_grad_norms())
-            if bad:
-                self.skipped += 1
-            else:
-                for ema in self.emas.values():
-                    ema.update()
-            self.step += 1
-            phases = 1 + (c.d_updates_per_iter if c.stage == "apt" else 0)
-            self.samples += per_update * phases
-            if self.step % c.log_interval == 0 or self.step == c.train_iters:
-                last = self._log(metrics, time.perf_counter() - t0)
-            if c.save and c.save_interval and self.step % c.save_interval == 0:
+        try:
+            while self.step < c.train_iters:
+                t0 = time.perf_counter()
+                metrics, bad = update()
+                metrics.update(self._pop_grad_norms())
+                if bad:
+                    self.skipped += 1
+                else:
+                    for ema in self.emas.values():
+                        ema.update()
+                self.step += 1
+                phases = 1 + (c.d_updates_per_iter if c.stage == "apt" else 0)
+                self.samples += per_update * phases
+                if self.step % c.log_interval == 0 or self.step == c.train_iters:
+                    last = self._log(metrics, time.perf_counter() - t0)
+                    if self.guard.after_log(self.step, last):  # may stop (raises) or roll back
+                        continue  # the step counter is the reloaded checkpoint's
+                if c.save and c.save_interval and self.step % c.save_interval == 0:
+                    self.save()
+            if c.save:
                 self.save()
-        if c.save:
-            self.save()
-            self.export(Path(c.save))
-        self.metrics.close()
+                self.export(Path(c.save))
+        finally:
+            self.metrics.close()
         return last
 
     def _log(self, metrics: dict, dt: float) -> dict:
@@ -343,6 +356,7 @@ class Trainer:
             "stream": self.stream.state_dict(),
             "world_size": dist.get_world_size(),
             "config": self.cfg.to_dict(),
+            **self.guard.state_dict(),  # lr_scale, rollbacks, health (healthy when saved?)
         }
 
     def _modules(self) -> dict:
@@ -359,12 +373,9 @@ class Trainer:
             self._modules(),
         )
 
-    def _resume(self, root: str) -> None:
-        d = latest_checkpoint(root)
-        if d is None:
-            if self.rank == 0:
-                print(f"no checkpoint in {root}: starting from step 0", flush=True)
-            return
+    def restore(self, d: Path) -> dict:
+        """Load checkpoint ``d`` into the engines, EMA, modules, data stream and counters (a
+        resume, or a rollback in-process); returns its trainer state. Collective."""
         layout = {"tensor_parallel": self.ps.tp_size, "context_parallel": self.ps.cp_size}
         state = load_checkpoint(d, self.engines, self.emas, self._modules(), layout)
         if state.get("stage") != self.cfg.stage:
@@ -374,6 +385,16 @@ class Trainer:
         self.step, self.samples = state["step"], state["samples"]
         self.skipped = state.get("skipped", 0)
         self.stream.load_state_dict(state["stream"])
+        return state
+
+    def _resume(self, root: str) -> None:
+        d = latest_checkpoint(root)
+        if d is None:
+            if self.rank == 0:
+                print(f"no checkpoint in {root}: starting from step 0", flush=True)
+            return
+        state = self.restore(d)
+        self.guard.load_state_dict(state)  # lr scale of earlier rollbacks, detector streaks
         if self.rank == 0:
             print(f"resumed from {d} at step {self.step}", flush=True)
 

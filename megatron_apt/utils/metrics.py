@@ -2,18 +2,16 @@
 
 Every log step appends one JSON object to ``LOG_DIR/metrics.jsonl`` and writes the same scalars
 to TensorBoard (``LOG_DIR/tensorboard``). Only the writer rank (global rank 0) writes; values
-must already be reduced over data parallel by the caller.
+must already be reduced over data parallel by the caller. Events of the collapse policy
+(``megatron_apt.engine.recovery``: collapse, rollback, stop) are records with an ``"event"``
+key in the same file; readers of metrics skip them (``evaluation.figures.read_metrics``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
-
-COLLAPSE_THRESHOLD = 0.05  # loss_d (without R1) below this: D separates real/fake perfectly
-COLLAPSE_PATIENCE = 3
 
 
 class MetricsLogger:
@@ -30,8 +28,6 @@ class MetricsLogger:
         self.stream = stream or sys.stdout
         self.path = None
         self.tb = None
-        self.low_d_streak = 0
-        self.warnings = 0
         if enabled and log_dir is not None:
             d = Path(log_dir)
             d.mkdir(parents=True, exist_ok=True)
@@ -57,7 +53,18 @@ class MetricsLogger:
                     self.tb.add_scalar(_tag(k), v, step)
             self.tb.flush()
         print(self.format_line(record), file=self.stream, flush=True)
-        self._check_collapse(record)
+
+    def event(self, step: int, name: str, fields: dict) -> None:
+        """Append ``{"step": step, "event": name, **fields}`` to metrics.jsonl (the caller
+        prints its own console line)."""
+        if not self.enabled:
+            return
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+        if self.tb is not None:
+            self.tb.add_text(f"Events/{name}", json.dumps(fields), step)
+            self.tb.flush()
 
     def format_line(self, r: dict) -> str:
         """``step 12/350 | samples 49152 | loss_g 0.6931 | ... | lr 5.0e-06 | 1.234 s``."""
@@ -76,22 +83,6 @@ class MetricsLogger:
         if "step_time_s" in r:
             parts.append(f"{r['step_time_s']:.3f} s")
         return " | ".join(parts)
-
-    def _check_collapse(self, r: dict) -> None:
-        loss_d = r.get("loss_d")
-        if loss_d is None or math.isnan(loss_d):
-            return
-        self.low_d_streak = self.low_d_streak + 1 if loss_d < COLLAPSE_THRESHOLD else 0
-        if self.low_d_streak == COLLAPSE_PATIENCE:
-            self.warnings += 1
-            print(
-                f"WARNING: discriminator loss {loss_d:.4f} < {COLLAPSE_THRESHOLD} for "
-                f"{COLLAPSE_PATIENCE} log steps: D separates real from fake almost perfectly, "
-                "the paper's collapse mode. Look at samples; consider a lower lr, a larger "
-                "r1_lambda/r1_sigma or an earlier EMA checkpoint.",
-                file=self.stream,
-                flush=True,
-            )
 
     def close(self) -> None:
         if self.tb is not None:

@@ -38,10 +38,11 @@ MARKER = "TRAINING-DONE"
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun")
 ZERO = {"torchrun": 2, "deepspeed": 3, "mpirun": 2}  # ZeRO stage of each launcher's chain
 KEYS = {
-    "diffusion": {"step", "samples", "loss", "lr", "step_time_s", "skipped"},
-    "consistency": {"step", "samples", "loss", "lr", "step_time_s", "skipped"},
+    "diffusion": {"step", "samples", "loss", "lr", "step_time_s", "skipped", "grad_norm"},
+    "consistency": {"step", "samples", "loss", "lr", "step_time_s", "skipped", "grad_norm"},
     "apt": {"step", "samples", "loss_g", "loss_d", "loss_r1", "d_real", "d_fake", "lr"}
-    | {"step_time_s", "skipped"},
+    | {"step_time_s", "skipped", "d_acc_real", "d_acc_fake", "logit_gap"}
+    | {"grad_norm_g", "grad_norm_d"},
 }
 EXPORTS = {
     "diffusion": ("diffusion", "diffusion_ema"),
@@ -84,11 +85,12 @@ def train_fails(launcher: str, recipe: str, save: Path, *args, env: dict | None 
 
 
 def metrics(save: Path) -> dict[int, dict]:
-    """step -> the last record logged for it (a resumed run appends)."""
+    """step -> the last record logged for it (a resumed run appends); events left out."""
     out = {}
     for line in (save / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[int(r["step"])] = r
+        if "event" not in r:
+            out[int(r["step"])] = r
     return out
 
 
@@ -235,6 +237,7 @@ def _check_tensorboard(tb_dir: Path, stage: str) -> None:
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     want = {"Loss/loss_g", "Loss/loss_d", "Loss/loss_r1", "D/d_real"} if stage == "apt" else set()
+    want |= {"Health/d_acc_real", "Health/grad_norm_d"} if stage == "apt" else set()
     assert {"Train/lr", "Train/samples"} | want <= tags, tags
     loss = "Loss/loss_g" if stage == "apt" else "Loss/loss"
     assert [e.step for e in acc.Scalars(loss)] == [1, 2]

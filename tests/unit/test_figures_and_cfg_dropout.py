@@ -87,6 +87,11 @@ def test_health_panels_and_events(tmp_path):
     assert [e["event"] for e in read_events(f)] == ["collapse", "rollback"]
     out = plot_health({"APT": f, "again": f}, tmp_path / "health.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import tools.make_figures as make_figures  # the CLI draws the same panels
+
+    out_dir = tmp_path / "fig"
+    assert make_figures.main(["--output", str(out_dir), "--metrics", f"APT={f}", "--health"]) == 0
+    assert (out_dir / "loss_curves.png").exists() and (out_dir / "loss_curves_health.png").exists()
     f.write_text(json.dumps({"step": 1, "lr": 1.0}) + "\n")
     with pytest.raises(ValueError, match="none of the metrics"):
         plot_health({"APT": f}, tmp_path / "none.png")

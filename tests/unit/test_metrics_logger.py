@@ -1,9 +1,9 @@
-"""The metrics entry point: JSONL + TensorBoard + fixed console line + collapse warning."""
+"""The metrics entry point: JSONL + TensorBoard + fixed console line + event records."""
 
 import io
 import json
 
-from megatron_apt.utils.metrics import COLLAPSE_PATIENCE, MetricsLogger
+from megatron_apt.utils.metrics import MetricsLogger
 
 
 def test_jsonl_console_and_tensorboard(tmp_path):
@@ -44,16 +44,16 @@ def test_jsonl_console_and_tensorboard(tmp_path):
     assert acc.Scalars("Health/grad_norm_d")[0].value == 2.5
 
 
-def test_collapse_warning_after_patience(tmp_path):
+def test_events_are_records_with_an_event_key(tmp_path):
     out = io.StringIO()
     log = MetricsLogger(tmp_path, stream=out, tensorboard=False)
-    for step in range(1, COLLAPSE_PATIENCE):
-        log.log(step, {"loss_d": 0.01})
-    assert "WARNING" not in out.getvalue()
-    log.log(COLLAPSE_PATIENCE, {"loss_d": 0.01})
-    assert "WARNING: discriminator loss" in out.getvalue() and log.warnings == 1
-    log.log(COLLAPSE_PATIENCE + 1, {"loss_d": 1.2})  # healthy again: streak resets
-    assert log.low_d_streak == 0
+    log.log(1, {"loss_d": 0.01})
+    log.event(1, "rollback", {"to_step": 0, "lr_scale": 0.5})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1] == {"step": 1, "event": "rollback", "to_step": 0, "lr_scale": 0.5}
+    assert len(out.getvalue().splitlines()) == 1  # the policy prints its own line
+    MetricsLogger(tmp_path / "x", enabled=False).event(1, "stop", {})
+    assert not (tmp_path / "x").exists()
 
 
 def test_disabled_on_other_ranks(tmp_path):
