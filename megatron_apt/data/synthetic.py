@@ -84,13 +84,19 @@ def random_spec(seed: int, index: int, size: int, video: bool) -> ShapeSpec:
 
 
 def _shape_mask(
-    shape: str, cx: float, cy: float, r: float, size: int, supersample: int = 1
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    size: int | tuple[int, int],
+    supersample: int = 1,
 ) -> np.ndarray:
-    """``[size, size]`` coverage of a shape centered at ``(cx, cy)`` with half-size r: boolean
-    for ``supersample=1`` (pixel centers), else the float share of ``supersample^2``
-    sub-pixel centers inside the shape (anti-aliased edges)."""
-    n = size * supersample
-    y, x = (np.mgrid[0:n, 0:n].astype(np.float64) + 0.5) / supersample  # sample points
+    """``[H, W]`` coverage (``size`` = H = W, or ``(H, W)``) of a shape centered at
+    ``(cx, cy)`` with half-size r: boolean for ``supersample=1`` (pixel centers), else the
+    float share of ``supersample^2`` sub-pixel centers inside the shape (anti-aliased edges)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    ss = supersample
+    y, x = (np.mgrid[0 : h * ss, 0 : w * ss].astype(np.float64) + 0.5) / ss  # sample points
     dx, dy = x - cx, y - cy
     if shape == "circle":
         inside = dx**2 + dy**2 <= r**2
@@ -102,7 +108,7 @@ def _shape_mask(
         raise ValueError(f"unknown shape {shape!r} (expected one of {SHAPES})")
     if supersample == 1:
         return inside
-    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+    return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))
 
 
 def render(spec: ShapeSpec, size: int, frames: int = 1, antialias: int = 4) -> np.ndarray:
@@ -215,7 +221,7 @@ def _template_error(alpha: np.ndarray, shape: str) -> float:
     r = np.sqrt(area / {"circle": np.pi, "square": 4.0, "triangle": 2.0}[shape])
     if shape == "triangle":  # centroid of the apex-up triangle lies r/3 below its box center
         cy -= r / 3
-    return float(((_shape_mask(shape, cx, cy, r, alpha.shape[0], 4) - alpha) ** 2).sum())
+    return float(((_shape_mask(shape, cx, cy, r, alpha.shape, 4) - alpha) ** 2).sum())
 
 
 def _classify_shape(alpha: np.ndarray) -> str:

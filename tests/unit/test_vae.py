@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,11 +52,31 @@ def test_identity_round_trip_is_exact(spec, patch):
         assert torch.equal(z[:, 1 * 4 + 1 * 2 + 0], x[:, 1, :, 1::2, 0::2])
 
 
+def test_identity_normalization_like_a_real_vae():
+    """``identity:<p>:<shift>:<scale>``: latents = (pixels - shift) * scale, decoded back to the
+    pixels (float round-off); the demo's constants give its clips about zero mean, unit std."""
+    from megatron_apt.data.synthetic import random_spec, render
+
+    vae = load_vae("identity:2:-0.72:3.0")
+    assert (vae.shift, vae.scale) == (-0.72, 3.0)
+    x = _pixels(2, 3, 8, 12)
+    z = vae.encode(x)
+    torch.testing.assert_close(z, (load_vae("identity:2").encode(x) + 0.72) * 3.0)
+    torch.testing.assert_close(vae.decode(z), x, atol=1e-6, rtol=0)
+    clips = np.stack([render(random_spec(0, i, 16, True), 16, 5) for i in range(256)])
+    pix = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B, 3, T, H, W]
+    lat = vae.encode(pix)
+    assert abs(lat.mean().item()) < 0.1 and abs(lat.std().item() - 1) < 0.1
+
+
 def test_identity_errors():
     with pytest.raises(ValueError, match="divisible by 2.*7x8"):
         load_vae("identity:2").encode(_pixels(1, 1, 7, 8))
     with pytest.raises(ValueError, match="identity:x"):
         load_vae("identity:x")
+    for bad in ("identity:2:0.5", "identity:2:a:1", "identity:2:0:0", "identity:2:0:-1"):
+        with pytest.raises(ValueError, match="shift|scale"):
+            load_vae(bad)
     with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\].*\(1, 3, 8, 8\)"):
         load_vae("identity").encode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"\[B, 3, T', H', W'\]"):
