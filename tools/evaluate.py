@@ -14,8 +14,9 @@ the first half is scored like a row ("real data": the floor of every metric at t
 (definitions in megatron_apt/evaluation/metrics.py):
 
 * FD [95 % CI]: Fréchet distance in the feature space of a small CNN trained on the synthetic
-  data, with a percentile bootstrap interval (--bootstrap resamples); lower is better. FD
-  depends on N: rows whose N differs from the reference's get a warning (use --max-samples).
+  data, with a percentile bootstrap interval centred on the estimate (--bootstrap
+  resamples); lower is better. FD depends on N: rows whose N differs from the reference's
+  get a warning (use --max-samples).
 * sharpness ratio: Laplacian variance over the reference's (1 = as sharp as real data).
 * background noise: mean |pixel - 3x3 median| over background pixels, 0-255 (real ~0): speckle
   raises sharpness but also this.

@@ -37,8 +37,20 @@ def test_bootstrap_resamples_are_fd_of_explicit_resamples_whatever_the_chunk():
     np.testing.assert_allclose(
         r.resamples, frechet_distance_bootstrap(a, b, 50, seed=3).resamples, rtol=1e-10
     )
-    lo, hi = r.ci
-    assert lo == pytest.approx(np.percentile(r.resamples, 2.5)) and lo < hi
+    lo, hi = r.ci  # the percentile interval shifted by the bootstrap's bias estimate
+    shift = r.resamples.mean() - r.fd
+    assert lo == pytest.approx(max(0.0, np.percentile(r.resamples, 2.5) - shift))
+    assert hi == pytest.approx(np.percentile(r.resamples, 97.5) - shift) and lo < r.fd < hi
+
+
+def test_bootstrap_interval_contains_its_estimate_near_zero():
+    """Real vs real: the unshifted percentile interval sits wholly above the estimate (the
+    resampling bias); the shifted one contains it and starts at 0."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, D)), rng.normal(size=(400, D))
+    r = frechet_distance_bootstrap(a, b, 300, seed=0)
+    assert np.percentile(r.resamples, 2.5) > r.fd  # what an unshifted interval would show
+    assert r.ci[0] <= r.fd <= r.ci[1]
 
 
 def test_bootstrap_interval_covers_analytic_fd_and_narrows_with_n():
@@ -61,8 +73,8 @@ def test_identical_sets_interval_near_zero_relative_to_a_shifted_set():
     shifted = frechet_distance_bootstrap(a, a + 0.5, 200, seed=0)  # FD = 16 * 0.25 = 4
     assert same.fd == pytest.approx(0.0, abs=1e-8)
     assert shifted.fd == pytest.approx(4.0, rel=1e-6)
-    # the resampling alone gives a small positive FD (the upward bias of the bootstrap)
-    assert 0 <= same.ci[0] < same.ci[1] < 0.1 * shifted.ci[0]
+    # centred on 0 (clipped) and far below the shifted set's interval
+    assert same.ci[0] == 0.0 and same.ci[1] < 0.1 * shifted.ci[0]
 
 
 def test_bootstrap_singular_covariance_and_no_resamples():
