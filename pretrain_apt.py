@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="APT control run: D keeps its initialization (diffusion backbone + fresh heads); "
         "its phase only computes and logs its metrics, G trains against the frozen D",
     )
+    s.add_argument(
+        "--d-warmup-iters",
+        type=int,
+        help="APT: the first N updates train D only (G and its EMA wait; they count towards "
+        "--train-iters): D's heads start random, and a G following a random D learns noise (0)",
+    )
     s.add_argument("--guidance-scale", type=float, help="consistency teacher CFG (7.5)")
     s.add_argument(
         "--cond-dropout",
@@ -242,6 +248,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "d_timesteps",
             "d_head_layers",
             "freeze_discriminator",
+            "d_warmup_iters",
             "guidance_scale",
             "cond_dropout",
             "init_generator",

@@ -112,6 +112,9 @@ class TrainConfig:
     d_timesteps: str = "ensemble"  # D's t: "ensemble" shift(u, s) (paper) | "zero" (sec. 3.3)
     d_head_layers: str | None = None  # D's heads: None = paper fractions | "last" | "1,2,..."
     freeze_discriminator: bool = False  # D keeps its init (control run); G trains against it
+    # APT: the first d_warmup_iters updates train D only (G and its EMA wait): D's heads start
+    # random, and a G that follows a random D's gradient learns noise (measured: demo recipe)
+    d_warmup_iters: int = 0
     health: HealthConfig = field(default_factory=HealthConfig)  # APT: collapse detector
     guidance_scale: float = 7.5  # consistency teacher CFG
     consistency_steps: int = 32
@@ -283,8 +286,17 @@ def _validate_apt_options(cfg: TrainConfig) -> None:
     if cfg.d_timesteps not in D_TIMESTEPS:
         raise ValueError(f"d_timesteps={cfg.d_timesteps!r}: choose one of {D_TIMESTEPS}")
     parse_head_layers(cfg.d_head_layers, cfg.model.num_layers)
+    if not 0 <= cfg.d_warmup_iters < cfg.train_iters:
+        raise ValueError(
+            f"d_warmup_iters={cfg.d_warmup_iters} must lie in [0, train_iters={cfg.train_iters})"
+            " (the warm-up updates train D only and count towards train_iters)"
+        )
     if cfg.stage != "apt":
-        for name, default in (("freeze_discriminator", False), ("d_head_layers", None)):
+        for name, default in (
+            ("freeze_discriminator", False),
+            ("d_head_layers", None),
+            ("d_warmup_iters", 0),
+        ):
             if getattr(cfg, name) != default:
                 raise ValueError(
                     f"{name}={getattr(cfg, name)!r} applies to the apt stage only "
@@ -483,6 +495,14 @@ def demo_apt() -> TrainConfig:
 
 PAPER_IMAGE_BATCH = 9062  # paper section 3.5
 
+# The paper's R1 perturbation N(x, σI) with "small variance σ" could be read as a standard
+# deviation of √σ. The paper recipes read σ as the standard deviation (r1_noise_std="sigma"):
+# on unit-variance VAE latents, √0.01 = 0.1 (images) and √0.1 = 0.32 (videos) would perturb by
+# 10-32 % of the data's scale, hardly "small", and the exact-R1 weights λσ² = 0.01 (images)
+# and 1 (videos) are the range the R1 literature uses (StyleGAN's γ/2), where √σ gives 1 and
+# 10. The two readings are measured against each other at toy scale by `make study`
+# (docs/study.md, arm "R1 noise std sqrt(sigma)").
+
 
 def paper_image_global_batch(data_parallel: int, micro_batch_size: int = 1) -> int:
     """9062 has no even split over 128 or 256 GPUs (9062 = 2 x 23 x 197); we use the nearest
@@ -512,6 +532,7 @@ def mmdit_8b_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> T
         shift=1.0,
         r1_lambda=100.0,
         r1_sigma=0.01,
+        r1_noise_std="sigma",  # σ is the perturbation's standard deviation (see above)
         data=DataConfig(frames=1, height=128, width=128, text_len=256),  # 1024px, 8x VAE
         notes="global batch: 9062 rounded up to a multiple of micro x DP (see "
         "paper_image_global_batch)",
@@ -542,6 +563,7 @@ def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
         shift=12.0,
         r1_lambda=100.0,
         r1_sigma=0.1,
+        r1_noise_std="sigma",  # σ is the perturbation's standard deviation (see above)
         data=DataConfig(frames=13, height=90, width=160, text_len=256),
         notes="latents 13x90x160 = 49 frames of 1280x720 through a 4x8x8 video VAE",
     )

@@ -294,6 +294,8 @@ class Trainer:
                     loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
                     bad = self._backward_step(d_eng, loss, bad)
                 acc.append(m)
+        if self._d_warmup():  # D only: G neither steps nor draws its micro-batches
+            return _mean(acc), bad
         with frozen(d_eng.module):
             for _ in range(self.plan.accumulation):
                 batch, rngs = self._next(SALT["g"])
@@ -302,26 +304,35 @@ class Trainer:
                 acc.append(m)
         return _mean(acc), bad
 
+    def _d_warmup(self) -> bool:
+        """Whether the current update is one of the APT stage's D-only warm-up updates."""
+        return self.cfg.stage == "apt" and self.step < self.cfg.d_warmup_iters
+
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> dict:
         c, per_update = self.cfg, self.plan.global_batch_size
         update = getattr(self, f"_update_{c.stage}")
-        last = {}
+        last, window, updates, t0 = {}, [], 0, time.perf_counter()
         try:
             while self.step < c.train_iters:
-                t0 = time.perf_counter()
                 metrics, bad = update()
                 metrics.update(self._pop_grad_norms())
+                warmup = self._d_warmup()
                 if bad:
                     self.skipped += 1
                 else:
-                    for ema in self.emas.values():
+                    for ema in self.emas.values() if not warmup else ():
                         ema.update()
-                self.step += 1
-                phases = 1 + (c.d_updates_per_iter if c.stage == "apt" else 0)
+                    window.append(metrics)
+                self.step, updates = self.step + 1, updates + 1
+                phases = (0 if warmup else 1) + (c.d_updates_per_iter if c.stage == "apt" else 0)
                 self.samples += per_update * phases
                 if self.step % c.log_interval == 0 or self.step == c.train_iters:
-                    last = self._log(metrics, time.perf_counter() - t0)
+                    # the mean over the log interval's updates (skipped ones left out, unless
+                    # every one was skipped): a log step is not one noisy micro-batch sample
+                    dt = (time.perf_counter() - t0) / updates  # seconds per update
+                    last = self._log(_mean(window) if window else metrics, dt)
+                    window, updates, t0 = [], 0, time.perf_counter()
                     if self.guard.after_log(self.step, last):  # may stop (raises) or roll back
                         continue  # the step counter is the reloaded checkpoint's
                 if c.save and c.save_interval and self.step % c.save_interval == 0:

@@ -415,3 +415,23 @@ def test_impossible_batch_fails_before_start_under_torchrun(tmp_path):
     assert proc.stderr.count(want) in (1, 2), proc.stderr[-3000:]
     assert 'pretrain_apt.py", line' not in proc.stderr, "a traceback from the ranks"
     assert not (tmp_path / "x").exists()
+
+
+def test_log_step_is_the_mean_of_its_interval(runs, tmp_path):
+    """With --log-interval 2 a log step reports the mean of its two updates' metrics (not the
+    last update's alone: one micro-batch is a noisy sample of D's accuracy), and the same
+    cumulative counters as the every-update log of the same run."""
+    every = metrics(runs.full("apt-zero2"))
+    base = runs.chain("torchrun")
+    save = tmp_path / "interval2"
+    inits = Runs.inits(base, "apt")
+    train("torchrun", "tiny-apt", save, "--zero-stage", 2, "--train-iters", 4, *inits,
+          "--log-interval", 2)  # fmt: skip
+    pairs = metrics(save)
+    assert sorted(pairs) == [2, 4], pairs
+    for step in (2, 4):
+        for k in KEYS["apt"] - TIMING - {"step", "samples", "skipped", "lr"}:
+            want = (every[step - 1][k] + every[step][k]) / 2
+            assert math.isclose(pairs[step][k], want, rel_tol=1e-6, abs_tol=1e-7), (step, k)
+        for k in ("samples", "skipped", "lr"):
+            assert pairs[step][k] == every[step][k], (step, k)
