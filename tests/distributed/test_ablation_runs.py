@@ -5,6 +5,9 @@ head on the last block, R1 noise of std sqrt(sigma)) at ZeRO-3: D's weights neve
 any rank while G's do, D's phase still logs its metrics, the config is recorded in the
 checkpoint, and a resume from update 2 ends exactly where the uninterrupted 3-update run ends
 (a never-stepped discriminator engine checkpoints and reloads).
+
+The D warm-up (``--d-warmup-iters``): during the first updates D trains, G and its EMA keep
+their initial weights bit for bit and no G metrics are logged; then both train.
 """
 
 from __future__ import annotations
@@ -96,3 +99,25 @@ def test_frozen_discriminator_run_resumes_exactly(frozen_run):
     for name in ("generator", "generator_ema", "discriminator"):
         x, y = (load_file(str(d / f"{name}.safetensors")) for d in (save, resumed))
         assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def _moved(hist: dict, keys: list[str], a: int, b: int) -> float:
+    return max((hist[b][k] - hist[a][k]).abs().max().item() for k in keys)
+
+
+def test_d_warmup_trains_d_only_then_both(tmp_path):
+    save, weights = tmp_path / "warmup", tmp_path / "weights"
+    env = {"MEGATRON_APT_TEST_WEIGHTS_DIR": str(weights)}
+    train(save, "--d-warmup-iters", "2", "--train-iters", "3", env=env)
+    for rank in (0, 1):
+        hist = torch.load(weights / f"rank{rank}.pt", weights_only=True)
+        g_keys = [k for k in hist[0] if k.startswith(("generator/", "ema/generator/"))]
+        d_keys = [k for k in hist[0] if k.startswith("discriminator/")]
+        assert g_keys and d_keys
+        for step in (1, 2):  # warm-up: D moves, G and EMA stay
+            assert _moved(hist, d_keys, step - 1, step) > 0, (rank, step)
+            assert _moved(hist, g_keys, 0, step) == 0, (rank, step)
+        assert _moved(hist, g_keys, 2, 3) > 0 and _moved(hist, d_keys, 2, 3) > 0
+    log = records(save)
+    assert "loss_g" not in log[1] and "loss_g" not in log[2] and "loss_g" in log[3]
+    assert log[2]["samples"] == 2 * 4 and log[3]["samples"] == 2 * 4 + 2 * 4  # D, then D + G

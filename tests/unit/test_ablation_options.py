@@ -82,6 +82,12 @@ def test_cli_sets_every_ablation_field_and_config_records_them():
             ("--recipe", "tiny-diffusion", "--freeze-discriminator"),
             "freeze_discriminator=True applies to the apt stage only",
         ),
+        (("--d-warmup-iters", "4"), "d_warmup_iters=4 must lie in [0, train_iters=4)"),
+        (("--d-warmup-iters", "-1"), "d_warmup_iters=-1 must lie in [0, train_iters=4)"),
+        (
+            ("--recipe", "tiny-consistency", "--d-warmup-iters", "1"),
+            "d_warmup_iters=1 applies to the apt stage only",
+        ),
     ],
 )
 def test_cli_errors_name_the_flag_value(args, message):
