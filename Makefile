@@ -11,10 +11,12 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo venv test test-unit test-distributed test-gpu lint format plan clean help
+.PHONY: demo study venv test test-unit test-distributed test-gpu lint format plan clean help
 
 help:
-	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~15 min)"
+	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~17 min)"
+	@echo "                     (another seed: make demo DEMO_ARGS=\"--seed 3\")"
+	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h)"
 	@echo "make test            create/update .venv, install, run the whole test suite"
 	@echo "make test-unit       single-process tests only"
 	@echo "make test-gpu        GPU-spec tests (need CUDA; install with EXTRAS=gpu,dev)"
@@ -23,6 +25,10 @@ help:
 
 demo: $(STAMP)
 	$(PY) examples/demo.py $(DEMO_ARGS)
+
+# Not part of `make test` / CI: up to 2 hours on 2 cores; resumable (re-run to continue).
+study: $(STAMP)
+	$(PY) examples/apt_study.py $(STUDY_ARGS)
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's megatron_apt, whatever else is installed
+LATEST = "latest_checkpointed_iteration.txt"  # megatron_apt.engine.checkpointing.LATEST
 VAE = "identity:2:-0.72:3.0"  # pixel-unshuffle, normalized to zero mean, unit variance
 STAGES = (
     "data",
@@ -69,8 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output folder")
+    p.add_argument("--out", help="output folder (default: runs/demo-seed<SEED>)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (tests, CI)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the three training stages (weights, data order, noise) and of the "
+        "generation noise; no recipe pins one: the demo is meant to hold for any seed",
+    )
     p.add_argument("--nproc", type=int, default=2, help="training processes")
     p.add_argument(
         "--launcher",
@@ -79,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the training stages start their processes",
     )
     p.add_argument("--redo", choices=STAGES, help="re-run this stage and all after it")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 when one of the demo's checks fails"
+    )
     p.add_argument("--verbose", action="store_true", help="show every line of the children")
     return p.parse_args(argv)
 
@@ -86,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.out = Path(args.out).resolve()
+        self.out = Path(args.out or ROOT / "runs" / f"demo-seed{args.seed}").resolve()
         self.quick = args.quick
         self.bin = Path(sys.executable).parent
         self.py = sys.executable
@@ -97,8 +109,12 @@ class Demo:
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         self.env.setdefault("DS_ACCELERATOR", "cpu")
         self.env.setdefault("PYTHONUNBUFFERED", "1")
-        # sizes: the full demo, or a few steps of everything (the CI test)
-        self.n_train, self.n_eval = (64, 16) if self.quick else (2048, 256)
+        # sizes: the full demo, or a few steps of everything (the CI test). The held-out real
+        # set is split in two halves (evaluate.py): one the reference of every row, one the
+        # real-data row; the one-step rows get as many samples as a half (2048: FD intervals
+        # about +-15 at FD ~100), the 25-step row (50 model calls per sample with CFG) 256.
+        self.n_train, self.n_eval = (64, 32) if self.quick else (2048, 4096)
+        self.n_rows = {"one_step": self.n_eval // 2, "diffusion": self.n_eval // 16}
         self.iters = {"diffusion": 3, "consistency": 3, "apt": 3} if self.quick else {}
         self.feature_steps = 20 if self.quick else 300
 
@@ -174,10 +190,10 @@ class Demo:
             "data",
             [*tool, "--output", self.p("data", "real"), "--num", str(self.n_eval), "--seed", "1"],
         )
-        caps = sorted(self.p("data", "real").glob("*.txt"))
-        self.p("data", "eval_prompts.txt").write_text(
-            "".join(c.read_text().strip() + "\n" for c in caps)
-        )
+        # prompts: the captions of the real-data row's half (tools/evaluate.py), in order
+        caps = [c.read_text().strip() for c in sorted(self.p("data", "real").glob("*.txt"))]
+        for name, n in self.n_rows.items():
+            self.p("data", f"prompts_{name}.txt").write_text("".join(c + "\n" for c in caps[:n]))
 
     def stage_preprocess(self) -> None:
         self.run("preprocess", [
@@ -188,13 +204,23 @@ class Demo:
             "--batch-size", "64", "--samples-per-shard", "512", "--no-progress",
         ])  # fmt: skip
 
-    def _train(self, stage: str, extra: list[str]) -> None:
-        save = self.p(stage)
+    def train(
+        self, stage: str, extra: list, save: Path, seed: int, log: str, load: Path | None = None
+    ) -> None:
+        """``pretrain_apt.py --recipe demo-<stage>`` on this run's shards, saving to (and
+        resuming from) ``save``, or resuming from ``load`` while ``save`` has no checkpoint."""
+        load = save if load is None or (save / LATEST).is_file() else load
         cmd = [*self.launch(), ROOT / "pretrain_apt.py", "--recipe", f"demo-{stage}",
-               "--data-path", self.p("shards"), "--save", save, "--load", save, *extra]  # fmt: skip
-        if stage in self.iters:
-            cmd += ["--train-iters", str(self.iters[stage]), "--log-interval", "1"]
-        self.run(stage, cmd)
+               "--data-path", self.p("shards"), "--save", save, "--load", load,
+               "--seed", str(seed), *extra]  # fmt: skip
+        if stage in self.iters:  # quick: a few updates, unless the caller set them
+            iters = [] if "--train-iters" in extra else ["--train-iters", str(self.iters[stage])]
+            warmup = ["--d-warmup-iters", "1"] if stage == "apt" else []  # recipe: 40 of 240
+            cmd += [*iters, *warmup, "--log-interval", "1"]
+        self.run(log, cmd)
+
+    def _train(self, stage: str, extra: list[str]) -> None:
+        self.train(stage, extra, self.p(stage), self.args.seed, stage)
 
     def stage_diffusion(self) -> None:
         self._train("diffusion", [])
@@ -212,15 +238,19 @@ class Demo:
             "--init-discriminator", self.p("diffusion", "diffusion_ema.safetensors"),
         ])  # fmt: skip
 
-    def stage_generate(self) -> None:
-        base = [
+    def generate(self, out: Path, prompts: str, seed: int, args: list, log: str) -> None:
+        """tools/generate.py into ``out`` (replaced) for the prompts file ``prompts_<name>``."""
+        shutil.rmtree(out, ignore_errors=True)
+        self.run(log, [
             self.py, ROOT / "tools" / "generate.py",
-            "--prompts-file", self.p("data", "eval_prompts.txt"),
             "--text-encoder", self.p("models", "t5"), "--max-text-length", "12",
             "--vae", VAE, "--frames", "5", "--height", "16", "--width", "16",
-            "--fps", "8", "--video-format", "gif", "--batch-size", "64", "--seed", "0",
-            "--device", "cpu",
-        ]  # fmt: skip
+            "--fps", "8", "--video-format", "gif", "--batch-size", "128",
+            "--seed", str(seed), "--device", "cpu",
+            "--prompts-file", self.p("data", f"prompts_{prompts}.txt"), *args, "--output", out,
+        ])  # fmt: skip
+
+    def stage_generate(self) -> None:
         recipe = {
             "diffusion": ["--mode", "diffusion", "--steps", "25", "--guidance-scale", "3",
                           "--checkpoint", self.p("diffusion", "diffusion_ema.safetensors")],
@@ -229,9 +259,10 @@ class Demo:
             "apt2": ["--checkpoint", self.p("apt", "generator_ema.safetensors"), "--steps", "2"],
         }  # fmt: skip
         for folder, key in ROWS.values():
-            out = self.p("samples", folder)
-            shutil.rmtree(out, ignore_errors=True)
-            self.run("generate", [*base, *recipe[key], "--output", out])
+            prompts = "diffusion" if key == "diffusion" else "one_step"
+            self.generate(
+                self.p("samples", folder), prompts, self.args.seed, recipe[key], "generate"
+            )
 
     def stage_evaluate(self) -> None:
         rows = [f"{name}={self.p('samples', folder)}" for name, (folder, _) in ROWS.items()]
@@ -240,6 +271,7 @@ class Demo:
             *[a for r in rows for a in ("--row", r)], "--output", self.p("results"),
             "--size", "16", "--feature-steps", str(self.feature_steps),
             "--feature-net", self.p("models", "feature_net.safetensors"),
+            "--max-samples", str(self.n_rows["one_step"]),
         ])  # fmt: skip
 
     def stage_figures(self) -> None:
@@ -255,10 +287,7 @@ class Demo:
         ])  # fmt: skip
         self.run("figures", [
             self.py, ROOT / "tools" / "make_figures.py", "--output", self.p("figures"),
-            "--metrics", f"APT losses={self.p('apt', 'metrics.jsonl')}",
-            "--keys", "APT losses=loss_g,loss_d,loss_r1",
-            "--metrics", f"APT discriminator logits={self.p('apt', 'metrics.jsonl')}",
-            "--keys", "APT discriminator logits=d_real,d_fake",
+            "--metrics", f"APT={self.p('apt', 'metrics.jsonl')}", "--health",
             "--curves-name", "apt_loss_curves",
         ])  # fmt: skip
 
@@ -271,7 +300,12 @@ class Demo:
                 f"demo: {self.out} holds a {'quick' if self.progress['_quick'] else 'full'} run;"
                 " use another --out or delete it"
             )
-        self.progress["_quick"] = self.quick
+        if self.progress.get("_seed", self.args.seed) != self.args.seed:
+            sys.exit(
+                f"demo: {self.out} holds a run with --seed {self.progress['_seed']}; use another"
+                " --out or delete it"
+            )
+        self.progress["_quick"], self.progress["_seed"] = self.quick, self.args.seed
         if self.args.redo:
             for s in STAGES[STAGES.index(self.args.redo) :]:
                 self.progress.pop(s, None)
@@ -288,22 +322,29 @@ class Demo:
             self.progress[stage] = dt
             self.progress_file.write_text(json.dumps(self.progress, indent=1))
             print(f"{head}: done in {dt:.0f} s (total {time.perf_counter() - start:.0f} s)")
-        self.report()
-        return 0
+        return self.report()
 
-    def report(self) -> None:
-        res = json.loads(self.p("results.json").read_text())
+    def report(self) -> int:
+        """Print the table and the demo's checks; write the checks into results.json."""
+        from megatron_apt.evaluation.checks import checks_to_json, demo_checks
+
+        results = json.loads(self.p("results.json").read_text())
         print("\n" + self.p("results.md").read_text())
-        cd, apt = res["rows"]["consistency 1 step"], res["rows"]["APT 1 step"]
-        better_fd, sharper = apt["fd"] < cd["fd"], apt["sharpness"] > cd["sharpness"]
-        print(
-            f"APT 1 step vs consistency 1 step: FD {apt['fd']:.2f} vs {cd['fd']:.2f} "
-            f"({'lower' if better_fd else 'NOT lower'}), sharpness {apt['sharpness']:.1f} vs "
-            f"{cd['sharpness']:.1f} ({'higher' if sharper else 'NOT higher'})"
-        )
+        path = self.p("apt", "metrics.jsonl")
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        checks = demo_checks(results, records)
+        results["demo"] = {"seed": self.args.seed, "checks": checks_to_json(checks)}
+        self.p("results.json").write_text(json.dumps(results, indent=1))
+        print(f"checks (seed {self.args.seed}):")
+        print("\n".join("  " + c.line() for c in checks))
+        failed = [c for c in checks if not c.passed]
         times = ", ".join(f"{s} {self.progress[s]:.0f} s" for s in STAGES)
         print(f"stage times: {times}")
-        print(f"outputs: {self.out}  (results.md, figures/, samples/, logs/, commands.sh)")
+        print(f"outputs: {self.out}  (results.md/.json, figures/, samples/, logs/, commands.sh)")
+        if failed and not self.quick:
+            print(f"{len(failed)} of {len(checks)} checks failed (see above)")
+            return 1 if self.args.strict else 0
+        return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def _demo(out, *extra):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)]
+        + ["--seed", "11"]
         + list(extra),
         cwd=REPO_ROOT,
         env=env,
@@ -41,22 +42,34 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
         assert log.count("TRAINING-DONE") == 2, log[-2000:]  # one line per rank
         assert [json.loads(x)["step"] for x in (out / stage / "metrics.jsonl").open()] == [1, 2, 3]
     apt_metrics = json.loads((out / "apt" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"loss_g", "loss_d", "loss_r1"} <= set(apt_metrics)
+    assert {"loss_g", "loss_d", "loss_r1", "d_acc_real", "d_acc_fake", "logit_gap"} <= set(
+        apt_metrics
+    )
+    assert "--seed 11" in (out / "logs" / "apt.log").read_text().splitlines()[0]
     # the table: every row, every column, finite numbers
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == set(ROWS)
+    keys = {"fd", "fd_ci", "sharpness_ratio", "background_noise", "saturation_distance"}
+    keys |= {f"caption_{k}" for k in ("color", "shape", "motion", "all")} | {"num_samples"}
     for row in results["rows"].values():
-        assert {"fd", "sharpness", "caption_all"} <= set(row)
+        assert keys <= set(row), keys - set(row)
         assert all(v == v for v in row.values())  # no NaN
+    assert results["rows"]["APT 1 step"]["num_samples"] == 16  # half of the 32 held-out clips
+    assert results["rows"]["diffusion 25 steps (CFG)"]["num_samples"] == 2
+    checks = results["demo"]["checks"]
+    assert results["demo"]["seed"] == 11 and len(checks) == 5
+    assert all({"name", "passed", "detail"} <= set(c) for c in checks)
     table = (out / "results.md").read_text()
     assert all(f"| {r} |" in table for r in ROWS)
-    assert "APT 1 step vs consistency 1 step" in proc.stdout and str(out) in proc.stdout
+    assert "checks (seed 11):" in proc.stdout and str(out) in proc.stdout
+    for c in checks:  # every check printed with its outcome
+        assert f"[{'PASS' if c['passed'] else 'FAIL'}] {c['name']}" in proc.stdout, c
     # pictures: a grid (PNG), GIF and MP4 per row, and the loss curves
     figs = out / "figures"
     for stem in ("diffusion-25-steps-cfg", "consistency-1-step", "apt-1-step", "apt-2-steps"):
         for ext in (".png", ".gif", ".mp4"):
             assert (figs / f"{stem}{ext}").stat().st_size > 0, stem + ext
-    for png in ("apt_loss_curves.png", "pre_stages.png"):
+    for png in ("apt_loss_curves.png", "apt_loss_curves_health.png", "pre_stages.png"):
         assert (figs / png).read_bytes()[:4] == b"\x89PNG"
     # the commands are ordinary, re-runnable ones
     commands = (out / "commands.sh").read_text()
@@ -64,4 +77,5 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     # a second run skips every stage
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("skipped") == len(progress) - 1, again.stdout
+    stages_done = [k for k in progress if not k.startswith("_")]  # "_quick", "_seed": meta
+    assert again.stdout.count("skipped") == len(stages_done) == 8, again.stdout

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""The paper's ablations at toy scale (`make study`): every arm over several seeds, from one
+shared diffusion + consistency pair, scored against one reference set; writes docs/study.md.
+
+    python examples/apt_study.py                     # runs/study, seeds 1 2 3; ~2 h on 2 cores
+    python examples/apt_study.py --seeds 1 2 3 4     # more seeds (finished runs are kept)
+    python examples/apt_study.py --arms apt no-r1    # a subset of the arms
+    python examples/apt_study.py --quick             # a few steps of everything (the test)
+
+It reuses examples/demo.py's stages: data, preprocess, diffusion and consistency once (seed
+0), then per arm and seed one training run (`pretrain_apt.py --recipe demo-apt` plus the
+arm's flags, or more consistency updates for that control), 1-step samples of its EMA
+generator on the held-out prompts, and one tools/evaluate.py call over every run (FD with
+95 % bootstrap intervals, background noise, sharpness and saturation against real data,
+caption accuracy). Resumable: finished runs are recorded in OUT/progress.json, an interrupted
+training run resumes from its checkpoint. The report (tables, verdicts, health curves, sample
+grids) goes to --report (docs/study.md, pictures in docs/study/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo import ROOT, Demo  # noqa: E402  (puts ROOT on sys.path)
+
+from megatron_apt.config.training import get_recipe  # noqa: E402
+from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
+
+WORSE = frozenset({"higher", "collapsed"})
+
+
+@dataclass(frozen=True)
+class Arm:
+    title: str
+    flags: tuple[str, ...] = ()
+    paper: str = ""  # what the paper says about it
+    stage: str = "apt"  # "consistency": the control that trains the distilled model on
+    batch: float = 1.0  # global batch relative to the demo recipe's
+    # the verdicts (vs APT of the same seed; APT itself: vs its start) the paper predicts
+    expect: frozenset = field(default_factory=lambda: WORSE)
+
+
+ARMS: dict[str, Arm] = {
+    "apt": Arm(
+        "APT (demo recipe)",
+        paper="one-step model closer to real data than its init (sec. 4, 5.3)",
+        expect=frozenset({"lower"}),
+    ),
+    "d-frozen": Arm(
+        "control: D frozen",
+        ("--freeze-discriminator",),
+        "control: the adversarial gradient of an untrained D (heads at init)",
+    ),
+    "consistency-more": Arm(
+        "control: consistency, same extra updates",
+        stage="consistency",
+        paper="control: is APT's gain just more training of the distilled model?",
+    ),
+    "no-r1": Arm(
+        "no approximated R1 (lambda 0)",
+        ("--r1-lambda", "0"),
+        "sec. 5.1, fig. 5: loss_D -> 0 and collapse",
+    ),
+    "d-t0": Arm(
+        "D at t = 0 only",
+        ("--d-timesteps", "zero"),
+        "sec. 3.3: t = 0 leads to collapse; the timestep ensemble avoids it",
+    ),
+    "one-head": Arm(
+        "one head, last layer",
+        ("--d-head-layers", "last"),
+        "sec. 5.2, fig. 7: multi-layer heads improve structure",
+    ),
+    "batch-small": Arm(
+        "small batch (1/4)", batch=0.25, paper="app. E: small batches mode-collapse"
+    ),
+    "batch-large": Arm(
+        "large batch (2x)",
+        batch=2.0,
+        paper="app. E: larger batches are stable",
+        expect=frozenset({"lower", "overlap"}),
+    ),
+    "r1-sqrt-sigma": Arm(
+        "R1 noise std sqrt(sigma)",
+        ("--r1-noise-std", "sqrt-sigma"),
+        "sec. 3.4 writes N(x, sigma I), 'small variance sigma': std sqrt(sigma)",
+        expect=frozenset(),  # a reading of the text, not a claim
+    ),
+    "adam": Arm(
+        "Adam(0, 0.9), bias-corrected",
+        ("--optimizer", "adam", "--adam-betas", "0", "0.9"),
+        "sec. 3.5: RMSprop(alpha 0.9) 'is equivalent to' Adam(0, 0.9)",
+        expect=frozenset({"overlap"}),
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default=str(ROOT / "runs" / "study"), help="output folder")
+    p.add_argument("--report", default=str(ROOT / "docs" / "study.md"), help="report path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every arm")
+    p.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="arms to run (default all)")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes")
+    p.add_argument("--verbose", action="store_true", help="show every line of the children")
+    return p.parse_args(argv)
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.report = Path(args.report).resolve()
+        self.arms = {k: ARMS[k] for k in (args.arms or ARMS)}
+        if "apt" not in self.arms:
+            self.arms = {"apt": ARMS["apt"], **self.arms}  # the reference of every verdict
+        # the shared pre-stages and every run: a demo whose seed is 0
+        demo_args = argparse.Namespace(
+            out=str(self.out / "base"), quick=args.quick, nproc=args.nproc, seed=0,
+            launcher="deepspeed", redo=None, verbose=args.verbose, strict=False,
+        )  # fmt: skip
+        self.demo = Demo(demo_args)
+        self.recipe = get_recipe("demo-apt")
+        self.iters = 3 if args.quick else self.recipe.train_iters
+        self.progress_file = self.out / "progress.json"
+        self.progress = (
+            json.loads(self.progress_file.read_text()) if self.progress_file.is_file() else {}
+        )
+
+    # ---- runs -------------------------------------------------------------------------------
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out / "runs" / arm / f"seed{seed}"
+
+    def samples_dir(self, arm: str, seed: int) -> Path:
+        return self.out / "samples" / f"{arm}-seed{seed}"
+
+    def _batch_flags(self, arm: Arm) -> list[str]:
+        if arm.batch == 1.0:
+            return []
+        r = self.recipe
+        micro = (
+            r.micro_batch_size if arm.batch >= 1 else max(1, int(r.micro_batch_size * arm.batch))
+        )
+        glob = max(micro * self.args.nproc, int(r.global_batch_size * arm.batch))
+        return ["--micro-batch-size", str(micro), "--global-batch-size", str(glob)]
+
+    def train(self, key: str, seed: int) -> None:
+        arm, d, base = self.arms[key], self.run_dir(key, seed), self.demo.p
+        d.parent.mkdir(parents=True, exist_ok=True)
+        log = f"study-{key}-seed{seed}"
+        if arm.stage == "consistency":
+            # consistency distillation with this seed, given the updates of the shared run plus
+            # those of an APT run (its cosine schedule over all of them): APT's extra updates
+            # spent on distillation instead. (Resuming the shared run is not an option: its
+            # data order is tied to its seed.)
+            cons = 3 if self.args.quick else get_recipe("demo-consistency").train_iters
+            extra = ["--init-generator", base("diffusion", "diffusion_ema.safetensors"),
+                     "--train-iters", str(cons + self.iters)]  # fmt: skip
+            self.demo.train("consistency", extra, d, seed, log)
+            return
+        extra = [
+            "--init-generator", base("consistency", "consistency_ema.safetensors"),
+            "--init-discriminator", base("diffusion", "diffusion_ema.safetensors"),
+            *arm.flags, *self._batch_flags(arm),
+        ]  # fmt: skip
+        self.demo.train("apt", extra, d, seed, log)
+
+    def sample(self, key: str, seed: int) -> None:
+        d = self.run_dir(key, seed)
+        ema = "consistency_ema" if self.arms[key].stage == "consistency" else "generator_ema"
+        args = ["--checkpoint", d / f"{ema}.safetensors"]
+        self.demo.generate(self.samples_dir(key, seed), "one_step", seed, args, "study-generate")
+
+    def evaluate(self) -> dict:
+        base = self.demo.p
+        rows = {"consistency 1 step (start)": base("samples", "consistency-1")}
+        rows |= {
+            f"{key} / seed {seed}": self.samples_dir(key, seed)
+            for key in self.arms
+            for seed in self.args.seeds
+        }
+        self.demo.run("study-evaluate", [
+            self.demo.py, ROOT / "tools" / "evaluate.py", "--real", base("data", "real"),
+            *[a for name, folder in rows.items() for a in ("--row", f"{name}={folder}")],
+            "--output", self.out / "results", "--size", "16",
+            "--feature-net", base("models", "feature_net.safetensors"),
+            "--feature-steps", str(self.demo.feature_steps),
+            "--max-samples", str(self.demo.n_rows["one_step"]),
+        ])  # fmt: skip
+        return json.loads((self.out / "results.json").read_text())
+
+    # ---- driver -----------------------------------------------------------------------------
+    def step(self, name: str, fn, *a) -> None:
+        if name in self.progress:
+            return
+        t0 = time.perf_counter()
+        print(f"[study] {name} ...", flush=True)
+        fn(*a)
+        self.progress[name] = time.perf_counter() - t0
+        self.progress_file.write_text(json.dumps(self.progress, indent=1))
+        print(f"[study] {name}: {self.progress[name]:.0f} s", flush=True)
+
+    def main(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        d = self.demo
+        d.out.mkdir(parents=True, exist_ok=True)
+        d.p("logs").mkdir(exist_ok=True)
+        # the shared pair: data, shards, diffusion and consistency of seed 0, its 1-step row
+        for stage in ("data", "preprocess", "diffusion", "consistency"):
+            self.step(f"base/{stage}", getattr(d, f"stage_{stage}"))
+        cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
+        out = d.p("samples", "consistency-1")
+        self.step("base/sample", d.generate, out, "one_step", 0, cons, "study-generate")
+        for seed in self.args.seeds:
+            for key in self.arms:
+                self.step(f"{key}/seed{seed}/train", self.train, key, seed)
+                self.step(f"{key}/seed{seed}/sample", self.sample, key, seed)
+        results = self.evaluate()
+        self.write_report(results)
+        print(f"[study] report: {self.report}")
+        return 0
+
+    # ---- report -----------------------------------------------------------------------------
+    def _health(self, key: str, seed: int) -> dict:
+        path = self.run_dir(key, seed) / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        records = [json.loads(x) for x in lines if x.strip()]
+        events = [r for r in records if "event" in r]
+        steps = read_metrics(path) if path.is_file() else []
+        last = steps[-1]["step"] if steps else 0
+        half = [r for r in steps if r["step"] > last / 2 and "d_acc_real" in r]
+        mean = lambda k: statistics.fmean(r[k] for r in half) if half else None  # noqa: E731
+        return {
+            "events": [f"{e['event']}@{e['step']}" for e in events],
+            "d_acc_real": mean("d_acc_real"),
+            "d_acc_fake": mean("d_acc_fake"),
+            "loss_d": mean("loss_d"),
+        }
+
+    def write_report(self, results: dict) -> None:
+        from megatron_apt.evaluation.study_report import StudyReport
+
+        figures = self.report.parent / self.report.stem
+        figures.mkdir(parents=True, exist_ok=True)
+        self._figures(figures)
+        health = {(k, s): self._health(k, s) for k in self.arms for s in self.args.seeds}
+        report = StudyReport(
+            arms={k: (a.title, a.paper, a.expect) for k, a in self.arms.items()},
+            seeds=self.args.seeds,
+            results=results,
+            health=health,
+            recipe=self.recipe,
+            seconds=sum(self.progress.values()),
+            figures={
+                "health": figures / "health.png",
+                "samples": figures / "samples.png",
+            },
+            quick=self.args.quick,
+        )
+        self.report.write_text(report.markdown(relative_to=self.report.parent))
+        (self.out / "summary.json").write_text(json.dumps(report.summary(), indent=1))
+
+    def _figures(self, folder: Path) -> None:
+        seed, d = self.args.seeds[0], self.demo
+        samples = [f"real data={d.p('data', 'real')}"]
+        samples += [f"consistency (start)={d.p('samples', 'consistency-1')}"]
+        samples += [f"{k}={self.samples_dir(k, seed)}" for k in self.arms]
+        apt_runs = [k for k, a in self.arms.items() if a.stage == "apt"]
+        metrics = [f"{k}={self.run_dir(k, seed) / 'metrics.jsonl'}" for k in apt_runs]
+        tmp = self.out / "figures"
+        d.run("study-figures", [
+            d.py, ROOT / "tools" / "make_figures.py", "--output", tmp,
+            *[a for s in samples for a in ("--samples", s)], "--comparison", "samples",
+            "--per-row", "6", "--num", "4",
+            *[a for m in metrics for a in ("--metrics", m)], "--health", "--curves-name", "apt",
+        ])  # fmt: skip
+        shutil.copy(tmp / "samples.png", folder / "samples.png")
+        shutil.copy(tmp / "apt_health.png", folder / "health.png")
+
+
+if __name__ == "__main__":
+    sys.exit(Study(parse_args()).main())

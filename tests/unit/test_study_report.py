@@ -1,0 +1,71 @@
+"""The ablation study's verdicts and report (megatron_apt.evaluation.study_report) on hand-made
+evaluation rows: decided by disjoint FD intervals, collapse by events or FD, per seed."""
+
+from __future__ import annotations
+
+from megatron_apt.evaluation.study_report import START, StudyReport, row_name, seed_verdict
+
+WORSE = frozenset({"higher", "collapsed"})
+
+
+def _row(fd, half_width=10.0):
+    return {
+        "fd": fd,
+        "fd_ci": [fd - half_width, fd + half_width],
+        "background_noise": 1.0,
+        "sharpness_ratio": 1.0,
+        "saturation_distance": 0.1,
+        "caption_all": 0.4,
+    }
+
+
+def test_seed_verdict_needs_disjoint_intervals():
+    start, ref = _row(200.0), _row(100.0)
+    assert seed_verdict(_row(150.0), ref, start, []) == "higher"
+    assert seed_verdict(_row(115.0), ref, start, []) == "overlap"  # [105, 125] meets [90, 110]
+    assert seed_verdict(_row(60.0), ref, start, []) == "lower"
+    assert seed_verdict(_row(401.0), ref, start, []) == "collapsed"  # > 2x the start's FD
+    assert seed_verdict(_row(100.0), ref, start, ["collapse@40"]) == "collapsed"
+    assert seed_verdict(_row(150.0), ref, start, ["rollback@40"]) == "higher"
+
+
+def _report():
+    fds = {"apt": (100, 105, 95), "no-r1": (500, 160, 98), "adam": (104, 99, 150)}
+    rows = {START: _row(200.0)}
+    rows |= {row_name(a, s): _row(fd) for a, v in fds.items() for s, fd in zip((1, 2, 3), v)}
+    health = {
+        (a, s): {"events": [], "d_acc_real": 0.7, "d_acc_fake": 0.8, "loss_d": 1.1}
+        for a in fds
+        for s in (1, 2, 3)
+    }
+    return StudyReport(
+        arms={
+            "apt": ("APT", "better than its init", frozenset({"lower"})),
+            "no-r1": ("no R1", "collapse", WORSE),
+            "adam": ("Adam", "equivalent", frozenset({"overlap"})),
+        },
+        seeds=[1, 2, 3],
+        results={"real": _row(9.0), "rows": rows},
+        health=health,
+    )
+
+
+def test_verdicts_and_reproduction_per_arm():
+    r = _report()
+    assert r.verdicts("apt") == ["lower", "lower", "lower"]  # against the start (200)
+    assert r.verdicts("no-r1") == ["collapsed", "higher", "overlap"]
+    assert r.verdicts("adam") == ["overlap", "overlap", "higher"]
+    assert (r.reproduced("apt"), r.reproduced("no-r1"), r.reproduced("adam")) == (
+        "yes",
+        "partly (2/3)",
+        "partly (2/3)",
+    )
+    s = r.summary()
+    assert s["no-r1"]["fd"] == [500, 160, 98] and s["no-r1"]["verdicts"][0] == "collapsed"
+
+
+def test_markdown_has_every_arm_seed_and_claim():
+    md = _report().markdown()
+    for text in ("| APT |", "| no R1 |", "| Adam |", "500.0 [490.0, 510.0]", "partly (2/3)"):
+        assert text in md, text
+    assert "vs start: lower 3/3" in md and "collapsed 1/3" in md
