@@ -167,12 +167,39 @@ def write_media(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
             raise ValueError(f"{path}: an image takes 1 frame, got {frames.shape[0]}")
         Image.fromarray(frames[0]).save(path)
     elif path.suffix.lower() == ".gif":
-        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
+        _write_gif(path, frames, fps)
     elif kind == "video":
         _write_video(path, frames, fps)
     else:
         raise ValueError(f"{path}: unknown media extension")
     return path
+
+
+def _palette_frame(frame: np.ndarray) -> Image.Image:
+    """``uint8 [H, W, 3]`` -> a palette image, exact when the frame has at most 256 colours
+    (its own colours as the palette: no quantization, ~10x faster than Pillow's median cut on
+    noisy frames); Pillow's quantization for frames with more."""
+    colours, index = np.unique(frame.reshape(-1, 3), axis=0, return_inverse=True)
+    if len(colours) > 256:
+        return Image.fromarray(frame)
+    image = Image.fromarray(index.reshape(frame.shape[:2]).astype(np.uint8), mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(colours)] = colours
+    image.putpalette(palette.reshape(-1).tolist())
+    return image
+
+
+def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
+    """Animated GIF (looping), one local palette per frame (lossless up to 256 colours)."""
+    images = [_palette_frame(f) for f in frames]
+    images[0].save(
+        path,
+        save_all=True,
+        append_images=images[1:],
+        duration=1000.0 / fps,
+        loop=0,
+        optimize=False,
+    )
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: float) -> None:

@@ -177,3 +177,22 @@ def test_inputs_from_manifest_and_folder(tmp_path):
     items, skipped = list_inputs(manifest)
     assert items == [MediaItem(str(tmp_path / "m" / "image_00001.png"), "a red square")]
     assert skipped[0]["path"] == f"{manifest}:2" and "bad manifest line" in skipped[0]["reason"]
+
+
+def test_gif_is_lossless_up_to_256_colours_and_loops(tmp_path):
+    """Generated samples are noisy: each 16x16 frame has up to 256 colours, all kept exactly
+    (a per-frame palette, no quantization); larger frames still write (quantized)."""
+    from PIL import Image
+
+    from megatron_apt.data.media import write_media
+
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)  # 256 colours per frame
+    path = write_media(tmp_path / "noise.gif", clip, fps=8)
+    assert np.array_equal(read_frames(path), clip)
+    with Image.open(path) as im:
+        assert im.n_frames == 5 and im.info["loop"] == 0
+        assert abs(im.info["duration"] - 125) <= 10  # GIF stores centiseconds
+    big = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # 1024 colours per frame
+    back = read_frames(write_media(tmp_path / "big.gif", big, fps=8))
+    assert back.shape == big.shape and np.abs(back.astype(int) - big).mean() < 40
