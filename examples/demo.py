@@ -309,6 +309,14 @@ class Demo:
         if self.args.redo:
             for s in STAGES[STAGES.index(self.args.redo) :]:
                 self.progress.pop(s, None)
+                old = self.p(s)
+                if s in ("diffusion", "consistency", "apt") and old.is_dir():
+                    # a re-run starts afresh (its --load would resume the old checkpoints);
+                    # the old run is kept aside, not deleted
+                    aside = self.p(f"{s}.replaced")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    old.rename(aside)
+                    print(f"--redo {self.args.redo}: the previous {s} run moved to {aside}")
         start = time.perf_counter()
         for i, stage in enumerate(STAGES, 1):
             head = f"[{i}/{len(STAGES)}] {stage}"
