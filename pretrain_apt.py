@@ -19,16 +19,15 @@ import os
 import sys
 
 from megatron_apt.config.model import get_preset
+from megatron_apt.config.recipes import RECIPES, get_recipe
 from megatron_apt.config.training import (
     COLLAPSE_ACTIONS,
     D_TIMESTEPS,
     LR_DECAYS,
     OPTIMIZERS,
     R1_NOISE_STDS,
-    RECIPES,
     STAGES,
     TrainConfig,
-    get_recipe,
     plan_batch,
     validate,
 )

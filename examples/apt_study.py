@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import ROOT, Demo  # noqa: E402  (puts ROOT on sys.path)
 
-from megatron_apt.config.training import get_recipe  # noqa: E402
+from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
 
 WORSE = frozenset({"higher", "collapsed"})

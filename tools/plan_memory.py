@@ -29,7 +29,7 @@ from megatron_apt.config.memory import (  # noqa: E402
     plan_memory,
 )
 from megatron_apt.config.model import PRESETS, get_preset  # noqa: E402
-from megatron_apt.config.training import RECIPES, get_recipe  # noqa: E402
+from megatron_apt.config.recipes import RECIPES, get_recipe  # noqa: E402
 
 PAPER_SETUPS = {
     "paper image (1024px, batch 9062, 256 H100)": dict(

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_apt.config.training import get_recipe  # noqa: E402
+from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.engine.data import SyntheticLatents  # noqa: E402
 from megatron_apt.models.builders import build_discriminator, build_generator  # noqa: E402
 from megatron_apt.parallel.state import initialize_parallel  # noqa: E402

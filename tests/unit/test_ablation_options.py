@@ -13,12 +13,8 @@ import pytest
 import torch
 
 from megatron_apt.config import get_preset
-from megatron_apt.config.training import (
-    OptimConfig,
-    get_recipe,
-    parse_head_layers,
-    validate,
-)
+from megatron_apt.config.recipes import get_recipe
+from megatron_apt.config.training import OptimConfig, parse_head_layers, validate
 from megatron_apt.engine.engines import build_optimizer
 from megatron_apt.engine.trainer import apt_config
 from megatron_apt.models import Discriminator, Generator, MMDiT

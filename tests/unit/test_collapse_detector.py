@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_apt.config.training import HealthConfig, get_recipe, validate
+from megatron_apt.config.recipes import get_recipe
+from megatron_apt.config.training import HealthConfig, validate
 from megatron_apt.engine.checkpointing import LATEST, latest_checkpoint
 from megatron_apt.engine.health import CollapseDetector, balanced_accuracy
 from megatron_apt.engine.recovery import (

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from megatron_apt.config.training import RECIPES
+from megatron_apt.config.recipes import RECIPES
 from megatron_apt.testing.launch import REPO_ROOT
 
 SCRIPTS = sorted((REPO_ROOT / "examples").glob("*.sh"))

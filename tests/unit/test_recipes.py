@@ -16,18 +16,15 @@ import sys
 import pytest
 
 from megatron_apt.config.model import get_preset
-from megatron_apt.config.training import (
+from megatron_apt.config.recipes import (
     PAPER_IMAGE_BATCH,
     RECIPES,
-    OptimConfig,
     get_recipe,
-    lr_factor,
     mmdit_8b_image_apt,
     mmdit_8b_video_apt,
     paper_image_global_batch,
-    plan_batch,
-    validate,
 )
+from megatron_apt.config.training import OptimConfig, lr_factor, plan_batch, validate
 from megatron_apt.engine.ds_config import build_deepspeed_config
 from megatron_apt.testing.launch import REPO_ROOT
 

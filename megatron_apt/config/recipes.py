@@ -1,0 +1,225 @@
+"""Named recipes: one function per recipe returning a :class:`TrainConfig` that sets every
+hyper-parameter of a run (``pretrain_apt.py --recipe NAME``; flags override fields). The tiny
+recipes are for tests, the demo recipes for `make demo` (what was measured to choose them is
+in the comment above ``DEMO_DATA``), the paper recipes for the 8B image and video stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megatron_apt.config.model import get_preset
+from megatron_apt.config.training import DataConfig, OptimConfig, TrainConfig
+
+
+def _tiny(stage: str, **kw) -> TrainConfig:
+    base = dict(
+        recipe=f"tiny-{stage}",
+        stage=stage,
+        model=get_preset("tiny"),
+        micro_batch_size=2,
+        global_batch_size=4,
+        train_iters=4,
+        optim=OptimConfig(lr=1e-3),
+        ema_decay=0.9,
+        data=DataConfig(frames=2, height=8, width=8, text_len=6, num_samples=64),
+        guidance_scale=3.0,
+        consistency_steps=8,
+        log_interval=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_diffusion() -> TrainConfig:
+    return _tiny("diffusion")
+
+
+def tiny_consistency() -> TrainConfig:
+    return _tiny("consistency")
+
+
+def tiny_apt() -> TrainConfig:
+    return _tiny("apt", shift=12.0, r1_sigma=0.1)
+
+
+# The demo (examples/demo.py, `make demo`): 16x16 RGB clips of 5 frames (anti-aliased shapes)
+# through the normalized `identity:2:-0.72:3.0` VAE (12x5x8x8 latents of mean ~0, std ~1), the
+# `demo` preset (4 layers, width 128), 2 processes on a CPU. No recipe pins a seed: the demo
+# must hold for any (`make demo DEMO_ARGS="--seed N"`). Measured while building it (2026-11-29,
+# one seed each unless said; FD at 1024 samples vs 1024 real, 95 % bootstrap interval):
+# * teacher (25 steps, CFG 3; "all" caption accuracy on 256 prompts): 500 AdamW updates at a
+#   constant 6e-4 on the old pixel-range [-1, 1] latents 0.17; normalized latents 0.22; 1200
+#   updates at 1e-3 with warm-up and cosine decay 0.50; 1600 updates 0.71. The loss still falls
+#   at 1600: the teacher's quality is bought with the demo's time, the largest stage.
+# * consistency: FD 244 [205, 284] after 60 updates (the old recipe), 106 [89, 125] after 150
+#   with cosine decay, 109 [91, 130] after 300: converged at 150.
+# * APT, from that consistency model: the old recipe (lr 3e-5 for G and D from the first
+#   update, sigma 0.05) turns G into noise within 160 updates (FD 1038 / 343-511 at lr 1e-5 /
+#   5e-6): D's heads start random and G follows a random D's gradient (fakes scored above real
+#   for the first ~80 updates). A D-only warm-up of 40 updates plus a D learning rate 3x G's
+#   fixes it: FD 73 [59, 91] (lr 1e-5/3e-5, 160 updates), 69 [52, 91] (2e-5/6e-5; D accuracy
+#   0.57-0.81 over the second half), 46 [29, 69] after 300 updates. sigma sets what D may not
+#   see: at 0.05 APT adds background speckle (noise 2.9 -> 3.7 at 240 updates), at 0.03 it
+#   keeps the consistency model's level (2.9) but D grows stronger (accuracy up to 0.95),
+#   at 0.01 D nears saturation and FD gains halve. lr_d 1e-4 saturates D. Batch 32 instead
+#   of 16 gave FD 65 [56, 76] vs 69 [60, 79] at 2048 samples: within noise.
+# * the recipe with sigma 0.04 and 240 updates on a fresh seed-1 chain: FD 87 [70, 107] vs the
+#   consistency model's 103 [88, 120] (2048 samples; overlapping); on the same chain 400
+#   updates gave 63 [51, 79] (sigma 0.04, background noise 3.1, D accuracy up to 0.93) and
+#   60 [47, 75] (sigma 0.05, noise 3.8, D up to 0.89): 300 updates at sigma 0.045 fit the
+#   demo's 20 minutes. Where the time goes (quiet machine, seed 1): diffusion 392 s,
+#   consistency 86 s, APT 142 s (240 updates), generation 263 s (of which ~150 s writing
+#   GIFs, since cut to ~15 s), evaluation 66 s. One process with 2 threads trains the
+#   pre-stages no faster than 2 processes (0.28-0.30 s per diffusion update either way,
+#   compute-bound: ~90 GFLOP/s on 2 cores).
+#   The multi-seed results of the final recipe are in README.md and docs/study.md.
+DEMO_DATA = DataConfig(frames=5, height=8, width=8, text_len=12, num_samples=2048)
+
+
+def _demo(stage: str, **kw) -> TrainConfig:
+    base = dict(
+        recipe=f"demo-{stage}",
+        stage=stage,
+        model=get_preset("demo"),
+        zero_stage=2,
+        micro_batch_size=16,
+        global_batch_size=32,
+        data=DEMO_DATA,
+        log_interval=10,
+        save_interval=100,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def demo_diffusion() -> TrainConfig:
+    return _demo(
+        "diffusion",
+        train_iters=1600,
+        optim=OptimConfig(name="adamw", lr=1e-3, warmup_iters=50, decay="cosine"),
+        ema_decay=0.99,
+        cond_dropout=0.1,
+        save_interval=400,
+    )
+
+
+def demo_consistency() -> TrainConfig:
+    return _demo(
+        "consistency",
+        train_iters=150,  # converged: 300 updates gave the same FD
+        optim=OptimConfig(name="adamw", lr=2e-4, decay="cosine"),
+        ema_decay=0.98,
+        guidance_scale=3.0,
+        consistency_steps=8,
+        target_ema_decay=0.95,
+    )
+
+
+def demo_apt() -> TrainConfig:
+    return _demo(
+        "apt",
+        micro_batch_size=8,
+        global_batch_size=16,
+        train_iters=300,
+        d_warmup_iters=40,  # D-only updates first: its heads start random (see above)
+        optim=OptimConfig(lr=2e-5, lr_d=6e-5),  # RMSprop(alpha 0.9), as the paper
+        ema_decay=0.98,
+        shift=1.0,
+        r1_lambda=100.0,
+        r1_sigma=0.045,
+        save_interval=50,
+    )
+
+
+PAPER_IMAGE_BATCH = 9062  # paper section 3.5
+
+# The paper's R1 perturbation N(x, σI) with "small variance σ" could be read as a standard
+# deviation of √σ. The paper recipes read σ as the standard deviation (r1_noise_std="sigma"):
+# on unit-variance VAE latents, √0.01 = 0.1 (images) and √0.1 = 0.32 (videos) would perturb by
+# 10-32 % of the data's scale, hardly "small", and the exact-R1 weights λσ² = 0.01 (images)
+# and 1 (videos) are the range the R1 literature uses (StyleGAN's γ/2), where √σ gives 1 and
+# 10. The two readings are measured against each other at toy scale by `make study`
+# (docs/study.md, arm "R1 noise std sqrt(sigma)").
+
+
+def paper_image_global_batch(data_parallel: int, micro_batch_size: int = 1) -> int:
+    """9062 has no even split over 128 or 256 GPUs (9062 = 2 x 23 x 197); we use the nearest
+    multiple of micro x DP that is not below it: 9088 = 71 x 128 on 128 ranks, 9216 = 36 x 256
+    on 256. The difference (+0.3 % / +1.7 %) is far below the batch sizes the paper's appendix
+    E shows to matter."""
+    step = micro_batch_size * data_parallel
+    return -(-PAPER_IMAGE_BATCH // step) * step
+
+
+def mmdit_8b_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> TrainConfig:
+    """Image stage (section 3.5): 1024px images, lr 5e-6 for G and D, EMA 0.995, 350 G updates,
+    sigma 0.01, s = 1, batch ~9062, RMSprop(alpha 0.9), no weight decay or clipping, BF16."""
+    return TrainConfig(
+        recipe="mmdit-8b-image-apt",
+        stage="apt",
+        model=get_preset("mmdit-8b"),
+        layer_spec="auto",
+        tensor_parallel=1,
+        zero_stage=3,
+        bf16=True,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=paper_image_global_batch(data_parallel, micro_batch_size),
+        train_iters=350,
+        optim=OptimConfig(lr=5e-6),
+        ema_decay=0.995,
+        shift=1.0,
+        r1_lambda=100.0,
+        r1_sigma=0.01,
+        r1_noise_std="sigma",  # σ is the perturbation's standard deviation (see above)
+        data=DataConfig(frames=1, height=128, width=128, text_len=256),  # 1024px, 8x VAE
+        notes="global batch: 9062 rounded up to a multiple of micro x DP (see "
+        "paper_image_global_batch)",
+    )
+
+
+def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
+    """Video stage: 1280x720 24 fps 2 s (49 frames), lr 3e-6, 300 G updates, sigma 0.1,
+    s = 12, batch 2048 on 1024 GPUs by gradient accumulation; G from the image stage's EMA,
+    D re-initialized from the diffusion weights.
+
+    With the recipe's TP = 4 (+ SP) on 1024 GPUs: DP = 256, micro 1 -> accumulation 8, exactly
+    2048 (on 256 GPUs: DP 64, accumulation 32); tests/unit/test_recipes.py checks both."""
+    return TrainConfig(
+        recipe="mmdit-8b-video-apt",
+        stage="apt",
+        model=get_preset("mmdit-8b"),
+        layer_spec="auto",
+        tensor_parallel=4,
+        sequence_parallel=True,
+        zero_stage=3,
+        bf16=True,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=2048,
+        train_iters=300,
+        optim=OptimConfig(lr=3e-6),
+        ema_decay=0.995,
+        shift=12.0,
+        r1_lambda=100.0,
+        r1_sigma=0.1,
+        r1_noise_std="sigma",  # σ is the perturbation's standard deviation (see above)
+        data=DataConfig(frames=13, height=90, width=160, text_len=256),
+        notes="latents 13x90x160 = 49 frames of 1280x720 through a 4x8x8 video VAE",
+    )
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "tiny-diffusion": tiny_diffusion,
+    "tiny-consistency": tiny_consistency,
+    "tiny-apt": tiny_apt,
+    "demo-diffusion": demo_diffusion,
+    "demo-consistency": demo_consistency,
+    "demo-apt": demo_apt,
+    "mmdit-8b-image-apt": mmdit_8b_image_apt,
+    "mmdit-8b-video-apt": mmdit_8b_video_apt,
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()
