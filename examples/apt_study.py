@@ -6,15 +6,17 @@ shared diffusion + consistency pair, scored against one reference set; writes do
     python examples/apt_study.py --seeds 1 2 3 4     # more seeds (finished runs are kept)
     python examples/apt_study.py --arms apt no-r1    # a subset of the arms
     python examples/apt_study.py --quick             # a few steps of everything (the test)
+    python examples/apt_study.py --base runs/demo-seed0   # reuse a finished `make demo`
 
-It reuses examples/demo.py's stages: data, preprocess, diffusion and consistency once (seed
-0), then per arm and seed one training run (`pretrain_apt.py --recipe demo-apt` plus the
-arm's flags, or more consistency updates for that control), 1-step samples of its EMA
-generator on the held-out prompts, and one tools/evaluate.py call over every run (FD with
-95 % bootstrap intervals, background noise, sharpness and saturation against real data,
-caption accuracy). Resumable: finished runs are recorded in OUT/progress.json, an interrupted
-training run resumes from its checkpoint. The report (tables, verdicts, health curves, sample
-grids) goes to --report (docs/study.md, pictures in docs/study/).
+It reuses examples/demo.py's stages: data, preprocess, diffusion and consistency once (in
+--base, a demo of seed --base-seed: a finished demo there is reused as it is), then per arm
+and seed one training run (`pretrain_apt.py --recipe demo-apt` plus the arm's flags, or
+more consistency updates for that control), 1-step samples of its EMA generator on the
+held-out prompts, and one tools/evaluate.py call over every run (FD with 95 % bootstrap
+intervals, background noise, sharpness and saturation against real data, caption
+accuracy). Resumable: finished runs are recorded in OUT/progress.json, an interrupted
+training run resumes from its checkpoint. The report (tables, verdicts, health curves,
+sample grids) goes to --report (docs/study.md, pictures in docs/study/).
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="arms to run (default all)")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
     p.add_argument("--nproc", type=int, default=2, help="training processes")
+    p.add_argument(
+        "--base",
+        help="folder of the shared data, diffusion and consistency runs: a demo's output "
+        "(examples/demo.py --out); its finished stages are reused (default: OUT/base)",
+    )
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the shared runs (default 0)")
     p.add_argument("--verbose", action="store_true", help="show every line of the children")
     return p.parse_args(argv)
 
@@ -126,9 +134,10 @@ class Study:
         self.arms = {k: ARMS[k] for k in (args.arms or ARMS)}
         if "apt" not in self.arms:
             self.arms = {"apt": ARMS["apt"], **self.arms}  # the reference of every verdict
-        # the shared pre-stages and every run: a demo whose seed is 0
+        # the shared pre-stages and every run: a demo of seed --base-seed
         demo_args = argparse.Namespace(
-            out=str(self.out / "base"), quick=args.quick, nproc=args.nproc, seed=0,
+            out=str(args.base or self.out / "base"), quick=args.quick, nproc=args.nproc,
+            seed=args.base_seed,
             launcher="deepspeed", redo=None, verbose=args.verbose, strict=False,
         )  # fmt: skip
         self.demo = Demo(demo_args)
@@ -142,6 +151,9 @@ class Study:
     # ---- runs -------------------------------------------------------------------------------
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.out / "runs" / arm / f"seed{seed}"
+
+    def start_samples(self) -> Path:
+        return self.out / "samples" / "consistency-start"
 
     def samples_dir(self, arm: str, seed: int) -> Path:
         return self.out / "samples" / f"{arm}-seed{seed}"
@@ -185,7 +197,7 @@ class Study:
 
     def evaluate(self) -> dict:
         base = self.demo.p
-        rows = {"consistency 1 step (start)": base("samples", "consistency-1")}
+        rows = {"consistency 1 step (start)": self.start_samples()}
         rows |= {
             f"{key} / seed {seed}": self.samples_dir(key, seed)
             for key in self.arms
@@ -205,11 +217,24 @@ class Study:
     def step(self, name: str, fn, *a) -> None:
         if name in self.progress:
             return
+        stage = name.removeprefix("base/")
+        if stage != name and stage in self.demo.progress:  # a finished stage of the demo
+            self.progress[name] = self.demo.progress[stage]
+            print(f"[study] {name}: done earlier in {self.demo.out}, reused", flush=True)
+            return
         t0 = time.perf_counter()
         print(f"[study] {name} ...", flush=True)
         fn(*a)
         self.progress[name] = time.perf_counter() - t0
         self.progress_file.write_text(json.dumps(self.progress, indent=1))
+        if stage != name:  # the base stays a demo folder that examples/demo.py can continue
+            d = self.demo
+            d.progress |= {
+                "_quick": d.quick,
+                "_seed": self.args.base_seed,
+                stage: self.progress[name],
+            }
+            d.progress_file.write_text(json.dumps(d.progress, indent=1))
         print(f"[study] {name}: {self.progress[name]:.0f} s", flush=True)
 
     def main(self) -> int:
@@ -217,12 +242,19 @@ class Study:
         d = self.demo
         d.out.mkdir(parents=True, exist_ok=True)
         d.p("logs").mkdir(exist_ok=True)
+        base = self.args.base_seed
+        if d.progress.get("_seed", base) != base or d.progress.get("_quick", d.quick) != d.quick:
+            raise SystemExit(
+                f"study: {d.out} holds a demo with --seed {d.progress.get('_seed')} "
+                f"(quick: {d.progress.get('_quick')}); pass --base-seed "
+                f"{d.progress.get('_seed')} or another --base"
+            )
         # the shared pair: data, shards, diffusion and consistency of seed 0, its 1-step row
         for stage in ("data", "preprocess", "diffusion", "consistency"):
             self.step(f"base/{stage}", getattr(d, f"stage_{stage}"))
         cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
-        out = d.p("samples", "consistency-1")
-        self.step("base/sample", d.generate, out, "one_step", 0, cons, "study-generate")
+        out, seed = self.start_samples(), self.args.base_seed
+        self.step("start/sample", d.generate, out, "one_step", seed, cons, "study-generate")
         for seed in self.args.seeds:
             for key in self.arms:
                 self.step(f"{key}/seed{seed}/train", self.train, key, seed)
@@ -268,6 +300,7 @@ class Study:
                 "samples": figures / "samples.png",
             },
             quick=self.args.quick,
+            base_seed=self.args.base_seed,
         )
         self.report.write_text(report.markdown(relative_to=self.report.parent))
         (self.out / "summary.json").write_text(json.dumps(report.summary(), indent=1))
@@ -275,7 +308,7 @@ class Study:
     def _figures(self, folder: Path) -> None:
         seed, d = self.args.seeds[0], self.demo
         samples = [f"real data={d.p('data', 'real')}"]
-        samples += [f"consistency (start)={d.p('samples', 'consistency-1')}"]
+        samples += [f"consistency (start)={self.start_samples()}"]
         samples += [f"{k}={self.samples_dir(k, seed)}" for k in self.arms]
         apt_runs = [k for k, a in self.arms.items() if a.stage == "apt"]
         metrics = [f"{k}={self.run_dir(k, seed) / 'metrics.jsonl'}" for k in apt_runs]

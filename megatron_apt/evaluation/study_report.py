@@ -61,6 +61,7 @@ class StudyReport:
     seconds: float = 0.0
     figures: Mapping[str, Path] = field(default_factory=dict)
     quick: bool = False
+    base_seed: int = 0  # seed of the shared diffusion + consistency pair
 
     def row(self, arm: str, seed: int) -> Mapping:
         return self.results["rows"][row_name(arm, seed)]
@@ -164,10 +165,12 @@ class StudyReport:
             "# The paper's ablations at toy scale",
             "",
             "Produced by `make study` (`examples/apt_study.py`); every number below is read off "
-            "its runs. One shared diffusion + consistency pair (the demo's recipes, seed 0); per "
-            f"arm one APT run per seed ({', '.join(map(str, self.seeds))}) from it; 1-step "
-            "samples of each run's EMA generator on the held-out prompts, all scored in one "
-            "`tools/evaluate.py` call against the same 1024 real clips.",
+            "its runs. One shared diffusion + consistency pair (the demo's recipes, seed "
+            f"{self.base_seed}); per arm one APT run per seed "
+            f"({', '.join(map(str, self.seeds))}) from it; 1-step samples of each run's EMA "
+            "generator on the held-out prompts, all scored in one `tools/evaluate.py` call "
+            f"against the same {self.results.get('reference', {}).get('num_samples', '?')} "
+            "real clips.",
             "",
         ]
         if self.quick:
