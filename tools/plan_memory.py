@@ -30,6 +30,7 @@ from megatron_apt.config.memory import (  # noqa: E402
 )
 from megatron_apt.config.model import PRESETS, get_preset  # noqa: E402
 from megatron_apt.config.recipes import RECIPES, get_recipe  # noqa: E402
+from megatron_apt.config.training import parse_head_layers  # noqa: E402
 
 PAPER_SETUPS = {
     "paper image (1024px, batch 9062, 256 H100)": dict(
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=("bf16", "fp32"))
     a("--optimizer", choices=("rmsprop", "adamw"))
     a("--no-ema", action="store_true", help="leave out the EMA copy")
+    a("--d-head-layers", help="D's head blocks: 'last' or '2,4' (default: recipe's / paper's)")
     a("--utilization", type=float, default=0.4, help="share of peak FLOPs reached (0.4)")
     a(
         "--peak-tflops",
@@ -138,6 +140,9 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
         recompute=recompute,
         ema=not args.no_ema,
         d_updates=cfg.d_updates_per_iter if cfg else 1,
+        head_layers=parse_head_layers(
+            args.d_head_layers or (cfg.d_head_layers if cfg else None), model.num_layers
+        ),
         utilization=args.utilization,
         peak_tflops=args.peak_tflops,
     )

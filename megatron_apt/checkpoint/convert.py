@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from megatron_apt.checkpoint.io import (
     save_model_file,
 )
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.config.training import parse_head_layers
 
 SHARDED_FORMAT = "megatron-apt/tp-sharded"
 SHARDED_VERSION = 1
@@ -129,26 +130,44 @@ class _SoloGroup:
         return 0
 
 
-def build_skeleton(cfg: MMDiTConfig, role: str = "mmdit") -> torch.nn.Module:
-    """A TP=1 model of ``cfg`` on the meta device: the MMDiT, or the whole discriminator."""
+def build_skeleton(
+    cfg: MMDiTConfig, role: str = "mmdit", head_layers: Sequence[int] | None = None
+) -> torch.nn.Module:
+    """A TP=1 model of ``cfg`` on the meta device: the MMDiT, or the whole discriminator
+    (``head_layers``: its heads' blocks, as trained with ``--d-head-layers``; None: the
+    paper's)."""
     from megatron_apt.models.builders import build_discriminator
+    from megatron_apt.models.discriminator import DiscriminatorConfig
     from megatron_apt.models.mmdit import MMDiT
     from megatron_apt.parallel.state import ParallelState
 
     solo = _SoloGroup()  # not None: megatron would fall back to its global TP group
     ps = ParallelState(tp_group=solo, dp_group=solo, cp_group=solo)
     with _meta_build():
-        return build_discriminator(cfg, ps) if role == "discriminator" else MMDiT(cfg, ps)
+        if role == "discriminator":
+            heads = tuple(head_layers) if head_layers else None
+            return build_discriminator(cfg, ps, disc_cfg=DiscriminatorConfig(head_layers=heads))
+        return MMDiT(cfg, ps)
+
+
+def head_layers_of(extra: dict | None) -> tuple[int, ...] | None:
+    """The discriminator head blocks recorded in a converted file's ``extra`` (None: the
+    paper's default placement)."""
+    heads = (extra or {}).get("head_layers")
+    return tuple(int(k) for k in heads) if heads else None
 
 
 def tensor_layout(
-    cfg: MMDiTConfig, role: str = "mmdit", model: torch.nn.Module | None = None
+    cfg: MMDiTConfig,
+    role: str = "mmdit",
+    model: torch.nn.Module | None = None,
+    head_layers: Sequence[int] | None = None,
 ) -> dict[str, tuple[tuple, int | None]]:
     """``{key: (full shape, TP partition dim or None)}`` of every state-dict tensor, read from
     the partition attributes megatron puts on the parameters of a freshly built model."""
     from megatron_apt.parallel.tensor_parallel import tp_partition_dim
 
-    model = build_skeleton(cfg, role) if model is None else model
+    model = build_skeleton(cfg, role, head_layers) if model is None else model
     params = dict(model.named_parameters())
     return {
         k: (tuple(v.shape), tp_partition_dim(params[k]) if k in params else None)
@@ -158,11 +177,15 @@ def tensor_layout(
 
 
 def check_state(
-    source: str | Path, state: dict[str, torch.Tensor], cfg: MMDiTConfig, role: str
+    source: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: MMDiTConfig,
+    role: str,
+    head_layers: Sequence[int] | None = None,
 ) -> dict[str, tuple[tuple, int | None]]:
     """``ValueError`` naming ``source`` and the missing / unexpected / misshapen keys when
     ``state`` (full, TP=1) is not a ``role`` model of ``cfg``; returns the layout."""
-    layout = tensor_layout(cfg, role)
+    layout = tensor_layout(cfg, role, head_layers=head_layers)
     expected = {k: torch.empty(s, device="meta") for k, (s, _) in layout.items()}
     check_keys_match(source, state, expected)
     return layout
@@ -231,7 +254,7 @@ def save_sharded(
     if tp_size < 1:
         raise ValueError(f"tensor-parallel size {tp_size} must be >= 1")
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    layout = check_state("state dict", state, cfg, role)
+    layout = check_state("state dict", state, cfg, role, head_layers_of(extra))
     if role != "discriminator" and cfg.num_heads % tp_size:
         raise ValueError(f"num_heads={cfg.num_heads} is not divisible by TP={tp_size}")
     shards = split_tp(state, layout, tp_size)
@@ -324,7 +347,7 @@ def read_sharded(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig
         state, cfg, _ = read_shard(path, r)
         shards.append(state)
     role = index.get("role", "mmdit")
-    layout = tensor_layout(cfg, role)
+    layout = tensor_layout(cfg, role, head_layers=head_layers_of(index.get("extra")))
     stored = {k: v["partition_dim"] for k, v in index["tensors"].items()}
     missing = sorted(set(layout) - set(stored))
     unexpected = sorted(set(stored) - set(layout))
@@ -365,7 +388,10 @@ def read_training(
     if role not in present:
         raise ValueError(f"{d} has no {role!r} engine (it holds {present})")
     kind = "discriminator" if role == "discriminator" else "mmdit"
-    model = build_skeleton(cfg, kind)
+    heads = None
+    if kind == "discriminator":  # a run with --d-head-layers has other heads
+        heads = parse_head_layers(train.get("d_head_layers"), cfg.num_layers)
+    model = build_skeleton(cfg, kind, heads)
     layout = tensor_layout(cfg, kind, model)
     prefix = tc.PREFIX[role]
     trainable = [prefix + n for n, p in model.named_parameters() if p.requires_grad]
@@ -397,6 +423,8 @@ def read_training(
     full = merge_tp(shards, layout, d, strict=False)
     out_role = train.get("stage", "diffusion") if role == "model" else role
     extra = {"source": str(d), "step": trainer_state.get("step"), "ema": ema}
+    if heads:
+        extra["head_layers"] = list(heads)
     if ema:
         extra["ema_decay"] = train.get("ema_decay")
     layout_info = {"tp_size": tp, "dp_size": world // tp, "zero_stage": train.get("zero_stage")}
@@ -467,8 +495,9 @@ def read_checkpoint(
     else:
         state, cfg, header = read_model_file(path)
         role_ = header.get("role", "mmdit")
-        check_state(path, state, cfg, "discriminator" if role_ == "discriminator" else "mmdit")
-        meta = {"role": role_, "extra": json.loads(header.get("extra") or "{}")}
+        extra = json.loads(header.get("extra") or "{}")
+        check_state(path, state, cfg, _kind(role_), head_layers_of(extra))
+        meta = {"role": role_, "extra": extra}
     meta["format"] = fmt
     return state, cfg, meta
 
@@ -490,7 +519,7 @@ def write_checkpoint(
                 f"{path}: a .safetensors model file is TP=1; give a directory for TP={tp_size}"
             )
         _check_output_file(path, overwrite)
-        check_state("state dict", state, cfg, _kind(role))
+        check_state("state dict", state, cfg, _kind(role), head_layers_of(extra))
         return save_model_file(path, state, cfg, role=role, extra=extra)
     return save_sharded(path, state, cfg, tp_size, role=role, extra=extra, overwrite=overwrite)
 

@@ -40,8 +40,10 @@ def zero3_tp2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero2_tp1(tmp_path_factory):
+    """ZeRO-2, DP=2, and a discriminator with one head on its last block (not the paper's
+    placement: the converter must read the run's --d-head-layers)."""
     root = tmp_path_factory.mktemp("zero2") / "run"
-    return train(root, 2, "--zero-stage", "2")
+    return train(root, 2, "--zero-stage", "2", "--d-head-layers", "last")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -61,6 +63,13 @@ def check_export(root: Path, tmp_path: Path, ema: bool) -> None:
     got, _, meta = read_model_file(d)
     assert max_diff(got, load_file(str(root / "discriminator.safetensors"))) == 0.0
     assert meta["role"] == "discriminator"
+    heads = json.loads((sorted(root.glob("iter_*"))[-1] / "trainer_state.json").read_text())
+    if heads["config"].get("d_head_layers") == "last":
+        assert json.loads(meta["extra"])["head_layers"] == [cfg.num_layers]
+        # the recorded heads carry through a TP=2 reshard and back
+        two = convert.reshard(d, tmp_path / "d-tp2", 2)
+        back, _, meta2 = convert.read_checkpoint(two)
+        assert max_diff(back, got) == 0.0 and meta2["extra"]["head_layers"] == [cfg.num_layers]
 
 
 @pytest.mark.parametrize("ema", [False, True])

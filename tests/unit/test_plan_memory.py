@@ -161,3 +161,17 @@ def test_cli_custom_and_errors():
     assert bad.returncode == 2 and "0,1" in bad.stderr
     bad = run_cli("--model", "mmdit-8b", "--tp", "3")
     assert bad.returncode == 2 and "tp=3" in bad.stderr
+
+
+def test_cli_d_head_layers():
+    """D's heads as trained (--d-head-layers) reach the plan: one head on the last block keeps
+    fewer activations than the paper's three; a block outside the model is named."""
+    base = ["--recipe", "mmdit-8b-video-apt", "--gpus", "1024", "--json"]
+    (paper,) = json.loads(run_cli(*base).stdout).values()
+    proc = run_cli(*base, "--d-head-layers", "last")
+    assert proc.returncode == 0, proc.stderr
+    (last,) = json.loads(proc.stdout).values()
+    assert paper["inputs"]["head_layers"] is None and last["inputs"]["head_layers"] == [36]
+    assert last["bytes"]["activations"] < paper["bytes"]["activations"]
+    bad = run_cli(*base, "--d-head-layers", "37")
+    assert bad.returncode == 2 and "37" in bad.stderr
