@@ -8,7 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
-STAMP := $(VENV)/.installed
+EXTRAS ?= dev
+comma := ,
+# one stamp per set of extras: `make test-gpu EXTRAS=gpu,dev` after `make test` installs the
+# GPU extras instead of finding the CPU install's stamp and skipping
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
 .PHONY: demo study venv test test-unit test-distributed test-gpu lint format plan clean help
@@ -33,7 +37,7 @@ study: $(STAMP)
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH)" -e ".[$(or $(EXTRAS),dev)]"
+	$(PIP) install --quiet "$(TORCH)" -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -34,7 +34,7 @@ from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, 
 from megatron_apt.engine.recovery import CollapseGuard
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
 from megatron_apt.models.discriminator import DiscriminatorConfig
-from megatron_apt.parallel.state import initialize_parallel
+from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
 from megatron_apt.stages.diffusion import (
@@ -51,14 +51,6 @@ SALT = {"diffusion": 0, "consistency": 3, "d": 1, "g": 2}
 GRAD_NORM_KEYS = {"generator": "grad_norm_g", "discriminator": "grad_norm_d", "model": "grad_norm"}
 
 
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
@@ -68,7 +60,7 @@ class Trainer:
         )
         self.rank = dist.get_rank()
         self.plan = plan_batch(cfg, dist.get_world_size())
-        self.device = _device()
+        self.device = comm_device()  # the backend's: CUDA under NCCL, else the CPU
         self.dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         self.stream = build_stream(
             cfg, self.plan.micro_batch_size, self.ps.dp_rank, self.ps.dp_size
@@ -200,7 +192,7 @@ class Trainer:
         return batch, sample_generators(self.cfg.seed, pos, salt)
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        flag = comm_tensor([0.0 if torch.isfinite(loss).item() else 1.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 

@@ -68,8 +68,13 @@ class ParallelState:
         return self.dp_cp_rank if self.cp_size > 1 else self.dp_rank
 
 
+BACKEND_ENV = "MEGATRON_APT_BACKEND"  # overrides the backend choice (the CPU tests pin gloo)
+
+
 def _rank_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) from launcher environment variables, if any."""
+    """(rank, world_size, local_rank) from launcher environment variables, if any. SLURM's
+    (``srun`` without a launcher: one task per GPU) come last: under torchrun / deepspeed /
+    mpirun inside an allocation they describe the allocation, not this process."""
     for r, w, lr in (
         ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
@@ -77,7 +82,65 @@ def _rank_env() -> tuple[int, int, int] | None:
     ):
         if r in os.environ and w in os.environ:
             return int(os.environ[r]), int(os.environ[w]), int(os.environ.get(lr, 0))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise RuntimeError(
+                f"started by srun as task {os.environ['SLURM_PROCID']} of "
+                f"{os.environ['SLURM_NTASKS']} without a launcher and without MASTER_ADDR / "
+                "MASTER_PORT: every task would become its own world of one and write the same "
+                "--save. Export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | "
+                "head -n 1) and MASTER_PORT, or start one torchrun / deepspeed per node"
+            )
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ["SLURM_NTASKS"]),
+            int(os.environ.get("SLURM_LOCALID", 0)),
+        )
     return None
+
+
+def choose_backend(backend: str | None = None) -> str:
+    """``backend``, else ``$MEGATRON_APT_BACKEND``, else ``nccl`` with CUDA and ``gloo``
+    without. The CPU tests set ``MEGATRON_APT_BACKEND=gloo`` (and hide CUDA from their
+    launched workers): on a GPU machine NCCL would otherwise get their CPU tensors."""
+    backend = backend or os.environ.get(BACKEND_ENV) or None
+    if backend is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo", "mpi"):
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: choose nccl, gloo or mpi")
+    return backend
+
+
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device of tensors handed to a collective of ``group``'s backend: the current CUDA
+    device under NCCL (which has no CPU support: "No backend type associated with device type
+    cpu"), the CPU otherwise. Every tensor the project creates for a collective is made here
+    (:func:`comm_tensor`) or taken from the model's device, which is this one."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def comm_tensor(data, dtype: torch.dtype = torch.float32, group=None) -> torch.Tensor:
+    """``torch.tensor(data)`` on :func:`comm_device` (for flags and small reductions)."""
+    return torch.tensor(data, dtype=dtype, device=comm_device(group))
+
+
+def cuda_device_for(local_rank: int) -> int:
+    """The CUDA device of a process: its local rank, which must be below the node's device
+    count. DeepSpeed sets the device from the raw LOCAL_RANK (deepspeed 0.19.8,
+    runtime/engine.py:1017 ``get_accelerator().set_device(self.local_rank)``); a modulo here
+    would hide more processes than GPUs on a node (two ranks on one GPU) until DeepSpeed
+    fails or, worse, until memory runs out."""
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={visible}): start at most {count} processes per node "
+            "(deepspeed --num_gpus / torchrun --nproc-per-node)"
+        )
+    return local_rank
 
 
 def _mpi_rendezvous(rank: int, world_size: int) -> None:
@@ -110,11 +173,11 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
     """Start torch.distributed from the launcher's environment (torchrun, deepspeed, mpirun).
 
     A process started without a launcher becomes a world of one (in-memory store). Returns
-    ``(rank, world_size)``. Backend: ``nccl`` with CUDA, ``gloo`` otherwise.
+    ``(rank, world_size)``. Backend: :func:`choose_backend`.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = choose_backend(backend)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     env = _rank_env()
     if env is None:
@@ -129,7 +192,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         _mpi_rendezvous(rank, world_size)
     if backend == "nccl":
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(cuda_device_for(local_rank))
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size
 

@@ -40,6 +40,27 @@ def launcher_command(launcher: str, nproc: int, script: str, args: list[str]) ->
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
+def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the CPU tests' workers: gloo, no visible GPU (on a GPU machine NCCL
+    would otherwise get CPU tensors and both ranks would land on cuda:0), DeepSpeed's CPU
+    accelerator, one thread each; ``env`` on top."""
+    full_env = dict(os.environ)
+    full_env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "MEGATRON_APT_BACKEND": "gloo",
+            "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    full_env.update(env or {})
+    return full_env
+
+
 def run_launcher(
     script: str | Path,
     args: list[str] | tuple[str, ...] = (),
@@ -52,18 +73,7 @@ def run_launcher(
 ) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` processes; raise ``AssertionError`` with the output tail
     when it fails or when ``marker`` is missing from stdout."""
-    full_env = dict(os.environ)
-    full_env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
-            ),
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    full_env.update(env or {})
+    full_env = launcher_env(env)
     cmd = launcher_command(launcher, nproc, str(script), [str(a) for a in args])
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
