@@ -19,6 +19,13 @@ PosEmbed = Literal["rope3d", "sincos2d", "none"]
 QKNorm = Literal["rms", "none"]
 
 
+# Transformer Engine's FP8 GEMMs take an input or weight only when the product of all its
+# dimensions but the last is divisible by 8 and the last by 16
+# (transformer_engine/pytorch/utils.py, ``assert_dim_for_fp8_exec``, called on the local
+# input of every TE linear before any sequence-parallel gather).
+FP8_GEMM_ROWS, FP8_GEMM_COLS = 8, 16
+
+
 @dataclass(kw_only=True)
 class MMDiTConfig:
     """Architecture of an MMDiT velocity model.

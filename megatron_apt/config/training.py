@@ -14,7 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from megatron_apt.config.model import MMDiTConfig, get_preset
+from megatron_apt.config.flops import visual_tokens
+from megatron_apt.config.model import FP8_GEMM_COLS, FP8_GEMM_ROWS, MMDiTConfig, get_preset
 
 STAGES = ("diffusion", "consistency", "apt")
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
@@ -335,6 +336,41 @@ def _validate_health(cfg: TrainConfig) -> None:
         )
 
 
+def _validate_kernels(cfg: TrainConfig) -> None:
+    """What the layer spec's GPU kernels accept, checked before any GPU is touched."""
+    parts = set(cfg.layer_spec.split("-")[1:]) if cfg.layer_spec.startswith("te") else set()
+    if "flash" in parts and not cfg.bf16:
+        raise ValueError(
+            f"layer_spec={cfg.layer_spec!r} runs flash-attn, which takes fp16/bf16 only: add "
+            "--bf16, or use layer_spec 'te' (TE attention) or 'local'"
+        )
+    if "fp8" not in parts:
+        return
+    m, tp = cfg.model, cfg.tensor_parallel
+    split = cfg.context_parallel * (tp if cfg.sequence_parallel else 1)
+    n_vis = visual_tokens(m, cfg.data.frames, cfg.data.height, cfg.data.width)
+    rows = n_vis // split * cfg.micro_batch_size
+    if rows % FP8_GEMM_ROWS:
+        raise ValueError(
+            f"layer_spec={cfg.layer_spec!r}: {n_vis} visual tokens of a {cfg.data.frames}x"
+            f"{cfg.data.height}x{cfg.data.width} latent / {split} ranks that split them x "
+            f"micro batch {cfg.micro_batch_size} = {rows} GEMM rows per rank, not divisible by "
+            f"{FP8_GEMM_ROWS} as Transformer Engine's FP8 GEMMs need: change the latent size, "
+            "the micro batch or the TP/CP layout, or use layer_spec 'te' (BF16). (Text is padded "
+            "with masked tokens to the alignment by the model.)"
+        )
+    for name, width in (
+        ("hidden_size", m.hidden_size),
+        ("hidden_size / tensor_parallel", m.hidden_size // tp),
+        ("ffn_hidden_size / tensor_parallel", m.ffn_hidden_size // tp),
+    ):
+        if width % FP8_GEMM_COLS:
+            raise ValueError(
+                f"layer_spec={cfg.layer_spec!r}: {name} = {width} is not divisible by "
+                f"{FP8_GEMM_COLS}, the width Transformer Engine's FP8 GEMMs need"
+            )
+
+
 def _validate_optim(o: OptimConfig) -> None:
     if o.name not in OPTIMIZERS:
         raise ValueError(f"optimizer={o.name!r}: choose one of {OPTIMIZERS}")
@@ -379,6 +415,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_optim(cfg.optim)
     _validate_apt_options(cfg)
     _validate_health(cfg)
+    _validate_kernels(cfg)
     if not 0.0 <= cfg.cond_dropout < 1.0:
         raise ValueError(f"cond_dropout={cfg.cond_dropout} must lie in [0, 1)")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -183,6 +183,17 @@ class GenerationPipeline:
         device: torch.device | str = "cpu",
         timer: ComponentTimer | None = None,
     ) -> None:
+        if model.spec.fp8:
+            # TE's delayed scaling updates amaxes and scales only on leaving an autocast with
+            # grad enabled (transformer_engine/pytorch/quantization.py, fp8.py before TE 2.8,
+            # ``FP8GlobalStateManager.autocast_exit``: ``if enabled and AUTOCAST_DEPTH == 0
+            # and not _graph and torch.is_grad_enabled(): reduce_and_update_fp8_tensors``),
+            # and model files carry no FP8 state: sampling would quantize with the initial
+            # scales forever
+            raise ValueError(
+                f"layer spec {model.spec.name!r} cannot generate: FP8 scaling factors are only "
+                "updated in training; generate with the BF16 spec 'te' (or 'auto')"
+            )
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
         self.generator = Generator(model)
         self.ps = ps or model.ps

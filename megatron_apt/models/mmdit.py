@@ -39,7 +39,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.config.model import FP8_GEMM_ROWS, MMDiTConfig
 from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.embeddings import (
     apply_rotation,
@@ -415,6 +415,14 @@ class MMDiT(nn.Module):
         cfg, ps = self.cfg, self.ps
         split = ps.cp_size * (ps.tp_size if ps.sequence_parallel else 1)
         tokens = patchify(latents, cfg.patch_size)  # [B, N, patch_dim]
+        if self.spec.fp8 and (tokens.shape[1] // split * tokens.shape[0]) % FP8_GEMM_ROWS:
+            raise ValueError(
+                f"{self.spec.name}: {tokens.shape[1]} visual tokens / {split} ranks x batch "
+                f"{tokens.shape[0]} = {tokens.shape[1] // split * tokens.shape[0]} rows per "
+                f"rank, not divisible by {FP8_GEMM_ROWS} as Transformer Engine's FP8 GEMMs "
+                "need: change the latent size, the batch or the parallel layout, or use the "
+                "BF16 spec 'te'"
+            )
         if tokens.shape[1] % split:
             raise ValueError(
                 f"{tokens.shape[1]} visual tokens (grid {self.grid(latents.shape)}) are not "
@@ -437,8 +445,10 @@ class MMDiT(nn.Module):
             pos = crop_sincos_2d(self.pos_table, gh, gw).repeat(gt, 1)
             x = x + split_for_cp(pos, ps, dim=0).to(x.dtype)[None]
         c = self.text_embed(text.to(x.dtype))
-        if c.shape[1] % split:  # pad text with masked tokens
-            pad = split - c.shape[1] % split
+        # FP8: every rank's text rows a multiple of 8 as well (77 or 226 T5 tokens would not be)
+        align = split * FP8_GEMM_ROWS if self.spec.fp8 else split
+        if c.shape[1] % align:  # pad text with masked tokens
+            pad = align - c.shape[1] % align
             c = F.pad(c, (0, 0, 0, pad))
             if text_mask is None:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)

@@ -48,6 +48,17 @@ def _right_padded_lengths(key_mask: torch.Tensor) -> torch.Tensor | None:
     return lengths if torch.equal(prefix, key_mask) else None
 
 
+def check_flash_dtype(dtype: torch.dtype) -> None:
+    """flash-attn 2.8 runs fp16/bf16 only (its C++ entry checks ``q_dtype == at::kHalf ||
+    q_dtype == at::kBFloat16``: "FlashAttention only support fp16 and bf16 data type"); say
+    what to change instead of letting the kernel fail mid-step."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"flash-attn runs fp16/bf16 only, the model computes in {dtype}: train with --bf16 "
+            "(generate with --dtype bf16), or use the 'te' / 'local' layer spec"
+        )
+
+
 class FlashAttention(nn.Module):
     """flash-attn core (fp16/bf16 on CUDA). Without a mask: ``flash_attn_func``; with a
     right-padded key mask (text padding at the end of the joint sequence): the varlen kernel
@@ -62,6 +73,8 @@ class FlashAttention(nn.Module):
 
     def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        check_flash_dtype(q.dtype)
 
         s, b = q.shape[:2]
         q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [b, S, h, hd]
