@@ -106,3 +106,19 @@ def check_keys_match(path: str | Path, found: dict, expected: dict) -> None:
                 )
             )
         raise ValueError(f"{path} does not fit the model: " + "; ".join(parts))
+
+
+def load_weights(module: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """``module.load_state_dict(state)``, strict but for Transformer Engine's ``_extra_state``
+    entries (FP8 metadata), which model files do not carry. megatron's local linears register
+    a load pre-hook that adds an empty ``_extra_state`` (megatron-core 0.16.1,
+    tensor_parallel/layers.py:941 and :1232, "Hook adding a default empty _extra_state"); TE's
+    modules have none, so a strict load of a model file into a ``te`` model raises. Anything
+    else missing or unexpected is a ``ValueError`` naming ``source``."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{source} does not fit the model: missing keys {missing[:10]}, unexpected keys "
+            f"{list(result.unexpected_keys)[:10]}"
+        )

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megatron_apt.checkpoint.io import load_weights
+
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 KILL_IN_SAVE_ENV = "MEGATRON_APT_TEST_KILL_IN_SAVE"
@@ -263,7 +265,7 @@ def load_checkpoint(
         )
         if problem:
             raise CheckpointMismatchError(f"{f} does not fit the {name} network: {problem}")
-        module.load_state_dict(tensors, strict=False)  # strict but for absent _extra_state
+        load_weights(module, tensors, f)  # strict but for absent _extra_state
     return state
 
 

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_apt.checkpoint.io import check_config_matches, check_keys_match, read_model_file
+from megatron_apt.checkpoint.io import (
+    check_config_matches,
+    check_keys_match,
+    load_weights,
+    read_model_file,
+)
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
 from megatron_apt.models.generator import Generator
@@ -52,7 +57,7 @@ def load_model_file_into(model: MMDiT, path: str | Path, expect_roles: tuple[str
         log.warning(
             "%s holds role %r weights, expected one of %s", path, meta.get("role"), expect_roles
         )
-    model.load_state_dict(shard_state_dict(state, model, model.ps))
+    load_weights(model, shard_state_dict(state, model, model.ps), path)
     return meta
 
 

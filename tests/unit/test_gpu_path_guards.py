@@ -74,3 +74,39 @@ def test_fp8_model_refuses_misaligned_visual_rows_and_generation():
         model(**bad)
     with pytest.raises(ValueError, match="cannot generate: FP8 scaling factors"):
         GenerationPipeline(model, vae=None, text_encoder=None)
+
+
+class _TELikeExtraState(torch.nn.Module):
+    """A module with extra state and no tolerance for its absence, as TE's modules are."""
+
+    def get_extra_state(self):
+        return torch.zeros(1)
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_init_from_a_model_file_into_a_model_with_extra_state(tmp_path):
+    """--init-generator / --init-discriminator with the te spec (issue 14, item 3): the file has
+    no ``_extra_state``, the model does; the load succeeds, real keys stay checked."""
+    from megatron_apt.checkpoint.io import save_model_file
+    from megatron_apt.models.builders import load_model_file_into
+
+    cfg = get_preset("tiny", num_layers=2)
+    src = MMDiT(cfg)
+    randomize_parameters(src, seed=1)
+    path = save_model_file(tmp_path / "g.safetensors", src.state_dict(), cfg, role="diffusion")
+    dst = MMDiT(cfg)
+    dst.blocks[0].te_like = _TELikeExtraState()
+    assert "blocks.0.te_like._extra_state" in dst.state_dict()
+    with pytest.raises(RuntimeError, match="_extra_state"):  # what a strict load does
+        dst.load_state_dict(src.state_dict())
+    load_model_file_into(dst, path)
+    weights = {k: v for k, v in src.state_dict().items() if not k.endswith("_extra_state")}
+    assert len(weights) > 20
+    for k, v in weights.items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    partial = {k: v for k, v in src.state_dict().items() if k != "final_proj.weight"}
+    bad = save_model_file(tmp_path / "bad.safetensors", partial, cfg, role="diffusion")
+    with pytest.raises(ValueError, match=r"bad.safetensors.*final_proj.weight"):
+        load_model_file_into(dst, bad)
