@@ -87,6 +87,12 @@ def megatron_config(
         perform_initialization=True,
         gradient_accumulation_fusion=False,
         add_bias_linear=True,
+        # TE linears cache their FP8 weight (and its transpose) on the first micro-batch and
+        # reuse it while ``is_first_microbatch`` is False, which megatron sets after every call
+        # and only its pipeline schedules reset (megatron-core 0.16.1,
+        # extensions/transformer_engine.py:671-678, TELinear.forward). We train outside those
+        # schedules: without this the FP8 weights would stay those of the first step forever.
+        disable_parameter_transpose_cache=True,
     )
 
 

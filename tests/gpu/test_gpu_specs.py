@@ -87,3 +87,26 @@ def test_flash_attention_core_matches_sdpa(masked):
     ref = SDPAttention(h, d)(q, k, v, mask).float()
     out = FlashAttention(h, d)(q, k, v, mask).float()
     assert (out - ref).abs().max() < 2e-2
+
+
+def test_te_fp8_output_follows_the_weights_after_an_optimizer_step():
+    """FP8 weight caching (issue 14, item 2): after a step the FP8 model must compute with the
+    new weights, not the FP8 copy of the first forward."""
+    cfg, _, model = _models("te-fp8")
+    inputs = _cuda_inputs(cfg, torch.bfloat16, batch=16, frames=1, height=16, width=16,
+                          text_len=16, masked=False)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with model.spec.autocast():
+        before = model(**inputs)
+    before.float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad(), model.spec.autocast():
+        after = model(**inputs)
+    fresh = MMDiT(cfg, spec=get_spec("te-fp8"), params_dtype=torch.bfloat16).cuda()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad(), fresh.spec.autocast():
+        want = fresh(**inputs)
+    assert not torch.equal(after, before.detach())
+    err = (after.float() - want.float()).abs().max()
+    assert err < 0.05 * want.float().abs().max(), err

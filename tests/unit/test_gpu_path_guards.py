@@ -110,3 +110,13 @@ def test_init_from_a_model_file_into_a_model_with_extra_state(tmp_path):
     bad = save_model_file(tmp_path / "bad.safetensors", partial, cfg, role="diffusion")
     with pytest.raises(ValueError, match=r"bad.safetensors.*final_proj.weight"):
         load_model_file_into(dst, bad)
+
+
+def test_te_linears_do_not_cache_fp8_weights_across_steps():
+    """megatron's TE linears reuse their first FP8 weight copy unless the cache is disabled
+    (issue 14, item 2; the GPU test of the effect is tests/gpu)."""
+    from megatron_apt.models.mmdit import megatron_config
+    from megatron_apt.parallel.state import single_process_state
+
+    tcfg = megatron_config(get_preset("tiny"), single_process_state(), torch.float32, True)
+    assert tcfg.disable_parameter_transpose_cache is True
