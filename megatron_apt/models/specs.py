@@ -124,10 +124,18 @@ class TEAttention(nn.Module):
             attn_mask_type="no_mask",
             tp_size=1,
         )
+        self.fallback = SDPAttention(num_heads, head_dim)
 
     def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if key_mask is None:
             return self.core_nomask(q, k, v)
+        # TE turns a padding mask into cumulative sequence lengths, i.e. it counts the valid
+        # keys and takes them to come first (transformer_engine/pytorch/attention/
+        # dot_product_attention/utils.py ``get_cu_seqlens``: ``mask.logical_not().sum(dim=1)``
+        # then ``cumsum``). Under context parallelism the key order is [x_0; c_0; x_1; c_1]
+        # with padded text in each c_i: holes TE would misread. Such masks go to SDPA.
+        if _right_padded_lengths(key_mask) is None:
+            return self.fallback(q, k, v, key_mask)
         te_mask = ~key_mask[:, None, None, :]  # TE: True = masked out
         return self.core(q, k, v, attention_mask=te_mask)
 

@@ -120,3 +120,32 @@ def test_te_linears_do_not_cache_fp8_weights_across_steps():
 
     tcfg = megatron_config(get_preset("tiny"), single_process_state(), torch.float32, True)
     assert tcfg.disable_parameter_transpose_cache is True
+
+
+def test_te_attention_sends_masks_with_holes_to_sdpa():
+    """TE reads a padding mask as per-sequence lengths (valid keys first). The CP key order
+    [x_0; c_0; x_1; c_1] with padded text has holes: those masks must not reach TE (issue 14,
+    item 4). TE's kernels are replaced by recorders (no TE here); the dispatch is the code's."""
+    from types import SimpleNamespace
+
+    from megatron_apt.models.specs import SDPAttention, TEAttention, _right_padded_lengths
+    from megatron_apt.parallel.context_parallel import cp_key_mask
+
+    text_mask = torch.ones(2, 8, dtype=torch.bool)
+    text_mask[1, 2:] = False  # sample 1 has 2 text tokens, padded to 8
+    holes = cp_key_mask(16, text_mask, SimpleNamespace(cp_size=2))  # [x_0; c_0; x_1; c_1]
+    assert _right_padded_lengths(holes) is None  # c_0's padding sits before x_1
+    prefix = torch.cat([torch.ones(2, 16, dtype=torch.bool), text_mask], dim=1)  # CP = 1
+
+    calls = []
+    attn = TEAttention.__new__(TEAttention)
+    torch.nn.Module.__init__(attn)
+    attn.num_heads, attn.head_dim = 2, 4
+    attn.core = lambda q, k, v, attention_mask: calls.append("te") or q.flatten(2)
+    attn.fallback = SDPAttention(2, 4)
+    q = k = v = torch.randn(24, 2, 2, 4)
+    attn(q, k, v, prefix)
+    assert calls == ["te"]
+    out = attn(q, k, v, holes)
+    assert calls == ["te"]  # the mask with holes went to SDPA
+    torch.testing.assert_close(out, SDPAttention(2, 4)(q, k, v, holes))
