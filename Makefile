@@ -10,12 +10,12 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 EXTRAS ?= dev
 comma := ,
-# one stamp per set of extras: `make test-gpu EXTRAS=gpu,dev` after `make test` installs the
-# GPU extras instead of finding the CPU install's stamp and skipping
+# one stamp per set of extras: an install with other extras (EXTRAS=mpi,dev) is not taken for
+# this one (the GPU kernels have their own two-step install: make install-gpu)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: demo study venv test test-unit test-distributed test-gpu lint format plan clean help
+.PHONY: demo study venv test test-unit test-distributed test-gpu install-gpu lint format plan clean help
 
 help:
 	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~17 min)"
@@ -23,7 +23,8 @@ help:
 	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h)"
 	@echo "make test            create/update .venv, install, run the whole test suite"
 	@echo "make test-unit       single-process tests only"
-	@echo "make test-gpu        GPU-spec tests (need CUDA; install with EXTRAS=gpu,dev)"
+	@echo "make install-gpu     the dev install plus Transformer Engine and flash-attn (CUDA machines)"
+	@echo "make test-gpu        GPU tests after install-gpu; fail (not skip) when TE is missing on CUDA"
 	@echo "make lint            ruff"
 	@echo "make plan            parameter counts of every preset"
 
@@ -51,8 +52,21 @@ test-unit: $(STAMP)
 test-distributed: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/distributed $(PYTEST_ARGS)
 
-test-gpu: $(STAMP)
-	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
+# TE and flash-attn compile against the installed torch: torch first, then them without build
+# isolation (pip would otherwise build them against a fresh torch in a temporary environment)
+GPU_STAMP := $(VENV)/.installed-gpu
+GPU_PKGS := "transformer-engine[pytorch]>=2.9,<2.12" "flash-attn>=2.7,<2.9"
+$(GPU_STAMP): setup.py pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)" -e ".[dev]" setuptools wheel ninja packaging pybind11
+	$(PIP) install --no-build-isolation $(GPU_PKGS)
+	touch $(GPU_STAMP)
+
+install-gpu: $(GPU_STAMP)
+
+test-gpu: $(GPU_STAMP)
+	MEGATRON_APT_REQUIRE_GPU_KERNELS=1 $(PY) -m pytest tests/gpu -m gpu $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_apt tools tests

@@ -28,8 +28,12 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",  # loss curves (tools/make_figures.py)
 ]
 EXTRAS = {
-    # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn.
-    "gpu": ["transformer-engine[pytorch]>=2.4", "flash-attn>=2.7"],
+    # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn. megatron-core
+    # 0.16.1 declares transformer-engine>=2.9.0a0,<2.12.0 (its METADATA); flash-attn 2.8 is the
+    # version the flash path follows. Both compile against the installed torch: install them
+    # with `make install-gpu` (a second pip step with --no-build-isolation), not `pip install
+    # .[gpu]` in one step.
+    "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.7,<2.9"],
     # mpirun launches: mpi4py plus an MPI library from a wheel.
     "mpi": ["mpi4py==4.1.2", "mpich"],
     "dev": [

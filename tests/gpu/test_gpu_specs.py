@@ -8,6 +8,7 @@ from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT, get_spec
 from megatron_apt.models.specs import FlashAttention, SDPAttention
 from megatron_apt.testing import dummy_inputs, randomize_parameters
+from megatron_apt.testing.gpu import require_gpu_package
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +28,7 @@ def _cuda_inputs(cfg, dtype, **kw):
 
 
 def _models(spec_name, preset="tiny"):
-    pytest.importorskip("transformer_engine")
+    require_gpu_package("transformer_engine")
     cfg = get_preset(preset, hidden_size=128, num_heads=4, text_dim=64)
     ref = MMDiT(cfg)
     randomize_parameters(ref, seed=0)
@@ -42,7 +43,7 @@ def _models(spec_name, preset="tiny"):
 @pytest.mark.parametrize("masked", [False, True])
 def test_te_spec_matches_local_bf16(spec, masked):
     if spec.endswith("flash"):
-        pytest.importorskip("flash_attn")
+        require_gpu_package("flash_attn")
     cfg, ref, model = _models(spec)
     inputs = _cuda_inputs(
         cfg, torch.bfloat16, frames=2, height=16, width=16, text_len=16, masked=masked
@@ -73,7 +74,7 @@ def test_te_fp8_spec_runs_close_to_bf16():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_flash_attention_core_matches_sdpa(masked):
-    pytest.importorskip("flash_attn")
+    require_gpu_package("flash_attn")
     g = torch.Generator(device="cuda").manual_seed(0)
     s, b, h, d = 40, 3, 4, 64
     q, k, v = (

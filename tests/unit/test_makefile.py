@@ -1,6 +1,6 @@
-"""The Makefile's install stamp depends on the extras: after `make test` (dev extras),
-`make test-gpu EXTRAS=gpu,dev` must install the GPU extras instead of finding a stamp and
-running the GPU tests without them. Checked with `make -n` (prints, runs nothing)."""
+"""The Makefile's install stamps (issue 14, items 8 and 9): one per set of extras, so an
+install with other extras is not skipped; the GPU kernels' own two-step install, which
+`make test-gpu` needs. Checked with `make -n` (prints, runs nothing)."""
 
 from __future__ import annotations
 
@@ -36,5 +36,24 @@ def test_install_stamp_depends_on_extras(tmp_path):
     later = time.time() + 10  # newer than the Makefile, setup.py, pyproject.toml
     os.utime(stamp, (later, later))
     assert "pip install" not in _plan(venv, "test")  # the dev install is there
-    gpu = _plan(venv, "test-gpu", "EXTRAS=gpu,dev")
-    assert '-e ".[gpu,dev]"' in gpu and "touch" in gpu and ".installed-gpu-dev" in gpu
+    other = _plan(venv, "venv", "EXTRAS=mpi,dev")
+    assert '-e ".[mpi,dev]"' in other and ".installed-mpi-dev" in other
+    # the GPU kernels: a second pip step without build isolation, at megatron-core's TE pins,
+    # and test-gpu turns a missing TE on a CUDA machine into a failure
+    gpu = _plan(venv, "test-gpu")
+    assert "--no-build-isolation" in gpu and "transformer-engine[pytorch]>=2.9,<2.12" in gpu
+    assert "MEGATRON_APT_REQUIRE_GPU_KERNELS=1" in gpu
+
+
+def test_missing_gpu_kernels_fail_under_make_test_gpu(monkeypatch):
+    """On a CUDA machine `make test-gpu` must not pass by skipping every TE test."""
+    from megatron_apt.testing import gpu
+
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(gpu.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="not_a_kernel_package.*make install-gpu"):
+        gpu.require_gpu_package("not_a_kernel_package")
+    monkeypatch.delenv(gpu.REQUIRE_ENV)
+    with pytest.raises(pytest.skip.Exception):
+        gpu.require_gpu_package("not_a_kernel_package")
+    assert gpu.require_gpu_package("json").dumps([]) == "[]"
