@@ -1,0 +1,48 @@
+"""tools/gpu_check.sh --dry-run: the GPU check's own steps on CPU (issue 14), so that the rare
+GPU minutes go to measuring, not to debugging the script: environment probe, tests/gpu, a
+deepspeed-launched tiny APT run with save and resume (bit-exact in fp32 on CPU), and the two
+benchmarks; the JSON and Markdown report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from megatron_apt.testing.launch import REPO_ROOT, launcher_env
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "report"
+    env = launcher_env({"PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "gpu_check.sh"), "--dry-run", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["passed"]
+    steps = {s["step"]: s for s in report["steps"]}
+    assert set(steps) == {
+        "environment", "gpu-tests", "train", "train-first-half", "resume", "bench-forward",
+        "bench-apt",
+    }  # fmt: skip
+    assert steps["resume"]["resume_exact"] and steps["resume"]["resume_max_abs_diff"] == 0.0
+    assert set(steps["resume"]["losses_full"]) == {"3", "4"}
+    assert steps["environment"]["env"]["cuda_available"] is False
+    assert steps["bench-forward"]["median_s"] > 0 and steps["bench-apt"]["tflops"] > 0
+    md = (out / "gpu_check.md").read_text()
+    assert "dry run on CPU" in md and "| resume | pass |" in md
+    assert (out / "logs" / "train.log").read_text().count("TRAINING-DONE") == 1
+
+
+def test_gpu_check_refuses_a_cpu_machine_without_dry_run(tmp_path):
+    """Without CUDA and without --dry-run the environment step fails (and says why)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "gpu_check.py"), str(tmp_path / "r"),
+         "--only", "environment"],
+        cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    (step,) = json.loads((tmp_path / "r" / "gpu_check.json").read_text())["steps"]
+    assert step["status"] == "fail" and "no CUDA device" in step["problem"]

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""The GPU check: one short, prepared run of what a CUDA machine can show (``tools/gpu_check.sh``).
+
+    tools/gpu_check.sh OUT                # on a CUDA machine (one GPU), <= 8 minutes on an H200
+    tools/gpu_check.sh --dry-run OUT      # the same steps on CPU (gloo, fp32, small presets)
+
+Steps (each with its own time limit; a failed step is reported and the next one runs):
+
+1. ``environment``: torch, CUDA, the GPU, and which of deepspeed / megatron-core /
+   transformer-engine / flash-attn import;
+2. ``gpu-tests``: ``pytest tests/gpu`` (the ``local`` spec on CUDA in bf16 against the CPU
+   fp32 reference, forward and backward; the TE rows only where TE imports);
+3. ``train`` + ``resume``: ``pretrain_apt.py --recipe tiny-apt --bf16`` for 4 updates under the
+   ``deepspeed`` launcher, 1 process (NCCL), saving at update 2; then the same run stopped at 2
+   and resumed to 4 from its checkpoint: the logged losses of updates 3 and 4 are compared
+   (exact in fp32 on CPU; on a GPU the difference is reported, as non-deterministic kernels may
+   leave a last-bit difference);
+4. ``bench-forward``: ``tools/benchmark.py --preset mmdit-8b --latent 13x90x160 --phases forward
+   --dtype bf16 --layer-spec local`` (torch SDPA's flash kernel); the paper's Table 8 reports
+   2.65 s for its 8B DiT at this shape on one H100, the goal here is <= 1.9 s;
+5. ``bench-apt``: the ``mid`` preset's APT update (G and D, forward + backward), its MFU.
+
+Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (each step: status, seconds, the command,
+the tail of its log; the benchmark numbers) and the logs in ``OUT/logs/``. Exit code 0 when
+every step passed, 1 otherwise (the report is written either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_8B_FORWARD_S = 2.65  # paper, Table 8: one forward of its 8B DiT at 13x90x160, one H100
+GOAL_8B_FORWARD_S = 1.9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("out", type=Path, help="report folder (created)")
+    p.add_argument("--dry-run", action="store_true", help="CPU: gloo, fp32, small presets")
+    p.add_argument(
+        "--only", nargs="+", help="run only these steps (environment, gpu-tests, train, ...)"
+    )
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.dry = args, args.dry_run
+        self.out = args.out.resolve()
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.steps: list[dict] = []
+        self.env = dict(os.environ)
+        path = [str(ROOT), self.env.get("PYTHONPATH")]
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+        self.env.setdefault("PYTHONWARNINGS", "ignore")
+        if self.dry:  # CPU: DeepSpeed's CPU accelerator, gloo, no GPU in sight
+            self.env.update(
+                DS_ACCELERATOR="cpu", MEGATRON_APT_BACKEND="gloo", CUDA_VISIBLE_DEVICES=""
+            )
+            self.env.setdefault("OMP_NUM_THREADS", "1")
+        else:  # megatron's sequence-parallel overlap needs one CUDA work queue per device
+            self.env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    # ---- running ----------------------------------------------------------------------------
+    def run(self, name: str, cmd: list[str], timeout: int, check=None) -> dict:
+        if self.args.only and not any(name.startswith(o) for o in self.args.only):
+            return {}
+        log = self.logs / f"{name}.log"
+        print(f"[gpu-check] {name}: {' '.join(map(str, cmd))}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [str(c) for c in cmd], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                timeout=timeout,
+            )  # fmt: skip
+            rc, text = proc.returncode, proc.stdout + "\n--- stderr ---\n" + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc = "timeout"
+            text = f"{e.stdout or ''}\n--- stderr ---\n{e.stderr or ''}\n(timed out: {timeout} s)"
+            text = text if isinstance(text, str) else str(text)
+        log.write_text(text)
+        step = {
+            "step": name,
+            "command": " ".join(map(str, cmd)),
+            "rc": rc,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "log": str(log.relative_to(self.out)),
+            "tail": text.strip().splitlines()[-12:],
+        }
+        step["status"] = "pass" if rc == 0 else "fail"
+        if rc == 0 and check is not None:
+            try:
+                step.update(check())
+            except Exception as e:  # a failed check is a failed step, reported
+                step.update(status="fail", problem=f"{type(e).__name__}: {e}")
+        self.steps.append(step)
+        print(f"[gpu-check] {name}: {step['status']} ({step['seconds']} s)", flush=True)
+        return step
+
+    def py(self, *args) -> list:
+        return [sys.executable, *args]
+
+    # ---- steps ------------------------------------------------------------------------------
+    def environment(self) -> None:
+        probe = (
+            "import importlib, json, torch\n"
+            "out = {'torch': torch.__version__, 'cuda': torch.version.cuda,\n"
+            "       'cuda_available': torch.cuda.is_available(),\n"
+            "       'device': torch.cuda.get_device_name(0)\n"
+            "                 if torch.cuda.is_available() else None}\n"
+            "for m in ('deepspeed', 'megatron.core', 'transformer_engine', 'flash_attn'):\n"
+            "    try:\n"
+            "        mod = importlib.import_module(m)\n"
+            "        out[m] = getattr(mod, '__version__', 'present')\n"
+            "    except Exception as e:\n"
+            "        out[m] = f'missing ({type(e).__name__})'\n"
+            "print('ENV ' + json.dumps(out))\n"
+        )
+        self.run("environment", self.py("-c", probe), 120, check=self._env_check)
+
+    def _env_check(self) -> dict:
+        text = (self.logs / "environment.log").read_text()
+        line = next(ln for ln in text.splitlines() if ln.startswith("ENV "))
+        env = json.loads(line[4:])
+        if not self.dry and not env["cuda_available"]:
+            problem = "no CUDA device (use --dry-run on CPU)"
+            return {"status": "fail", "problem": problem, "env": env}
+        return {"env": env}
+
+    def gpu_tests(self) -> None:
+        cmd = self.py("-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider")
+        self.run("gpu-tests", cmd, 300)
+
+    def train_and_resume(self) -> None:
+        launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        port = str(free_port())
+        base = [launcher, "--num_gpus", "1", "--master_port", port, ROOT / "pretrain_apt.py",
+                "--recipe", "tiny-apt", "--log-interval", "1", "--save-interval", "2"]  # fmt: skip
+        base += ["--fp32"] if self.dry else ["--bf16"]
+        full, part = self.out / "runs" / "full", self.out / "runs" / "resumed"
+        for d in (full, part):
+            shutil.rmtree(d, ignore_errors=True)
+        self.run("train", [*base, "--train-iters", "4", "--save", full], 300)
+        self.run("train-first-half", [*base, "--train-iters", "2", "--save", part], 300)
+        self.run(
+            "resume", [*base, "--train-iters", "4", "--save", part, "--load", part], 300,
+            check=lambda: self._compare(full, part),
+        )  # fmt: skip
+
+    def _compare(self, full: Path, part: Path) -> dict:
+        def losses(d: Path) -> dict[int, dict]:
+            out = {}
+            for ln in (d / "metrics.jsonl").read_text().splitlines():
+                r = json.loads(ln)
+                if "event" not in r:
+                    out[int(r["step"])] = {k: v for k, v in r.items() if k.startswith("loss")}
+            return out
+
+        a, b = losses(full), losses(part)
+        diffs = {
+            f"{s}/{k}": abs(a[s][k] - b[s][k]) for s in (3, 4) for k in a[s] if k in b.get(s, {})
+        }
+        if not diffs:
+            return {"status": "fail", "problem": "no losses of updates 3 and 4 to compare"}
+        worst = max(diffs.values())
+        scale = max(abs(a[s][k]) for s in (3, 4) for k in a[s]) or 1.0
+        exact = worst == 0.0
+        # fp32 on CPU must be bit-exact; bf16 GPU kernels may differ in the last bits
+        ok = exact or (not self.dry and worst <= 1e-3 * scale)
+        return {
+            "status": "pass" if ok else "fail",
+            "resume_max_abs_diff": worst,
+            "resume_exact": exact,
+            "losses_full": {str(s): a[s] for s in (3, 4)},
+        }
+
+    def benchmarks(self) -> None:
+        if self.dry:
+            big = ["--preset", "tiny", "--latent", "1x16x16", "--text-len", "16", "--dtype",
+                   "fp32", "--device", "cpu", "--repeats", "2", "--warmup", "1"]  # fmt: skip
+            mid = big
+        else:
+            big = ["--preset", "mmdit-8b", "--latent", "13x90x160", "--dtype", "bf16",
+                   "--device", "cuda", "--repeats", "5", "--warmup", "2"]  # fmt: skip
+            mid = ["--preset", "mid", "--latent", "1x64x64", "--dtype", "bf16", "--device",
+                   "cuda", "--repeats", "5", "--warmup", "2"]  # fmt: skip
+        tool = ROOT / "tools" / "benchmark.py"
+        for name, args, phases in (("bench-forward", big, "forward"), ("bench-apt", mid, "apt")):
+            js = self.out / f"{name}.json"
+            cmd = self.py(tool, *args, "--phases", phases, "--layer-spec", "local",
+                          "--skip-diffusers", "--json-out", js)  # fmt: skip
+            self.run(name, cmd, 420, check=lambda js=js, phases=phases: self._bench(js, phases))
+
+    def _bench(self, path: Path, phase: str) -> dict:
+        result = json.loads(path.read_text())
+        entry = next(iter(result["phases"].values()))["ours"]
+        out = {
+            "median_s": entry["median_s"],
+            "tflops": entry["tflops"],
+            "mfu": entry.get("utilization_vs_peak"),
+            "peak_mem_mib": entry["memory"]["peak_mib"],
+            "device": result["device"]["name"],
+        }
+        if phase == "forward" and not self.dry:
+            out["paper_h100_s"] = PAPER_8B_FORWARD_S
+            out["goal_s"] = GOAL_8B_FORWARD_S
+            out["meets_goal"] = entry["median_s"] <= GOAL_8B_FORWARD_S
+        return out
+
+    # ---- report -----------------------------------------------------------------------------
+    def report(self) -> int:
+        ok = all(s["status"] == "pass" for s in self.steps)
+        data = {
+            "tool": "tools/gpu_check.sh",
+            "dry_run": self.dry,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "python": platform.python_version(),
+            "passed": ok,
+            "steps": self.steps,
+        }
+        (self.out / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
+        lines = [
+            f"# GPU check{' (dry run on CPU: no GPU figure here)' if self.dry else ''}",
+            "",
+            f"{data['date_utc']}, `tools/gpu_check.sh{' --dry-run' if self.dry else ''}`: "
+            f"{'every step passed' if ok else 'FAILED steps below'}.",
+            "",
+            "| step | status | seconds | result |",
+            "|---|---|---:|---|",
+        ]
+        for s in self.steps:
+            keys = ("median_s", "tflops", "mfu", "meets_goal", "resume_max_abs_diff", "problem")
+            res = ", ".join(f"{k} {_fmt(s[k])}" for k in keys if s.get(k) is not None)
+            lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {res} |")
+        env = next((s.get("env") for s in self.steps if s.get("env")), None)
+        if env:
+            lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+        lines += ["", "Commands and log tails: `gpu_check.json`; full logs: `logs/`."]
+        (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0 if ok else 1
+
+    def main(self) -> int:
+        self.environment()
+        self.gpu_tests()
+        self.train_and_resume()
+        self.benchmarks()
+        return self.report()
+
+
+if __name__ == "__main__":
+    sys.exit(Check(parse_args()).main())

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU check (docs/performance.md): one prepared run of what a CUDA machine can show, with a
+# JSON + Markdown report in OUT. See tools/gpu_check.py for the steps.
+#
+#   tools/gpu_check.sh OUT              # one CUDA GPU; <= 8 minutes on an H200
+#   tools/gpu_check.sh --dry-run OUT    # the same steps on CPU (gloo, fp32, small presets)
+#
+# Set PYTHON to the interpreter that has torch (default: .venv/bin/python, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+exec "$PY" tools/gpu_check.py "$@"
