@@ -184,13 +184,15 @@ class StudyReport:
                 f"Wall time of the study: {self.seconds / 60:.0f} min on this machine.",
                 "",
             ]
+        sizes = sorted({r.get("num_samples") for r in self.results["rows"].values()} - {None})
+        n = " or ".join(map(str, sizes)) or "?"
         body = [
             "## Results",
             "",
             *self._table(),
             "",
             "FD: Fréchet distance in the feature space of a small CNN trained on the synthetic "
-            "data, 1024 samples per row, 95 % percentile bootstrap interval centred on the "
+            f"data, {n} samples per row, 95 % percentile bootstrap interval centred on the "
             "estimate. Verdicts compare FD intervals only: `lower`/`higher` = disjoint "
             "intervals, `overlap` = not distinguishable with this many samples, `collapsed` = "
             f"a collapse event or FD above {COLLAPSE_FACTOR:g}x the starting consistency "
