@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from megatron_apt.config.model import MMDiTConfig
@@ -199,27 +199,62 @@ def _zero3(state_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tensor]:
     return out
 
 
+EMA_FRAGMENTS = "fragments"  # safetensors metadata key of an EMA file (ZeRO 1/2 shares)
+
+
 def _ema(
     ema_dir: Path, tp_rank: int, tp: int, dp: int, zero3: bool, local_shapes: dict
 ) -> dict[str, torch.Tensor]:
-    def read(dp_rank: int) -> dict[str, torch.Tensor]:
+    def read(dp_rank: int) -> tuple[dict[str, torch.Tensor], dict, Path]:
         f = ema_dir / f"rank{dp_rank * tp + tp_rank:05d}.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing (EMA shadows are stored per rank)")
         try:
-            return load_file(str(f))
+            with safe_open(str(f), framework="pt") as h:
+                meta = h.metadata() or {}
+            return load_file(str(f)), meta, f
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
 
-    if not zero3:
-        return {k: v.float() for k, v in read(0).items()}
-    parts = [read(r) for r in range(dp)]
-    out = {}
-    for k in parts[0]:
-        if k not in local_shapes:
-            out[k] = parts[0][k]  # reported as unexpected by the key check
-            continue
-        out[k] = _unpartition([p[k] for p in parts], local_shapes[k], f"{ema_dir} {k}")
+    if zero3:
+        parts = [read(r)[0] for r in range(dp)]
+        out = {}
+        for k in parts[0]:
+            if k not in local_shapes:
+                out[k] = parts[0][k]  # reported as unexpected by the key check
+                continue
+            out[k] = _unpartition([p[k] for p in parts], local_shapes[k], f"{ema_dir} {k}")
+        return out
+    first, meta, _ = read(0)
+    if EMA_FRAGMENTS not in meta:  # full shadows on every rank (ZeRO 0, or an older file)
+        return {k: v.float() for k, v in first.items()}
+    # ZeRO 1/2: each rank holds a slice of the flattened parameter, at the recorded start
+    ranks = [(first, meta, ema_dir)] + [read(r) for r in range(1, dp)]
+    out: dict[str, torch.Tensor] = {}
+    fragments = [json.loads(m.get(EMA_FRAGMENTS, "{}")) for _, m, _ in ranks]
+    for k, t in first.items():
+        if k not in fragments[0]:
+            out[k] = t.float()  # a full shadow (a parameter no optimizer partition holds)
+    for k, shape in local_shapes.items():
+        holders = [(i, starts[k]) for i, starts in enumerate(fragments) if k in starts]
+        if not holders:
+            continue  # missing: named by the key check
+        n = math.prod(shape)
+        flat, covered = torch.zeros(n), 0
+        for i, start in holders:
+            t = ranks[i][0][k].reshape(-1).float()
+            if start < 0 or start + t.numel() > n:
+                raise ValueError(
+                    f"{ranks[i][2]}: {k} fragment [{start}, {start + t.numel()}) outside its "
+                    f"{n} values"
+                )
+            flat[start : start + t.numel()] = t
+            covered += t.numel()
+        if covered != n:
+            raise ValueError(
+                f"{ema_dir}: the ranks' fragments of {k} cover {covered} of {n} values"
+            )
+        out[k] = flat.view(tuple(shape))
     return out
 
 

@@ -80,7 +80,11 @@ def save_checkpoint(
     for name, ema in emas.items():
         d = tmp / "ema" / name
         d.mkdir(parents=True, exist_ok=True)
-        save_file(ema.state_dict(), str(d / f"rank{dist.get_rank():05d}.safetensors"))
+        save_file(
+            ema.state_dict(),
+            str(d / f"rank{dist.get_rank():05d}.safetensors"),
+            metadata=ema.file_metadata() or None,
+        )
     for name, module in (modules or {}).items():  # e.g. the consistency target network
         d = tmp / "modules" / name
         d.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_apt.engine.data import build_stream
-from megatron_apt.engine.ema import EngineEMA, gathered_module_state
+from megatron_apt.engine.ema import EngineEMA, TargetEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.engine.recovery import CollapseGuard
@@ -68,6 +68,7 @@ class Trainer:
         self.step, self.samples, self.skipped = 0, 0, 0
         self.engines: dict = {}
         self.emas: dict = {}
+        self.target_ema: TargetEMA | None = None  # consistency: the target network's fp32 EMA
         self.base_lrs: dict[str, float] = {}  # configured lr per engine (before lr_scale)
         self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
         self.metrics: MetricsLogger | None = None
@@ -116,6 +117,9 @@ class Trainer:
             m.requires_grad_(False).eval().to(self.device, self.dtype)
         eng = self._engine("model", student, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
+        # the target is an EMA of the student's fp32 masters (not of its bf16 copies under
+        # --bf16, where a lerp with mu = 0.95 would lose every update below bf16's resolution)
+        self.target_ema = TargetEMA(eng, self.ps, c.target_ema_decay, self.target)
         self.cd = ConsistencyConfig(
             guidance_scale=c.guidance_scale,
             num_steps=c.consistency_steps,
@@ -261,17 +265,8 @@ class Trainer:
             self._update_target()
         return _mean(acc), bad
 
-    @torch.no_grad()
     def _update_target(self) -> None:
-        eng, mu = self.engines["model"], self.cd.target_ema_decay
-        src = eng.module
-        if eng.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(src.parameters())):
-                _lerp(self.target, src, mu)
-        else:
-            _lerp(self.target, src, mu)
+        self.target_ema.update()  # fp32 lerp of the masters, then copied into the target
 
     def _update_apt(self) -> tuple[dict, bool]:
         g_eng, d_eng = self.engines["generator"], self.engines["discriminator"]
@@ -365,12 +360,15 @@ class Trainer:
     def _modules(self) -> dict:
         return {"target": self.target} if self.cfg.stage == "consistency" else {}
 
+    def _all_emas(self) -> dict:
+        return {**self.emas, **({"target": self.target_ema} if self.target_ema else {})}
+
     def save(self) -> Path:
         return save_checkpoint(
             self.cfg.save,
             self.step,
             self.engines,
-            self.emas,
+            self._all_emas(),
             self.trainer_state(),
             self.rank,
             self._modules(),
@@ -379,8 +377,14 @@ class Trainer:
     def restore(self, d: Path) -> dict:
         """Load checkpoint ``d`` into the engines, EMA, modules, data stream and counters (a
         resume, or a rollback in-process); returns its trainer state. Collective."""
+        d = Path(d)
         layout = {"tensor_parallel": self.ps.tp_size, "context_parallel": self.ps.cp_size}
-        state = load_checkpoint(d, self.engines, self.emas, self._modules(), layout)
+        emas = self._all_emas()
+        if self.target_ema is not None and not (d / "ema" / "target").is_dir():
+            del emas["target"]  # written before the target's fp32 shadow was stored
+        state = load_checkpoint(d, self.engines, emas, self._modules(), layout)
+        if self.target_ema is not None and "target" not in emas:
+            self.target_ema.reset_from_module()  # from the stored target network's weights
         if state.get("stage") != self.cfg.stage:
             raise ValueError(
                 f"{d} is a {state.get('stage')!r} checkpoint, this run trains {self.cfg.stage!r}"
@@ -447,10 +451,3 @@ def apt_config(cfg: TrainConfig) -> APTConfig:
 def _mean(records: list[dict]) -> dict:
     keys = sorted({k for r in records for k in r})  # same order on every rank (all-reduce)
     return {k: torch.stack([r[k].float() for r in records if k in r]).mean() for k in keys}
-
-
-@torch.no_grad()
-def _lerp(target: torch.nn.Module, src: torch.nn.Module, mu: float) -> None:
-    s = dict(src.named_parameters())
-    for n, p in target.named_parameters():
-        p.mul_(mu).add_(s[n].detach().to(p.dtype), alpha=1 - mu)
