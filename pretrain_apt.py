@@ -320,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user and config errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    from megatron_apt.parallel.state import configure_cuda_env
+
+    note = configure_cuda_env(cfg.tensor_parallel)  # before CUDA starts
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr, flush=True)
     from megatron_apt.engine.recovery import TrainingStopped
     from megatron_apt.engine.trainer import Trainer
     from megatron_apt.testing.hooks import install_test_hooks

@@ -138,12 +138,14 @@ def build_skeleton(
     paper's)."""
     from megatron_apt.models.builders import build_discriminator
     from megatron_apt.models.discriminator import DiscriminatorConfig
-    from megatron_apt.models.mmdit import MMDiT
+    from megatron_apt.models.mmdit import MMDiT, model_build
     from megatron_apt.parallel.state import ParallelState
 
     solo = _SoloGroup()  # not None: megatron would fall back to its global TP group
     ps = ParallelState(tp_group=solo, dp_group=solo, cp_group=solo)
-    with _meta_build():
+    # megatron allocates on the GPU explicitly unless told to initialize "on the CPU"
+    # (model_build): on a CUDA host the meta context would not hold the model
+    with _meta_build(), model_build(use_cpu_initialization=True, initialize=False):
         if role == "discriminator":
             heads = tuple(head_layers) if head_layers else None
             return build_discriminator(cfg, ps, disc_cfg=DiscriminatorConfig(head_layers=heads))

@@ -96,12 +96,14 @@ def _check_local_shard(path, model, state: dict, partition_dims: dict) -> None:
 def _build_uninitialized(cfg: MMDiTConfig, ps: ParallelState | None, spec, dtype):
     """The MMDiT without its random initialization (minutes for billions of parameters):
     built on the meta device, then given empty CPU storage; parameters keep megatron's TP
-    attributes; the sin-cos table buffer is recomputed. TE specs build normally."""
+    attributes; the sin-cos table buffer is recomputed. TE specs build on the GPU without
+    their random initialization (:func:`model_build`)."""
     from megatron_apt.models.embeddings import sincos_2d_table
-    from megatron_apt.models.mmdit import MMDiT
+    from megatron_apt.models.mmdit import MMDiT, model_build
 
-    if spec not in (None, "local"):
-        return MMDiT(cfg, ps, spec=spec, params_dtype=dtype)
+    if spec not in (None, "local"):  # TE: on the GPU, built without its random init
+        with model_build(initialize=False):
+            return MMDiT(cfg, ps, spec=spec, params_dtype=dtype)
     ps = ps or single_process_state()
     with torch.device("meta"):
         model = MMDiT(cfg, ps, spec=spec, params_dtype=dtype, use_cpu_initialization=True)

@@ -23,8 +23,8 @@ from megatron_apt.checkpoint.io import (
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
 from megatron_apt.models.generator import Generator
-from megatron_apt.models.mmdit import MMDiT
-from megatron_apt.models.specs import LayerSpec
+from megatron_apt.models.mmdit import MMDiT, model_build
+from megatron_apt.models.specs import LayerSpec, get_spec
 from megatron_apt.parallel.state import ParallelState
 from megatron_apt.parallel.tensor_parallel import shard_state_dict, tp_partition_dim
 
@@ -72,7 +72,14 @@ def build_mmdit(
 ) -> MMDiT:
     """An MMDiT, loaded from ``init_from`` when given; ``recompute``: the blocks whose
     activations are recomputed in backward (see :meth:`MMDiT.set_recompute`)."""
-    model = MMDiT(cfg, ps, spec=spec, params_dtype=params_dtype)
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    # TE weights live on the GPU and are initialized there (minutes for 8B parameters): skip
+    # that when every weight is loaded next. CPU specs keep their init, whose RNG draws the
+    # layers built after this one (the discriminator heads) and the equivalence tests rely on.
+    skip_init = init_from is not None and spec is not None and spec.uses_te
+    with model_build(initialize=False if skip_init else None):
+        model = MMDiT(cfg, ps, spec=spec, params_dtype=params_dtype)
     if init_from is not None:
         load_model_file_into(model, init_from, expect_roles)
     model.set_recompute(recompute)

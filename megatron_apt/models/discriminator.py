@@ -26,7 +26,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.models.mmdit import MMDiT, megatron_config
+from megatron_apt.models.mmdit import MMDiT, build_options, megatron_config
+from megatron_apt.models.specs import ensure_tp_attributes
 from megatron_apt.parallel.context_parallel import replicated_over_cp
 from megatron_apt.parallel.state import ParallelState
 
@@ -106,16 +107,23 @@ class Discriminator(nn.Module):
         ps, d = backbone.ps, mcfg_b.hidden_size
         # Heads read gathered (full) tokens: build their linears without sequence parallel.
         plain = ParallelState(**{**ps.__dict__, "sequence_parallel": False})
+        opts = build_options()  # a skeleton build (meta device) must not allocate on CUDA
+        cpu_init = opts.use_cpu_initialization
+        if cpu_init is None:
+            cpu_init = backbone.patch_embed.weight.device.type == "cpu"
         mcfg = megatron_config(
             mcfg_b,
             plain,
             backbone.patch_embed.weight.dtype,
-            use_cpu_init=backbone.patch_embed.weight.device.type == "cpu",
+            use_cpu_init=cpu_init,
+            initialize=opts.initialize,
         )
         nh = cfg.head_num_heads or mcfg_b.num_heads
         self.heads = nn.ModuleList(
             CrossAttentionHead(d, nh, mcfg, plain, cfg.norm_eps) for _ in self.head_layers
         )
+        if not opts.initialize:
+            ensure_tp_attributes(self.heads)  # megatron sets them in its (skipped) init only
         self.norm = nn.LayerNorm(d * len(self.head_layers), eps=cfg.norm_eps)
         self.proj = nn.Linear(d * len(self.head_layers), 1)
         self.to(backbone.patch_embed.weight.dtype)

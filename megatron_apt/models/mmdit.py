@@ -31,7 +31,10 @@ reuses the forward's FP8 scaling state (not exercised on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +55,13 @@ from megatron_apt.models.embeddings import (
     timestep_features,
     unpatchify,
 )
-from megatron_apt.models.specs import LayerSpec, get_spec, local_spec
+from megatron_apt.models.specs import (
+    KeyMask,
+    LayerSpec,
+    ensure_tp_attributes,
+    get_spec,
+    local_spec,
+)
 from megatron_apt.parallel.context_parallel import (
     cp_key_mask,
     gather_from_cp,
@@ -68,8 +77,59 @@ from megatron_apt.parallel.tensor_parallel import (
 )
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """How models are built (see :func:`model_build`)."""
+
+    use_cpu_initialization: bool | None = None  # None: each model decides
+    initialize: bool = True
+
+
+_DEFAULT_BUILD = BuildOptions()  # frozen: safe to share
+_BUILD: contextvars.ContextVar[BuildOptions] = contextvars.ContextVar(
+    "megatron_apt_build",
+    default=_DEFAULT_BUILD,  # noqa: B039 (a frozen dataclass, never mutated)
+)
+
+
+@contextlib.contextmanager
+def model_build(use_cpu_initialization: bool | None = None, initialize: bool | None = None):
+    """Build MMDiTs and discriminator heads in this context with these options (None: as
+    the enclosing context says; nested contexts refine it).
+
+    ``initialize=False``: no random initialization (megatron's ``perform_initialization=False``,
+    which its TE linears honour through ``condition_init_method``, megatron-core 0.16.1
+    extensions/transformer_engine.py:309; and no DiT init of the replicated layers), for
+    weights that are loaded right after: minutes for billions of parameters on a GPU.
+    ``use_cpu_initialization=True``: megatron allocates its weights without a ``device=``, so
+    an enclosing ``torch.device("meta")`` applies; with False it allocates on
+    ``torch.cuda.current_device()`` explicitly (tensor_parallel/layers.py,
+    ``ColumnParallelLinear.__init__``), which a meta context cannot redirect."""
+    outer = _BUILD.get()
+    token = _BUILD.set(
+        BuildOptions(
+            outer.use_cpu_initialization
+            if use_cpu_initialization is None
+            else use_cpu_initialization,
+            outer.initialize if initialize is None else initialize,
+        )
+    )
+    try:
+        yield
+    finally:
+        _BUILD.reset(token)
+
+
+def build_options() -> BuildOptions:
+    return _BUILD.get()
+
+
 def megatron_config(
-    cfg: MMDiTConfig, ps: ParallelState, params_dtype: torch.dtype, use_cpu_init: bool
+    cfg: MMDiTConfig,
+    ps: ParallelState,
+    params_dtype: torch.dtype,
+    use_cpu_init: bool,
+    initialize: bool = True,
 ) -> TransformerConfig:
     """The megatron-core config that its parallel linears read."""
     return TransformerConfig(
@@ -84,7 +144,7 @@ def megatron_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_init,
-        perform_initialization=True,
+        perform_initialization=initialize,
         gradient_accumulation_fusion=False,
         add_bias_linear=True,
         # TE linears cache their FP8 weight (and its transpose) on the first micro-batch and
@@ -301,9 +361,14 @@ class MMDiT(nn.Module):
         if isinstance(spec, str):
             spec = get_spec(spec)
         self.spec = spec = spec or local_spec()
+        opts = build_options()
+        if opts.use_cpu_initialization is not None:
+            use_cpu_initialization = opts.use_cpu_initialization
         if use_cpu_initialization is None:  # GPU init needs megatron's seeded RNG tracker
             use_cpu_initialization = not _cuda_rng_tracker_ready()
-        mcfg = megatron_config(cfg, ps, params_dtype, use_cpu_initialization)
+        mcfg = megatron_config(
+            cfg, ps, params_dtype, use_cpu_initialization, initialize=opts.initialize
+        )
         d = cfg.hidden_size
         self.patch_embed = nn.Linear(cfg.patch_dim, d)
         self.text_embed = nn.Linear(cfg.text_dim, d)
@@ -324,7 +389,10 @@ class MMDiT(nn.Module):
         if cfg.pos_embed == "sincos2d":
             table = sincos_2d_table(d, cfg.pos_embed_max_size, cfg.pos_embed_base_size)
             self.register_buffer("pos_table", table, persistent=False)
-        self._init_replicated()
+        if opts.initialize:
+            self._init_replicated()
+        else:
+            ensure_tp_attributes(self)  # megatron sets them in its (skipped) init only
         self.to(dtype=params_dtype)
         self.recompute_layers: tuple[int, ...] = ()
 
@@ -467,6 +535,8 @@ class MMDiT(nn.Module):
             else:
                 vis = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 key_mask = torch.cat([vis, text_mask.bool()], dim=1)  # [B, N+L]
+            # one object for every layer: the kernels' host-side mask analysis runs once
+            key_mask = KeyMask(key_mask)
         t_feat = timestep_features(timesteps * cfg.timestep_scale, cfg.timestep_freq_dim)
         cond = self.time_embed(t_feat.to(x.dtype))
         if self.pooled_embed is not None:

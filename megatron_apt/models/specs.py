@@ -36,16 +36,62 @@ class SDPAttention(nn.Module):
     def forward(self, q, k, v, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, S, hd]
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        key_mask = as_key_mask(key_mask)
+        mask = None if key_mask is None else key_mask.mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, h, S, hd]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.num_heads * self.head_dim)
 
 
 def _right_padded_lengths(key_mask: torch.Tensor) -> torch.Tensor | None:
-    """Per-sample key counts when every mask row is a prefix of Trues, else None."""
+    """Per-sample key counts when every mask row is a prefix of Trues, else None (a host
+    sync: ``torch.equal``)."""
     lengths = key_mask.sum(dim=1)
     prefix = torch.arange(key_mask.shape[1], device=key_mask.device)[None] < lengths[:, None]
     return lengths if torch.equal(prefix, key_mask) else None
+
+
+@dataclass(frozen=True)
+class VarlenKeys:
+    """A right-padded key mask as the varlen kernels take it."""
+
+    lengths: torch.Tensor  # [b] valid keys per sample
+    cu_seqlens: torch.Tensor  # [b + 1] int32, cumulative
+    max_len: int
+    index: torch.Tensor  # [sum(lengths)] positions of the valid keys in the flattened [b * S]
+
+
+class KeyMask:
+    """A ``[b, S]`` key mask (True = attend) with what the attention kernels derive from it,
+    computed on first use and shared by every layer of one forward. Whether each row is a
+    prefix (TE and flash-attn take per-sequence lengths), the longest row and the valid keys'
+    positions need the host: done per layer, that was a host sync in each of the model's
+    layers (38 in the 8B, twice more in backward with recompute); now one per forward."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.bool()
+        self._varlen: VarlenKeys | None | bool = False  # False: not computed yet
+
+    def varlen(self) -> VarlenKeys | None:
+        """The varlen form when every row is a prefix of Trues, else None (then use SDPA)."""
+        if self._varlen is False:
+            lengths = _right_padded_lengths(self.mask)
+            if lengths is None:
+                self._varlen = None
+            else:
+                lens32 = lengths.to(torch.int32)
+                self._varlen = VarlenKeys(
+                    lengths=lengths,
+                    cu_seqlens=F.pad(torch.cumsum(lens32, 0, dtype=torch.int32), (1, 0)),
+                    max_len=int(lengths.max()),
+                    index=torch.nonzero(self.mask.reshape(-1)).squeeze(1),
+                )
+        return self._varlen
+
+
+def as_key_mask(key_mask: torch.Tensor | KeyMask | None) -> KeyMask | None:
+    if key_mask is None or isinstance(key_mask, KeyMask):
+        return key_mask
+    return KeyMask(key_mask)
 
 
 def check_flash_dtype(dtype: torch.dtype) -> None:
@@ -81,21 +127,19 @@ class FlashAttention(nn.Module):
         if key_mask is None:
             out = flash_attn_func(q, k, v)
             return out.transpose(0, 1).reshape(s, b, -1)
-        lengths = _right_padded_lengths(key_mask)
-        if lengths is None:
+        key_mask = as_key_mask(key_mask)
+        keys = key_mask.varlen()  # computed once per forward, shared by the layers
+        if keys is None:
             return self.fallback(*(t.transpose(0, 1) for t in (q, k, v)), key_mask)
-        lens32 = lengths.to(torch.int32)
-        cu_k = F.pad(torch.cumsum(lens32, 0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
-        keep = key_mask.reshape(-1)
         out = flash_attn_varlen_func(
             q.reshape(b * s, *q.shape[2:]),
-            k.reshape(b * s, *k.shape[2:])[keep],
-            v.reshape(b * s, *v.shape[2:])[keep],
+            k.reshape(b * s, *k.shape[2:]).index_select(0, keys.index),  # no host sync
+            v.reshape(b * s, *v.shape[2:]).index_select(0, keys.index),
             cu_q,
-            cu_k,
+            keys.cu_seqlens,
             s,
-            int(lengths.max()),
+            keys.max_len,
         )
         return out.reshape(b, s, -1).transpose(0, 1)
 
@@ -134,9 +178,10 @@ class TEAttention(nn.Module):
         # dot_product_attention/utils.py ``get_cu_seqlens``: ``mask.logical_not().sum(dim=1)``
         # then ``cumsum``). Under context parallelism the key order is [x_0; c_0; x_1; c_1]
         # with padded text in each c_i: holes TE would misread. Such masks go to SDPA.
-        if _right_padded_lengths(key_mask) is None:
+        key_mask = as_key_mask(key_mask)
+        if key_mask.varlen() is None:  # once per forward (KeyMask), not per layer
             return self.fallback(q, k, v, key_mask)
-        te_mask = ~key_mask[:, None, None, :]  # TE: True = masked out
+        te_mask = ~key_mask.mask[:, None, None, :]  # TE: True = masked out
         return self.core(q, k, v, attention_mask=te_mask)
 
 
@@ -155,6 +200,27 @@ class _SingleRankGemm:
         if self._single_rank:
             return F.linear(input, weight, bias)
         return super()._forward_impl(input, weight, bias, *args, **kwargs)
+
+
+def ensure_tp_attributes(module: nn.Module) -> None:
+    """Give the weights of megatron's parallel linears their tensor-parallel attributes
+    (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``) where megatron did
+    not: it sets them inside its init functions only, which ``perform_initialization=False``
+    skips (megatron-core 0.16.1, tensor_parallel/layers.py:855-884), and TP reductions,
+    conversion and export read them."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for m in module.modules():
+        dim = (
+            0
+            if isinstance(m, ColumnParallelLinear)
+            else 1
+            if isinstance(m, RowParallelLinear)
+            else None
+        )
+        w = getattr(m, "weight", None) if dim is not None else None
+        if w is not None and not hasattr(w, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(w, True, dim, 1)
 
 
 class LocalColumnParallelLinear(_SingleRankGemm, ColumnParallelLinear):

@@ -126,6 +126,35 @@ def comm_tensor(data, dtype: torch.dtype = torch.float32, group=None) -> torch.T
     return torch.tensor(data, dtype=dtype, device=comm_device(group))
 
 
+CUDA_MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def configure_cuda_env(tensor_parallel_size: int, env=None) -> str | None:
+    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for tensor-parallel runs; call before CUDA starts.
+
+    megatron-core's parallel linears launch the dgrad all-reduce (TP) or the reduce-scatter
+    (SP) asynchronously and "rely on CUDA_DEVICE_MAX_CONNECTIONS=1 to ensure that the
+    reduce scatter is scheduled before the weight gradient computation" (megatron-core 0.16.1,
+    tensor_parallel/layers.py:545-559; the requirement is stated at :657): with more
+    hardware queues the weight-gradient GEMM may run first and the communication no longer
+    overlaps it. CUDA reads the variable when its context is created, so it is set here, at
+    start-up, unless the user chose a value (then a warning says what it costs). Returns a
+    message to print, or None."""
+    env = os.environ if env is None else env
+    if tensor_parallel_size <= 1:
+        return None
+    value = env.get(CUDA_MAX_CONNECTIONS)
+    if value is None:
+        env[CUDA_MAX_CONNECTIONS] = "1"
+        return None
+    if value != "1":
+        return (
+            f"warning: {CUDA_MAX_CONNECTIONS}={value}; megatron's tensor-parallel linears "
+            "overlap their gradient communication with compute only with 1"
+        )
+    return None
+
+
 def cuda_device_for(local_rank: int) -> int:
     """The CUDA device of a process: its local rank, which must be below the node's device
     count. DeepSpeed sets the device from the raw LOCAL_RANK (deepspeed 0.19.8,
