@@ -214,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save", help="checkpoint directory")
     io.add_argument("--load", help="resume from the latest checkpoint in this directory")
     io.add_argument("--save-interval", type=int)
+    io.add_argument(
+        "--exit-signal-handler",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on SIGTERM/SIGINT (SLURM preemption, Ctrl-C), finish the update, save a "
+        "checkpoint (with --save) and exit 0 (default: on; a second Ctrl-C stops at once)",
+    )
+    io.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        help="the same once this many minutes have passed (set it below the job's time limit)",
+    )
     io.add_argument("--log-interval", type=int)
     io.add_argument("--log-dir", help="metrics.jsonl and TensorBoard (default: --save)")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
@@ -255,6 +267,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "save",
             "load",
             "save_interval",
+            "exit_signal_handler",
+            "exit_duration_in_mins",
             "log_interval",
             "log_dir",
             "deepspeed_config_g",
@@ -339,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     install_test_hooks(trainer)
     try:
         trainer.train()
-    except TrainingStopped as e:  # the collapse policy ended the run, on every rank alike
+    except TrainingStopped as e:  # collapse policy or preemption: on every rank alike
         if trainer.rank == 0:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
         print(f"TRAINING-STOPPED rank={trainer.rank} step={trainer.step}", flush=True)

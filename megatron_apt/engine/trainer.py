@@ -26,12 +26,18 @@ import torch.distributed as dist
 
 from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
-from megatron_apt.engine.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_apt.engine.checkpointing import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_apt.engine.data import build_stream
 from megatron_apt.engine.ema import EngineEMA, TargetEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
-from megatron_apt.engine.recovery import CollapseGuard
+from megatron_apt.engine.preemption import ExitGuard
+from megatron_apt.engine.recovery import CollapseGuard, TrainingStopped
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel
@@ -300,6 +306,8 @@ class Trainer:
         c, per_update = self.cfg, self.plan.global_batch_size
         update = getattr(self, f"_update_{c.stage}")
         last, window, updates, t0 = {}, [], 0, time.perf_counter()
+        exit_guard = ExitGuard(c.exit_signal_handler, c.exit_duration_in_mins)
+        saved_at = None
         try:
             while self.step < c.train_iters:
                 metrics, bad = update()
@@ -324,12 +332,31 @@ class Trainer:
                         continue  # the step counter is the reloaded checkpoint's
                 if c.save and c.save_interval and self.step % c.save_interval == 0:
                     self.save()
+                    saved_at = self.step
+                reason = exit_guard.should_exit()  # the same answer on every rank
+                if reason and self.step < c.train_iters:
+                    self._exit_early(reason, saved_at)
             if c.save:
                 self.save()
                 self.export(Path(c.save))
         finally:
+            exit_guard.restore()
             self.metrics.close()
         return last
+
+    def _exit_early(self, reason: str, saved_at: int | None) -> None:
+        """Save a complete checkpoint of the update just finished and stop with exit code 0."""
+        c = self.cfg
+        where = "nothing saved (no --save)"
+        if c.save:
+            path = checkpoint_dir(Path(c.save), self.step)
+            if saved_at != self.step:
+                path = self.save()
+            where = f"checkpoint {path}; resume with --load {c.save}"
+        if self.rank == 0:
+            msg = f"{reason}: stopping after update {self.step}/{c.train_iters}, {where}"
+            print(msg, flush=True)
+        raise TrainingStopped(f"{reason} at update {self.step}: {where}", exit_code=0)
 
     def _log(self, metrics: dict, dt: float) -> dict:
         """One all-reduce per log step: the mean over every rank (= over data parallel; TP and
