@@ -1,0 +1,39 @@
+"""DeepSpeed's checkpoint files load weights-only: a pickled payload in one is refused and never
+runs (deepspeed 0.19.8's own engine calls ``torch.load(weights_only=False)``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_apt.engine.engines import prepare_deepspeed
+
+
+class Payload:
+    """Unpickling this runs ``os.system``: what a hostile checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_payload_is_refused_and_does_not_run(tmp_path):
+    prepare_deepspeed()
+    from megatron_apt.engine.safe_checkpoint import SafeTorchCheckpointEngine
+
+    engine = SafeTorchCheckpointEngine(config_params=None)
+    marker = tmp_path / "ran"
+    bad = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Payload(marker)}, bad)
+    with pytest.raises(RuntimeError, match=r"refusing to load .*mp_rank_00_model_states.pt"):
+        engine.load(str(bad))
+    assert not marker.exists()
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "iteration": 3}, good)
+    assert engine.load(str(good))["iteration"] == 3
+    torch.load(bad, weights_only=False)  # control: the payload is real
+    assert marker.exists()
