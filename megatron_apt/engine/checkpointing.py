@@ -196,19 +196,43 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory ``latest`` points at, or None for a fresh start. Errors name the file."""
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every complete ``iter_*`` checkpoint under ``root``, oldest first."""
+    out = []
+    for d in Path(root).glob("iter_*"):
+        tail = d.name.removeprefix("iter_")
+        if tail.isdigit() and (d / "COMPLETE").is_file():
+            out.append((int(tail), d))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path, warn=None) -> Path | None:
+    """The directory ``latest`` points at, or None when ``root`` holds no checkpoint.
+
+    A missing or unreadable ``latest`` next to complete checkpoints (a copy that left it out,
+    a disk that lost it) does not mean "start afresh", which would then overwrite them: the
+    newest complete checkpoint is taken and ``warn`` (a callable) is told so. A ``latest``
+    naming a missing or incomplete checkpoint is an error naming both."""
     root = Path(root)
     marker = root / LATEST
-    if not marker.exists():
+    text = marker.read_text().strip() if marker.is_file() else None
+    if text is not None and text.isdigit():
+        d = checkpoint_dir(root, int(text))
+        if not (d / "COMPLETE").exists():
+            raise ValueError(
+                f"{marker} points at {d}, which is missing or incomplete (no COMPLETE)"
+            )
+        return d
+    complete = complete_checkpoints(root)
+    if not complete:
+        if text is not None:
+            raise ValueError(f"{marker} holds {text!r}, not an iteration number")
         return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{marker} holds {text!r}, not an iteration number")
-    d = checkpoint_dir(root, int(text))
-    if not (d / "COMPLETE").exists():
-        raise ValueError(f"{marker} points at {d}, which is missing or incomplete (no COMPLETE)")
-    return d
+    newest = complete[-1][1]
+    why = "is missing" if text is None else f"holds {text!r}, not an iteration number"
+    if warn is not None:
+        warn(f"warning: {marker} {why}; taking the newest complete checkpoint, {newest}")
+    return newest
 
 
 def load_checkpoint(

@@ -27,7 +27,9 @@ import torch.distributed as dist
 from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import (
+    LATEST,
     checkpoint_dir,
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -84,6 +86,7 @@ class Trainer:
             self._report_recompute()
         if cfg.load:  # before the logger exists: a refused --load writes nothing
             self._resume(cfg.load)
+        self._check_save_dir()
         self.metrics = MetricsLogger(
             cfg.log_dir, enabled=self.rank == 0, total_steps=cfg.train_iters
         )
@@ -421,16 +424,41 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         return state
 
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
     def _resume(self, root: str) -> None:
-        d = latest_checkpoint(root)
+        d = latest_checkpoint(root, warn=self._say)
         if d is None:
-            if self.rank == 0:
-                print(f"no checkpoint in {root}: starting from step 0", flush=True)
+            if Path(root).resolve() != Path(self.cfg.save or "").resolve():
+                # --load elsewhere than --save names a checkpoint to continue: a typo must
+                # not start a fresh run (--load = --save is the idiom of requeued jobs)
+                raise ValueError(
+                    f"--load {root}: no checkpoint there (no {LATEST}, no complete iter_*); "
+                    "check the path, or drop --load to start from scratch"
+                )
+            self._say(f"no checkpoint in {root}: starting from step 0")
             return
         state = self.restore(d)
         self.guard.load_state_dict(state)  # lr scale of earlier rollbacks, detector streaks
-        if self.rank == 0:
-            print(f"resumed from {d} at step {self.step}", flush=True)
+        self._say(f"resumed from {d} at step {self.step}")
+
+    def _check_save_dir(self) -> None:
+        """Refuse to start when ``--save`` already holds complete checkpoints newer than the
+        step this run starts from: it would replace or interleave with another run's
+        (checkpoints it resumed from, or older ones, are fine)."""
+        if not self.cfg.save:
+            return
+        newer = [(s, d) for s, d in complete_checkpoints(self.cfg.save) if s > self.step]
+        if newer:
+            step, d = newer[-1]
+            raise ValueError(
+                f"--save {self.cfg.save} holds a complete checkpoint at step {step} ({d}) "
+                f"but this run starts at step {self.step}: it would overwrite or mix with "
+                f"another run's checkpoints; resume it with --load {self.cfg.save}, or use "
+                "another --save"
+            )
 
     def export(self, root: Path) -> None:
         """Consolidated TP=1 model files for the next stage (rank 0 writes; collective)."""

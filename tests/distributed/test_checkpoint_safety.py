@@ -1,0 +1,77 @@
+"""A good checkpoint is never overwritten by a run that did not come from it (issue 16, item 3);
+2-rank torchrun runs of tiny-apt.
+
+* ``--load`` of a directory whose ``latest`` file is missing takes the newest complete
+  checkpoint, loudly (before: a silent start from step 0 that then replaced ``iter_0000002``);
+* ``--load`` of a path with no checkpoint (elsewhere than ``--save``) is an error naming it
+  (before: a silent fresh start); ``--load`` = ``--save`` on an empty directory, the idiom of
+  requeued jobs, still starts afresh;
+* ``--save`` holding complete checkpoints newer than the run's start step is refused before
+  training, and nothing in it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
+
+TRAIN = REPO_ROOT / "pretrain_apt.py"
+
+
+def train(*args, marker="TRAINING-DONE"):
+    return run_launcher(TRAIN, ["--recipe", "tiny-apt", *args], nproc=2, marker=marker)
+
+
+def train_fails(*args) -> subprocess.CompletedProcess:
+    cmd = launcher_command(
+        "torchrun", 2, str(TRAIN), [str(a) for a in ["--recipe", "tiny-apt", *args]]
+    )
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=420
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    return proc
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "tensorboard" not in p.parts and p.name != "metrics.jsonl"
+    }
+
+
+def test_missing_latest_resumes_from_the_newest_complete(tmp_path):
+    save = tmp_path / "run"
+    train("--train-iters", 2, "--save", save, "--save-interval", 1)
+    (save / "latest_checkpointed_iteration.txt").unlink()
+    kept = digest(save / "iter_0000002")
+    proc = train("--train-iters", 3, "--save", save, "--load", save)
+    assert "is missing; taking the newest complete checkpoint" in proc.stdout, proc.stdout[-2000:]
+    assert f"resumed from {save / 'iter_0000002'} at step 2" in proc.stdout
+    assert digest(save / "iter_0000002") == kept
+    assert (save / "iter_0000003" / "COMPLETE").is_file()
+
+
+def test_load_of_an_empty_path_is_an_error_unless_it_is_save(tmp_path):
+    proc = train_fails("--train-iters", 1, "--save", tmp_path / "new", "--load", tmp_path / "typo")
+    assert f"--load {tmp_path / 'typo'}: no checkpoint there" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "new" / "iter_0000001").exists()
+    fresh = tmp_path / "requeued"  # --load = --save: a job's first start
+    proc = train("--train-iters", 1, "--save", fresh, "--load", fresh)
+    assert f"no checkpoint in {fresh}: starting from step 0" in proc.stdout
+
+
+def test_save_with_newer_checkpoints_is_refused(tmp_path):
+    other = tmp_path / "other"
+    train("--train-iters", 2, "--save", other)
+    before = digest(other)
+    proc = train_fails("--train-iters", 4, "--save", other)  # no --load: would start at 0
+    assert f"--save {other} holds a complete checkpoint at step 2" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    assert "but this run starts at step 0" in proc.stderr
+    assert digest(other) == before
