@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (with --save) and exit 0 (default: on; a second Ctrl-C stops at once)",
     )
     io.add_argument(
+        "--max-consecutive-skips",
+        type=int,
+        help="stop (exit code 4, nothing exported) after this many updates in a row skipped "
+        "for non-finite losses (10; 0 = never)",
+    )
+    io.add_argument(
         "--exit-duration-in-mins",
         type=float,
         help="the same once this many minutes have passed (set it below the job's time limit)",
@@ -269,6 +275,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "save_interval",
             "exit_signal_handler",
             "exit_duration_in_mins",
+            "max_consecutive_skips",
             "log_interval",
             "log_dir",
             "deepspeed_config_g",

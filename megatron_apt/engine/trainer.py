@@ -6,10 +6,14 @@ accumulation boundary), then the generator EMA. During the G phase D's parameter
 and D is called through ``d_engine.module`` (two engines, one graph: CPU-FACTS.md).
 ``diffusion`` and ``consistency`` use the same machinery with one engine.
 
-A non-finite loss on any rank poisons the whole update on every rank: the remaining losses
-are multiplied by NaN so that DeepSpeed's overflow check skips the optimizer step of both
-engines consistently (ZeRO-0, which has no such check, drops the gradients instead); the EMA
-is not updated and ``skipped`` counts it.
+A non-finite loss on any rank poisons the rest of the update on every rank: the remaining
+losses are multiplied by NaN so that DeepSpeed's overflow check skips the optimizer steps
+still to come consistently (ZeRO-0, which has no such check, drops the gradients instead); the
+EMA is not updated and ``skipped`` counts it. A non-finite D phase skips D's and G's steps; a
+non-finite G phase skips G's, after D has stepped on finite losses (the paper's G phase reads
+the updated D, so D cannot wait for it). After ``max_consecutive_skips`` skipped updates in a
+row the run stops with exit code 4 and exports nothing: the weights or the learning rate are
+broken, and a run that only skips would otherwise end "successfully" with garbage.
 
 Each log step reduces every metric (losses, D's health, G's and D's gradient norms) in one
 all-reduce over all ranks and hands the result to the collapse policy
@@ -55,6 +59,7 @@ from megatron_apt.stages.noise import rand_batch, randn_like_batch, sample_gener
 from megatron_apt.utils.metrics import MetricsLogger
 
 SALT = {"diffusion": 0, "consistency": 3, "d": 1, "g": 2}
+EXIT_NON_FINITE = 4  # exit code: too many consecutive updates skipped for non-finite losses
 # metric name of each engine's gradient norm (one value per optimizer step, mean per update)
 GRAD_NORM_KEYS = {"generator": "grad_norm_g", "discriminator": "grad_norm_d", "model": "grad_norm"}
 
@@ -310,7 +315,7 @@ class Trainer:
         update = getattr(self, f"_update_{c.stage}")
         last, window, updates, t0 = {}, [], 0, time.perf_counter()
         exit_guard = ExitGuard(c.exit_signal_handler, c.exit_duration_in_mins)
-        saved_at = None
+        saved_at, streak = None, 0
         try:
             while self.step < c.train_iters:
                 metrics, bad = update()
@@ -318,7 +323,11 @@ class Trainer:
                 warmup = self._d_warmup()
                 if bad:
                     self.skipped += 1
+                    streak += 1
+                    if c.max_consecutive_skips and streak >= c.max_consecutive_skips:
+                        self._stop_non_finite(streak)
                 else:
+                    streak = 0
                     for ema in self.emas.values() if not warmup else ():
                         ema.update()
                     window.append(metrics)
@@ -346,6 +355,16 @@ class Trainer:
             exit_guard.restore()
             self.metrics.close()
         return last
+
+    def _stop_non_finite(self, streak: int) -> None:
+        last = latest_checkpoint(self.cfg.save) if self.cfg.save else None
+        hint = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+        raise TrainingStopped(
+            f"{streak} consecutive updates had non-finite losses and were skipped (up to "
+            f"update {self.step + 1}): the weights or the learning rate are broken; nothing "
+            f"is exported, {hint} (--max-consecutive-skips sets the limit, 0 = never stop)",
+            exit_code=EXIT_NON_FINITE,
+        )
 
     def _exit_early(self, reason: str, saved_at: int | None) -> None:
         """Save a complete checkpoint of the update just finished and stop with exit code 0."""

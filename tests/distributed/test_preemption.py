@@ -5,6 +5,8 @@
   say so, and end within seconds; before, the job died within a second with no checkpoint.
 * ``--exit-duration-in-mins``: the run stops itself the same way, exit code 0; resuming from
   its checkpoint finishes the run.
+* a run whose every update is skipped for non-finite losses stops with exit code 4 after
+  ``--max-consecutive-skips`` and exports nothing.
 """
 
 from __future__ import annotations
@@ -75,3 +77,20 @@ def test_exit_duration_saves_and_resumes(tmp_path):
     proc = run_launcher(TRAIN, more, nproc=2, marker="TRAINING-DONE")
     assert f"resumed from {save / f'iter_{step:07d}'} at step {step}" in proc.stdout
     assert _complete(save) == step + 1
+
+
+def test_a_run_that_only_skips_stops_and_exports_nothing(tmp_path):
+    """--lr 1e30: the first step blows the weights up, every later loss is non-finite and
+    skipped (issue 16, item 11); before, the run went on to the end, exited 0 and exported."""
+    save = tmp_path / "run"
+    args = ["--recipe", "tiny-apt", "--train-iters", 50, "--save", save, "--lr", "1e30",
+            "--max-consecutive-skips", 3]  # fmt: skip
+    cmd = launcher_command("torchrun", 2, str(TRAIN), [str(a) for a in args])
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=420
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert re.search(r"exitcode\s*:\s*4 ", proc.stderr), proc.stderr[-3000:]  # the ranks' code
+    assert "3 consecutive updates had non-finite losses and were skipped" in proc.stderr
+    assert proc.stdout.count("TRAINING-STOPPED") == 2
+    assert not list(save.glob("*.safetensors")), "a broken run exported model files"
