@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from megatron_apt.config.model import get_preset
 from megatron_apt.config.recipes import RECIPES, get_recipe
@@ -328,6 +329,19 @@ def check_config(cfg: TrainConfig) -> None:
     """Every config error that needs no process group: ``ValueError`` naming the values."""
     validate(cfg)
     plan_batch(cfg, launcher_world_size())
+    if cfg.save:
+        probe_writable(Path(cfg.save))
+
+
+def probe_writable(root: Path) -> None:
+    """``--save`` must take files now, not at the first save after hours of training."""
+    probe = root / f".write-probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--save {root}: cannot write there ({e.strerror or e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:

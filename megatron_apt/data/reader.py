@@ -140,6 +140,13 @@ class LatentShardReader:
     def _bucket_shards(self, key: str) -> list[int]:
         return [i for i, s in enumerate(self.shards) if s["bucket"] == key]
 
+    def bucket_sizes(self) -> dict[str, int]:
+        """Samples per bucket (shape key)."""
+        return {
+            key: int(sum(self._offsets[i + 1] - self._offsets[i] for i in self._bucket_shards(key)))
+            for key in sorted(self.index["buckets"])
+        }
+
     def __len__(self) -> int:
         """Micro-batches per epoch (the same on every rank)."""
         return len(self._plan(self.epoch))

@@ -95,6 +95,17 @@ class ShardStream:
             self.reader, cfg.model.in_channels, cfg.model.text_dim, cfg.model.pooled_text_dim
         )
         self.micro, self.dp_rank, self.dp_size = micro, dp_rank, dp_size
+        # one step reads micro x DP samples of one bucket; a bucket with fewer is never read,
+        # and a data set without any such bucket has no step at all: say so now, not with a
+        # bare StopIteration after the engines are built
+        need, sizes = micro * dp_size, self.reader.bucket_sizes()
+        self.dropped = {k: n for k, n in sizes.items() if n < need}
+        if len(self.reader) == 0:
+            raise ValueError(
+                f"--data-path {cfg.data.path}: {sum(sizes.values())} samples in {len(sizes)} "
+                f"bucket(s) {sizes}, but a step reads {need} samples of one bucket (micro "
+                f"{micro} x DP {dp_size}): no step fits; add data or lower --micro-batch-size"
+            )
         self.draws = 0
         self._it = iter(self.reader)
 

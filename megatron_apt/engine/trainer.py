@@ -78,6 +78,14 @@ class Trainer:
         self.stream = build_stream(
             cfg, self.plan.micro_batch_size, self.ps.dp_rank, self.ps.dp_size
         )
+        dropped = getattr(self.stream, "dropped", None)
+        if dropped and self.rank == 0:
+            need = self.plan.micro_batch_size * self.ps.dp_size
+            print(
+                f"warning: data buckets {dropped} hold fewer than micro x DP = {need} samples "
+                "and are never read",
+                flush=True,
+            )
         self.step, self.samples, self.skipped = 0, 0, 0
         self.engines: dict = {}
         self.emas: dict = {}

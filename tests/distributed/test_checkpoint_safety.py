@@ -75,3 +75,15 @@ def test_save_with_newer_checkpoints_is_refused(tmp_path):
     ]
     assert "but this run starts at step 0" in proc.stderr
     assert digest(other) == before
+
+
+def test_unusable_save_is_refused_before_training(tmp_path):
+    """Issue 16, item 2: before, an unwritable --save failed at the first save, after the
+    training (with save-at-end, after the whole run)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = train_fails("--train-iters", 2, "--save", blocker / "run")
+    assert f"error: --save {blocker / 'run'}: cannot write there" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    assert "step 1/" not in proc.stdout

@@ -237,3 +237,25 @@ def test_sample_rows_are_read_without_loading_the_shard(data, monkeypatch):
     assert batch["captions"] == ["s0", "s5", "s11"]
     with pytest.raises(ValueError, match="several buckets"):
         reader.read_samples([0, 13])
+
+
+def test_stream_refuses_a_data_set_without_one_step_and_reports_dropped_buckets(tmp_path):
+    """Issue 16, item 2: a data set in which no bucket holds micro x DP samples has no step (it
+    ended in a bare StopIteration after the engines were built); buckets too small are named."""
+    import dataclasses
+
+    from megatron_apt.config import get_preset
+    from megatron_apt.config.recipes import get_recipe
+    from megatron_apt.config.training import DataConfig
+    from megatron_apt.engine.data import ShardStream
+
+    make_dataset(tmp_path, {(4, 1, 4, 4): 6, (4, 1, 2, 2): 3})
+    cfg = get_recipe("tiny-apt").replace(
+        model=dataclasses.replace(get_preset("tiny"), text_dim=D),
+        data=DataConfig(path=str(tmp_path)),
+    )
+    with pytest.raises(ValueError, match=r"9 samples in 2 bucket\(s\).*a step reads 8 samples"):
+        ShardStream(cfg, micro=4, dp_rank=0, dp_size=2)
+    stream = ShardStream(cfg, micro=2, dp_rank=0, dp_size=2)  # 4 per step: the 3 are dropped
+    assert list(stream.dropped.values()) == [3]
+    assert stream.next()[0]["latents"].shape[0] == 2
