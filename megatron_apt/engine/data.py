@@ -112,8 +112,7 @@ class ShardStream:
     def next(self) -> tuple[dict[str, torch.Tensor], list[int]]:
         try:
             batch = next(self._it)
-        except StopIteration:
-            self.reader.set_epoch(self.reader.epoch + 1)
+        except StopIteration:  # the reader has moved to the next epoch itself
             self._it = iter(self.reader)
             batch = next(self._it)
         base = self.draws * self.micro * self.dp_size + self.dp_rank * self.micro

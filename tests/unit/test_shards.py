@@ -259,3 +259,36 @@ def test_stream_refuses_a_data_set_without_one_step_and_reports_dropped_buckets(
     stream = ShardStream(cfg, micro=2, dp_rank=0, dp_size=2)  # 4 per step: the 3 are dropped
     assert list(stream.dropped.values()) == [3]
     assert stream.next()[0]["latents"].shape[0] == 2
+
+
+def test_stream_epochs_follow_each_other_and_resume_at_an_epoch_end(tmp_path):
+    """Issue 16, item 10: the stream advanced the epoch a second time after the reader had
+    (epochs 0, 2, 4, ...), so a checkpoint taken exactly at an epoch end resumed into epoch 1
+    while the uninterrupted run read epoch 2."""
+    import dataclasses
+
+    from megatron_apt.config import get_preset
+    from megatron_apt.config.recipes import get_recipe
+    from megatron_apt.config.training import DataConfig
+    from megatron_apt.engine.data import ShardStream
+
+    make_dataset(tmp_path, {(4, 1, 4, 4): 12})
+    cfg = get_recipe("tiny-apt").replace(
+        model=dataclasses.replace(get_preset("tiny"), text_dim=D),
+        data=DataConfig(path=str(tmp_path)),
+    )
+
+    def ids(stream, n):
+        return [stream.next()[0]["latents"][:, 0, 0, 0, 0].tolist() for _ in range(n)]
+
+    a = ShardStream(cfg, micro=2, dp_rank=0, dp_size=1)
+    per_epoch = len(a.reader)
+    ids(a, per_epoch)  # epoch 0, read to its end
+    state = a.state_dict()
+    rest = ids(a, per_epoch)  # what the uninterrupted run reads next
+    b = ShardStream(cfg, micro=2, dp_rank=0, dp_size=1)
+    b.load_state_dict(state)
+    assert ids(b, per_epoch) == rest
+    reader = LatentShardReader(tmp_path, batch_size=2, seed=cfg.seed)
+    reader.set_epoch(1)
+    assert [bt["latents"][:, 0, 0, 0, 0].tolist() for bt in reader] == rest  # epoch 1, not 2
