@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (with --save) and exit 0 (default: on; a second Ctrl-C stops at once)",
     )
     io.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        help="how long a collective waits for a stalled rank before the job fails (30)",
+    )
+    io.add_argument(
         "--max-consecutive-skips",
         type=int,
         help="stop (exit code 4, nothing exported) after this many updates in a row skipped "
@@ -277,6 +282,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "exit_signal_handler",
             "exit_duration_in_mins",
             "max_consecutive_skips",
+            "distributed_timeout_minutes",
             "log_interval",
             "log_dir",
             "deepspeed_config_g",

@@ -135,6 +135,7 @@ class TrainConfig:
     exit_signal_handler: bool = True
     exit_duration_in_mins: float | None = None  # the same when this much wall time has passed
     max_consecutive_skips: int = 10  # non-finite updates in a row before stopping (0: never)
+    distributed_timeout_minutes: float = 30.0  # how long a collective waits for a stalled rank
     log_interval: int = 1
     log_dir: str | None = None
     deepspeed_config_g: str | None = None  # JSON merged over the generated config
@@ -400,6 +401,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"stage={cfg.stage!r}: choose one of {STAGES}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={cfg.zero_stage}: DeepSpeed ZeRO stages are 0-3")
+    if not cfg.distributed_timeout_minutes > 0:
+        raise ValueError(
+            f"distributed_timeout_minutes={cfg.distributed_timeout_minutes} must be > 0"
+        )
     if cfg.max_consecutive_skips < 0:
         raise ValueError(f"max_consecutive_skips={cfg.max_consecutive_skips} must be >= 0")
     if cfg.exit_duration_in_mins is not None and not cfg.exit_duration_in_mins > 0:

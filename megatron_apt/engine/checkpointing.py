@@ -282,12 +282,12 @@ def load_checkpoint(
                 f"{f} is missing (was the checkpoint written with another world "
                 "size? EMA shadows are stored per rank)"
             )
-        ema.load_state_dict(load_file(str(f)), source=str(f))
+        ema.load_state_dict(_read_safetensors(f), source=str(f))
     for name, module in (modules or {}).items():
         f = d / "modules" / name / f"rank{dist.get_rank():05d}.safetensors"
         if not f.exists():
             raise ValueError(f"{f} is missing")
-        tensors = load_file(str(f))
+        tensors = _read_safetensors(f)
         problem = describe_mismatch(
             {k: list(v.shape) for k, v in tensors.items()}, _module_shapes(module)
         )
@@ -295,6 +295,13 @@ def load_checkpoint(
             raise CheckpointMismatchError(f"{f} does not fit the {name} network: {problem}")
         load_weights(module, tensors, f)  # strict but for absent _extra_state
     return state
+
+
+def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated/corrupt file
+        raise ValueError(f"{f} is not a readable safetensors file ({e})") from e
 
 
 def _first_lines(text: str, n: int = 12) -> str:

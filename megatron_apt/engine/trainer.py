@@ -69,7 +69,11 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.ps = initialize_parallel(
-            cfg.tensor_parallel, cfg.context_parallel, cfg.sequence_parallel, seed=cfg.seed
+            cfg.tensor_parallel,
+            cfg.context_parallel,
+            cfg.sequence_parallel,
+            seed=cfg.seed,
+            timeout_minutes=cfg.distributed_timeout_minutes,
         )
         self.rank = dist.get_rank()
         self.plan = plan_batch(cfg, dist.get_world_size())
@@ -97,9 +101,14 @@ class Trainer:
         self.guard = CollapseGuard(self)  # collapse detector and --on-collapse policy
         if self.rank == 0:
             self._report_recompute()
-        if cfg.load:  # before the logger exists: a refused --load writes nothing
-            self._resume(cfg.load)
-        self._check_save_dir()
+        error = None
+        try:
+            if cfg.load:  # before the logger exists: a refused --load writes nothing
+                self._resume(cfg.load)
+            self._check_save_dir()
+        except Exception as e:  # noqa: BLE001 - re-raised by _agree_loaded on this rank
+            error = e
+        self._agree_loaded(error)
         self.metrics = MetricsLogger(
             cfg.log_dir, enabled=self.rank == 0, total_steps=cfg.train_iters
         )
@@ -470,6 +479,20 @@ class Trainer:
         state = self.restore(d)
         self.guard.load_state_dict(state)  # lr scale of earlier rollbacks, detector streaks
         self._say(f"resumed from {d} at step {self.step}")
+
+    def _agree_loaded(self, error: Exception | None) -> None:
+        """All ranks agree that the start-up (resume) went well before any trains: a rank-local
+        error (a missing or corrupt file of this rank) would otherwise leave the other ranks
+        waiting in the first collective of training until the timeout. Collective."""
+        flag = comm_tensor([float(self.rank + 1) if error is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item()) - 1
+        if error is not None:
+            raise error
+        if failed >= 0:
+            raise ValueError(
+                f"rank {failed} could not start (its error is in its output); no rank trains"
+            )
 
     def _check_save_dir(self) -> None:
         """Refuse to start when ``--save`` already holds complete checkpoints newer than the

@@ -198,7 +198,7 @@ def _mpi_rendezvous(rank: int, world_size: int) -> None:
     os.environ.setdefault("MASTER_PORT", str(addr[1]))
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30) -> tuple[int, int]:
     """Start torch.distributed from the launcher's environment (torchrun, deepspeed, mpirun).
 
     A process started without a launcher becomes a world of one (in-memory store). Returns
@@ -232,6 +232,7 @@ def initialize_parallel(
     sequence_parallel: bool = False,
     backend: str | None = None,
     seed: int | None = None,
+    timeout_minutes: float = 30,
 ) -> ParallelState:
     """Start torch.distributed if needed, build megatron's groups and return this rank's view.
 
@@ -239,9 +240,11 @@ def initialize_parallel(
     (``model_parallel_cuda_manual_seed``: same stream on TP peers where it must be, distinct
     where it must not); on GPUs this also lets megatron initialize weights on the device.
 
+    ``timeout_minutes``: how long a collective waits for a stalled rank before it fails.
+
     Raises ``ValueError`` before any collective when the world does not factor into the sizes.
     """
-    _, world = init_distributed(backend)
+    _, world = init_distributed(backend, timeout_minutes)
     if tensor_parallel_size < 1 or context_parallel_size < 1:
         raise ValueError(
             f"tensor_parallel_size={tensor_parallel_size} and context_parallel_size="

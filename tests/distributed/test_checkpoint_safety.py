@@ -87,3 +87,18 @@ def test_unusable_save_is_refused_before_training(tmp_path):
         -2000:
     ]
     assert "step 1/" not in proc.stdout
+
+
+def test_a_rank_local_load_error_stops_every_rank(tmp_path):
+    """Issue 16, items 12 and 8: rank 1's EMA file is truncated; rank 1 names it, and rank 0 does
+    not go on into training (where it would wait in a collective until the timeout) but says
+    that rank 1 could not start."""
+    save = tmp_path / "run"
+    train("--train-iters", 2, "--save", save)
+    f = save / "iter_0000002" / "ema" / "generator" / "rank00001.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    proc = train_fails("--train-iters", 3, "--save", save, "--load", save,
+                       "--distributed-timeout-minutes", 2)  # fmt: skip
+    assert f"{f} is not a readable safetensors file" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 could not start (its error is in its output); no rank trains" in proc.stderr
+    assert "step 3/" not in proc.stdout
