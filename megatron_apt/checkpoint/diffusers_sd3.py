@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.utils.paths import contained
 
 _STREAM = {  # (ours, diffusers) per stream: visual, text
     "visual": {
@@ -322,7 +323,7 @@ def read_sd3_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     sd: dict[str, torch.Tensor] = {}
     for name in files:
-        f = d / name
+        f = contained(d, name, str(d / WEIGHTS_INDEX_NAME))  # weight_map: inside the model dir
         if not f.is_file():
             raise FileNotFoundError(f"{f} (listed in {WEIGHTS_INDEX_NAME}) is missing")
         try:

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_apt.utils.paths import contained
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -115,6 +117,8 @@ def validate_index(index: dict, source: str | Path = "<index>") -> dict:
             f"{source}: malformed index (missing keys {missing}, malformed shard entries "
             f"{bad_shards[:5]})"
         )
+    for s in index["shards"]:  # relative and inside the data set's directory
+        contained(Path(str(source)).parent, s["file"], str(source))
     total = sum(s["num_samples"] for s in index["shards"])
     if total != index["num_samples"]:
         raise ValueError(

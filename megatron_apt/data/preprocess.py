@@ -38,6 +38,7 @@ from megatron_apt.data.format import INDEX_FILE, REPORT_FILE, atomic_write_json,
 from megatron_apt.data.media import MediaError, MediaItem, list_inputs, media_kind, read_frames
 from megatron_apt.data.media import video_fps as read_fps
 from megatron_apt.data.writer import build_index, write_index, write_shard
+from megatron_apt.utils.paths import contained
 
 __all__ = ["DTYPES", "PreprocessConfig", "load_item", "preprocess"]
 
@@ -175,7 +176,10 @@ def _unit_done(root: Path, unit: int, fingerprint: str) -> dict | None:
     if rec.get("fingerprint") != fingerprint:
         return None
     for s in rec["shards"]:
-        shard = root / s["file"]
+        try:
+            shard = contained(root, s.get("file"), str(path))
+        except ValueError:
+            return None  # not a record of ours: the unit is redone
         if not shard.is_file() or shard.stat().st_size != s["bytes"]:
             return None
     return rec

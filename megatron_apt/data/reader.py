@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_apt.data.format import SHARD_META_KEY, ShardCorruptError, load_index, sha256_file
+from megatron_apt.utils.paths import contained
 
 __all__ = ["VERIFY_MODES", "LatentShardReader", "check_compatible"]
 
@@ -85,7 +86,7 @@ class LatentShardReader:
 
     # ---- files and checks ---------------------------------------------------------------
     def shard_path(self, i: int) -> Path:
-        return self.root / self.shards[i]["file"]
+        return contained(self.root, self.shards[i]["file"], f"{self.root} index")
 
     def _check_files(self) -> None:
         for i, s in enumerate(self.shards):

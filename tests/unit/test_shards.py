@@ -292,3 +292,15 @@ def test_stream_epochs_follow_each_other_and_resume_at_an_epoch_end(tmp_path):
     reader = LatentShardReader(tmp_path, batch_size=2, seed=cfg.seed)
     reader.set_epoch(1)
     assert [bt["latents"][:, 0, 0, 0, 0].tolist() for bt in reader] == rest  # epoch 1, not 2
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd"])
+def test_index_entries_outside_the_data_set_are_refused(tmp_path, name):
+    """Issue 16, item 6 (see tests/unit/test_paths.py)."""
+    make_dataset(tmp_path, {(4, 1, 2, 2): 4})
+    f = tmp_path / "index.json"
+    index = json.loads(f.read_text())
+    index["shards"][0]["file"] = name
+    f.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index.json: file entry .* points outside"):
+        LatentShardReader(tmp_path, batch_size=1)
