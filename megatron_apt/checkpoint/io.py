@@ -69,8 +69,51 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTCon
             f"{path} has format_version {meta['format_version']}, this code "
             f"reads up to {FORMAT_VERSION}: upgrade megatron-apt"
         )
-    cfg = MMDiTConfig.from_dict(json.loads(meta["config"]))
+    cfg = config_from_header(path, meta, state)
     return state, cfg, meta
+
+
+POS_TABLE_FLOOR_BYTES = 64 << 20  # a sincos table may always take this much
+
+
+def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> MMDiTConfig:
+    """The model config of a file's header, checked before anything is built from it: the
+    header is data from whoever wrote the file. Types and ranges (one ``ValueError`` naming
+    the file and the field); the size of the one buffer no tensor bounds (SD3's sin-cos
+    position table, ``pos_embed_max_size``^2 x hidden: 1500 made a 1 MB file take 2.6 GB) may
+    not exceed the file's weights (or 64 MiB); every tensor's shape must be the one the
+    config gives (checked on a meta-device skeleton, so a header claiming a huge model
+    allocates nothing)."""
+    try:
+        raw = json.loads(meta["config"])
+        cfg = MMDiTConfig.from_dict(raw)
+    except KeyError:
+        raise ValueError(f"{path}: the header has no model config") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad model config in the header: {e}") from None
+    if cfg.pos_embed == "sincos2d":
+        table = cfg.pos_embed_max_size**2 * cfg.hidden_size * 4
+        weights = sum(t.numel() * t.element_size() for t in state.values())
+        if table > max(POS_TABLE_FLOOR_BYTES, weights):
+            raise ValueError(
+                f"{path}: pos_embed_max_size={cfg.pos_embed_max_size} would build a "
+                f"{table / 2**30:.1f} GiB position table for {weights / 2**20:.1f} MiB of "
+                "weights; the header is not that of a real model"
+            )
+    from megatron_apt.checkpoint.convert import head_layers_of, tensor_layout
+
+    role = meta.get("role", "mmdit")
+    kind = "discriminator" if role == "discriminator" else "mmdit"
+    try:
+        extra = json.loads(meta.get("extra") or "{}")
+        if not isinstance(extra, dict):
+            raise ValueError(f"a JSON object, got {type(extra).__name__}")
+        layout = tensor_layout(cfg, kind, head_layers=head_layers_of(extra))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad 'extra' in the header: {e}") from None
+    expected = {k: torch.empty(shape, device="meta") for k, (shape, _) in layout.items()}
+    check_keys_match(path, state, expected)
+    return cfg
 
 
 def check_config_matches(path: str | Path, found: MMDiTConfig, expected: MMDiTConfig) -> None:

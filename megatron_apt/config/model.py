@@ -57,6 +57,7 @@ class MMDiTConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if self.out_channels is None:
             self.out_channels = self.in_channels
@@ -104,18 +105,54 @@ class MMDiTConfig:
     def replace(self, **changes) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
 
+    def _check_types(self) -> None:
+        """Types and signs first (a config may come from an untrusted file header): one
+        ``ValueError`` naming the field instead of a TypeError or ZeroDivisionError later."""
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+        for name in (
+            "in_channels", "hidden_size", "num_layers", "num_heads", "text_dim",
+            "timestep_freq_dim", "pos_embed_max_size",
+        ):  # fmt: skip
+            v = getattr(self, name)
+            if not (is_int(v) and v >= 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("out_channels", "pooled_text_dim", "pos_embed_base_size"):
+            v = getattr(self, name)
+            if v is not None and not (is_int(v) and v >= 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer or None")
+        for name in ("mlp_ratio", "timestep_scale", "rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            if not (is_real(v) and v > 0):
+                raise ValueError(f"{name}={v!r} must be a positive number")
+        if not (is_real(self.init_std) and self.init_std >= 0):
+            raise ValueError(f"init_std={self.init_std!r} must be a number >= 0")
+        for name in ("patch_size", "rope_axes_dim"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (tuple, list)) and all(is_int(x) for x in v)):
+                raise ValueError(f"{name}={v!r} must be a sequence of integers")
+        if not isinstance(self.context_pre_only_last, bool):
+            raise ValueError(f"context_pre_only_last={self.context_pre_only_last!r} must be a bool")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> MMDiTConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config is a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown MMDiTConfig fields: {unknown}")
         d = dict(d)
         for key in ("patch_size", "rope_axes_dim"):
-            if d.get(key) is not None:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 
