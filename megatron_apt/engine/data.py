@@ -9,9 +9,12 @@ rank get identical micro-batches.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from megatron_apt.config.training import TrainConfig
+from megatron_apt.data.format import INDEX_FILE
 
 
 class SyntheticLatents:
@@ -53,6 +56,7 @@ class SyntheticStream:
 
     def __init__(self, cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int):
         self.data = SyntheticLatents(cfg, cfg.seed)
+        self.cfg_data = cfg.data
         self.micro, self.dp_rank, self.dp_size, self.seed = micro, dp_rank, dp_size, cfg.seed
         self.draws = 0
 
@@ -74,10 +78,15 @@ class SyntheticStream:
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         return batch, pos
 
+    def source(self) -> dict:
+        d = self.cfg_data
+        return {"kind": "synthetic", "num_samples": d.num_samples, "seed": self.seed}
+
     def state_dict(self) -> dict:
-        return {"draws": self.draws}
+        return {"draws": self.draws, "source": self.source()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_source(state, self.source())
         self.draws = int(state["draws"])
 
 
@@ -95,6 +104,8 @@ class ShardStream:
             self.reader, cfg.model.in_channels, cfg.model.text_dim, cfg.model.pooled_text_dim
         )
         self.micro, self.dp_rank, self.dp_size = micro, dp_rank, dp_size
+        index_file = self.reader.root / INDEX_FILE
+        self.index_sha256 = hashlib.sha256(index_file.read_bytes()).hexdigest()
         # one step reads micro x DP samples of one bucket; a bucket with fewer is never read,
         # and a data set without any such bucket has no step at all: say so now, not with a
         # bare StopIteration after the engines are built
@@ -120,13 +131,36 @@ class ShardStream:
         keep = ("latents", "text", "text_mask", "pooled_text")
         return {k: v for k, v in batch.items() if k in keep}, list(range(base, base + self.micro))
 
+    def source(self) -> dict:
+        return {"kind": "shards", "index_sha256": self.index_sha256}
+
     def state_dict(self) -> dict:
-        return {"draws": self.draws, "reader": self.reader.state_dict()}
+        return {"draws": self.draws, "reader": self.reader.state_dict(), "source": self.source()}
 
     def load_state_dict(self, state: dict) -> None:
+        check_source(state, self.source())
         self.draws = int(state["draws"])
         self.reader.load_state_dict(state["reader"])
         self._it = iter(self.reader)
+
+
+def check_source(state: dict, mine: dict) -> None:
+    """A checkpoint's data stream must be this run's: the same kind (synthetic / shards) and,
+    for shards, the same index (its sha256), for synthetic data the same size and seed.
+    Checkpoints of earlier versions name no source: their kind is told by the reader state."""
+    saved = state.get("source") or {"kind": "shards" if "reader" in state else "synthetic"}
+    if saved.get("kind") != mine["kind"]:
+        how = {"shards": "--data-path (latent shards)", "synthetic": "synthetic data"}
+        raise ValueError(
+            f"the checkpoint's data stream read {how.get(saved.get('kind'), saved.get('kind'))}, "
+            f"this run reads {how[mine['kind']]}: resume with the same data source"
+        )
+    for key, value in mine.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"the checkpoint's data stream has {key}={saved[key]!r}, this run's "
+                f"{value!r}: resume with the same data set"
+            )
 
 
 def build_stream(cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int):

@@ -444,7 +444,11 @@ class Trainer:
         """Load checkpoint ``d`` into the engines, EMA, modules, data stream and counters (a
         resume, or a rollback in-process); returns its trainer state. Collective."""
         d = Path(d)
-        layout = {"tensor_parallel": self.ps.tp_size, "context_parallel": self.ps.cp_size}
+        layout = {
+            "tensor_parallel": self.ps.tp_size,
+            "context_parallel": self.ps.cp_size,
+            "zero_stage": self.cfg.zero_stage,
+        }
         emas = self._all_emas()
         if self.target_ema is not None and not (d / "ema" / "target").is_dir():
             del emas["target"]  # written before the target's fp32 shadow was stored
@@ -457,7 +461,10 @@ class Trainer:
             )
         self.step, self.samples = state["step"], state["samples"]
         self.skipped = state.get("skipped", 0)
-        self.stream.load_state_dict(state["stream"])
+        try:
+            self.stream.load_state_dict(state["stream"])
+        except ValueError as e:
+            raise ValueError(f"{d}: {e}") from None
         return state
 
     def _say(self, message: str) -> None:

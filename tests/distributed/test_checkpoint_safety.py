@@ -102,3 +102,15 @@ def test_a_rank_local_load_error_stops_every_rank(tmp_path):
     assert f"{f} is not a readable safetensors file" in proc.stderr, proc.stderr[-3000:]
     assert "rank 1 could not start (its error is in its output); no rank trains" in proc.stderr
     assert "step 3/" not in proc.stdout
+
+
+def test_resume_with_another_zero_stage_is_refused(tmp_path):
+    """Issue 16, item 7: a ZeRO-2 checkpoint resumed at ZeRO-3 died with a bare AssertionError."""
+    save = tmp_path / "run"
+    train("--train-iters", 2, "--save", save, "--zero-stage", 2)
+    before = digest(save)
+    proc = train_fails("--train-iters", 3, "--save", save, "--load", save, "--zero-stage", 3)
+    ckpt = save / "iter_0000002"
+    want = f"checkpoint {ckpt} was written with zero_stage=2, this run has zero_stage=3"
+    assert want in proc.stderr, proc.stderr[-3000:]
+    assert digest(save) == before

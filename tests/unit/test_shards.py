@@ -304,3 +304,37 @@ def test_index_entries_outside_the_data_set_are_refused(tmp_path, name):
     f.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"index.json: file entry .* points outside"):
         LatentShardReader(tmp_path, batch_size=1)
+
+
+def test_resume_with_another_data_source_is_refused(tmp_path):
+    """Issue 16, item 7: a synthetic-data checkpoint resumed on shards died with KeyError
+    'reader'; a shard checkpoint resumed without --data-path trained on synthetic data; another
+    data set of the same size was accepted. The stream state records its source."""
+    import dataclasses
+
+    from megatron_apt.config import get_preset
+    from megatron_apt.config.recipes import get_recipe
+    from megatron_apt.config.training import DataConfig
+    from megatron_apt.engine.data import ShardStream, SyntheticStream
+
+    make_dataset(tmp_path / "a", {(4, 1, 4, 4): 8})
+    make_dataset(tmp_path / "b", {(4, 1, 4, 4): 8}, seed=1)  # same size, other samples
+    base = get_recipe("tiny-apt").replace(model=dataclasses.replace(get_preset("tiny"), text_dim=D))
+
+    def shards(root):
+        return ShardStream(base.replace(data=DataConfig(path=str(root))), 2, 0, 1)
+
+    synthetic = SyntheticStream(base, 2, 0, 1)
+    with pytest.raises(ValueError, match="read synthetic data, this run reads --data-path"):
+        shards(tmp_path / "a").load_state_dict(synthetic.state_dict())
+    with pytest.raises(
+        ValueError, match=r"read --data-path \(latent shards\), this run reads synth"
+    ):
+        SyntheticStream(base, 2, 0, 1).load_state_dict(shards(tmp_path / "a").state_dict())
+    with pytest.raises(ValueError, match="has index_sha256=.*resume with the same data set"):
+        shards(tmp_path / "b").load_state_dict(shards(tmp_path / "a").state_dict())
+    old = shards(tmp_path / "a").state_dict()
+    del old["source"]  # a checkpoint of an earlier version: its kind from the reader state
+    shards(tmp_path / "a").load_state_dict(old)
+    with pytest.raises(ValueError, match="read --data-path"):
+        SyntheticStream(base, 2, 0, 1).load_state_dict(old)
