@@ -247,7 +247,12 @@ def load_checkpoint(
     state_file = d / "trainer_state.json"
     if not state_file.exists():
         raise ValueError(f"{d} has no trainer_state.json")
-    state = json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{state_file} is truncated or not JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{state_file} is not a trainer state (a JSON object)")
     saved_world = state.get("world_size")
     if saved_world is not None and saved_world != dist.get_world_size():
         raise CheckpointMismatchError(
@@ -269,6 +274,8 @@ def load_checkpoint(
         path = d / name
         if not path.exists():
             raise ValueError(f"{d} has no {name}/ engine checkpoint (another stage's checkpoint?)")
+        if not (path / "state").is_dir():  # DeepSpeed would fail with a bare AssertionError
+            raise ValueError(f"{path / 'state'} is missing: the {name}'s checkpoint is incomplete")
         try:
             engine.load_checkpoint(str(path), tag="state", load_module_strict=True)
         except RuntimeError as e:  # DeepSpeed's load_state_dict: size mismatch, missing keys

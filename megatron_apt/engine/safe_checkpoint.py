@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
+import pickle
+import zipfile
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -39,14 +42,27 @@ def _safe_globals() -> list:
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location=None):
+        """Three different failures, told apart: a missing file (I/O), a truncated or
+        corrupt one (format), and one holding objects outside the allow-list (security: only
+        this is a refusal that suggests tampering)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing")
         with torch.serialization.safe_globals(_safe_globals()):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:
+            except pickle.UnpicklingError as e:  # what weights-only loading raises
                 raise RuntimeError(
                     f"refusing to load {path}: it holds objects outside the allow-list of "
-                    f"weights-only loading ({e})"
+                    f"weights-only loading ({_first_line(e)})"
                 ) from e
+            except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+                raise RuntimeError(
+                    f"{path} is truncated or not a torch checkpoint ({_first_line(e)})"
+                ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def install(engine) -> None:

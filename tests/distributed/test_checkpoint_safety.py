@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -114,3 +115,13 @@ def test_resume_with_another_zero_stage_is_refused(tmp_path):
     want = f"checkpoint {ckpt} was written with zero_stage=2, this run has zero_stage=3"
     assert want in proc.stderr, proc.stderr[-3000:]
     assert digest(save) == before
+
+
+def test_an_incomplete_engine_checkpoint_is_named(tmp_path):
+    """Issue 16, item 8: a missing generator/state/ gave DeepSpeed's bare AssertionError."""
+    save = tmp_path / "run"
+    train("--train-iters", 2, "--save", save)
+    shutil.rmtree(save / "iter_0000002" / "generator" / "state")
+    proc = train_fails("--train-iters", 3, "--save", save, "--load", save)
+    state = save / "iter_0000002" / "generator" / "state"
+    assert f"{state} is missing: the generator's checkpoint is incomplete" in proc.stderr

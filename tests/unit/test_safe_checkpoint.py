@@ -37,3 +37,28 @@ def test_pickled_payload_is_refused_and_does_not_run(tmp_path):
     assert engine.load(str(good))["iteration"] == 3
     torch.load(bad, weights_only=False)  # control: the payload is real
     assert marker.exists()
+
+
+def test_truncated_and_missing_files_are_not_called_tampering(tmp_path):
+    """Issue 16, item 8: I/O, format and security failures are told apart."""
+    prepare_deepspeed()
+    from megatron_apt.engine.safe_checkpoint import SafeTorchCheckpointEngine
+
+    engine = SafeTorchCheckpointEngine(config_params=None)
+    f = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(64)}}, f)
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(
+        RuntimeError, match=r"mp_rank_00_model_states.pt is truncated or not a torch"
+    ):
+        engine.load(str(f))
+    with pytest.raises(FileNotFoundError, match=r"absent.pt is missing"):
+        engine.load(str(tmp_path / "absent.pt"))
+
+
+def test_truncated_trainer_state_is_named(tmp_path):
+    from megatron_apt.engine.checkpointing import load_checkpoint
+
+    (tmp_path / "trainer_state.json").write_text('{"step": 2, "wor')
+    with pytest.raises(ValueError, match=r"trainer_state.json is truncated or not JSON"):
+        load_checkpoint(tmp_path, {}, {})
