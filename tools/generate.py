@@ -20,6 +20,7 @@ encodes the text, decodes and writes. Library: megatron_apt.inference.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -120,13 +121,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give --height and --width in pixels (and --frames for videos), or --latent-shape")
     if args.batch_size < 1 or args.warmup < 0 or args.max_text_length < 1:
         p.error("--batch-size and --max-text-length must be >= 1, --warmup >= 0")
+    for flag in ("guidance_scale", "shift"):  # a NaN scale made a NaN image and exit 0
+        v = getattr(args, flag, None)
+        if v is not None and not math.isfinite(v):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number, got {v}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        p.error(f"--fps must be a positive number, got {args.fps}")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({e})") from e
+        except OSError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from e
     if not prompts:
         raise ValueError("no prompts: give --prompt (repeatable) or --prompts-file")
     return prompts

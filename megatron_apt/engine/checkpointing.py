@@ -52,9 +52,30 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably: the new content reaches the disk
+    (fsync) before the rename, and the rename before the call returns (fsync of the
+    directory), so that a crash never leaves ``latest`` naming a checkpoint whose files are
+    still in the page cache, nor an empty ``latest``."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. a file system without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -135,8 +156,15 @@ def _manifest(engines: dict, modules: dict | None) -> dict:
 
 def _test_kill_hook(step: int) -> None:
     """Test hook (see the module docstring): die like an OOM-killed rank mid-checkpoint."""
+    from megatron_apt.testing.hooks import hooks_enabled
+
     at = os.environ.get(KILL_IN_SAVE_ENV)
-    if at and int(at) == step and dist.get_rank() == int(os.environ.get(KILL_RANK_ENV, "1")):
+    if (
+        at
+        and hooks_enabled()
+        and int(at) == step
+        and dist.get_rank() == int(os.environ.get(KILL_RANK_ENV, "1"))
+    ):
         print(f"{KILL_IN_SAVE_ENV}: rank {dist.get_rank()} kills itself in save {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

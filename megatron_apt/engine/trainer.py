@@ -529,10 +529,10 @@ class Trainer:
                 if self.rank == 0:
                     from safetensors.torch import save_file
 
-                    save_file(
-                        {k: v.contiguous() for k, v in weights.items()},
-                        str(root / "discriminator.safetensors"),
-                    )
+                    final = root / "discriminator.safetensors"
+                    tmp = final.with_name(final.name + ".tmp")  # atomic, like model files
+                    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+                    tmp.replace(final)
                 continue
             ema = {
                 k.removeprefix("model."): v for k, v in self.emas[name].full_state_dict().items()

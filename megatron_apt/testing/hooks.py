@@ -26,7 +26,21 @@ NAN_RANK_ENV = "MEGATRON_APT_TEST_NAN_RANK"
 WEIGHTS_DIR_ENV = "MEGATRON_APT_TEST_WEIGHTS_DIR"
 
 
+TESTING_ENV = "MEGATRON_APT_TESTING"  # set by the test suite (tests/conftest.py, launch.py)
+
+
+def hooks_enabled() -> bool:
+    """Fault-injection hooks act only in the test suite's processes: a stray
+    ``MEGATRON_APT_TEST_*`` variable in a production job's environment does nothing."""
+    return os.environ.get(TESTING_ENV) == "1"
+
+
 def install_test_hooks(trainer) -> None:
+    if not hooks_enabled():
+        stray = sorted(k for k in os.environ if k.startswith("MEGATRON_APT_TEST_"))
+        if stray and getattr(trainer, "rank", 0) == 0:
+            print(f"warning: {stray} ignored: test-only hooks ({TESTING_ENV}=1 is unset)")
+        return
     if os.environ.get(NAN_AT_STEP_ENV):
         _install_nan(trainer, os.environ[NAN_AT_STEP_ENV])
     if os.environ.get(WEIGHTS_DIR_ENV):

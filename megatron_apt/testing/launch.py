@@ -50,6 +50,7 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",
             "DS_ACCELERATOR": "cpu",
             "MEGATRON_APT_BACKEND": "gloo",
+            "MEGATRON_APT_TESTING": "1",  # fault-injection hooks act only under the tests
             "CUDA_VISIBLE_DEVICES": "",
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])

@@ -125,3 +125,13 @@ def test_an_incomplete_engine_checkpoint_is_named(tmp_path):
     proc = train_fails("--train-iters", 3, "--save", save, "--load", save)
     state = save / "iter_0000002" / "generator" / "state"
     assert f"{state} is missing: the generator's checkpoint is incomplete" in proc.stderr
+
+
+def test_fault_hooks_are_test_only(tmp_path):
+    """Issue 16, item 13: the fault-injection variables acted in any run; outside the test
+    suite (MEGATRON_APT_TESTING unset) they are ignored, with a warning."""
+    env = {"MEGATRON_APT_TESTING": "0", "MEGATRON_APT_TEST_NAN_AT_STEP": "1"}
+    args = ["--recipe", "tiny-apt", "--train-iters", 2, "--save", tmp_path / "run"]
+    proc = run_launcher(TRAIN, args, nproc=2, marker="TRAINING-DONE", env=env)
+    assert "['MEGATRON_APT_TEST_NAN_AT_STEP'] ignored: test-only hooks" in proc.stdout
+    assert "skipped=0" in proc.stdout

@@ -304,3 +304,26 @@ def test_flag_errors(tool, assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main(base_args(assets, tmp_path / "err"))  # no size
     assert "--height" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mode", "diffusion", "--guidance-scale", "nan"], "--guidance-scale must be a finite"),
+        (["--fps", "0"], "--fps must be a positive number"),
+    ],
+)
+def test_non_finite_and_zero_values_are_refused(tool, assets, tmp_path, capsys, flags, message):
+    """Issue 16, item 13: a NaN guidance scale wrote a NaN image and exited 0; --fps 0 passed."""
+    argv = base_args(assets, tmp_path / "err", checkpoint="diffusion")
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + ["--height", "16", "--width", "16", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_non_utf8_prompts_file_is_named(tool, assets, tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a red circle\n\xff\xfe broken\n")
+    argv = base_args(assets, tmp_path / "err", prompts=[]) + ["--prompts-file", str(bad)]
+    assert tool.main(argv + ["--height", "16", "--width", "16"]) == 2
+    assert f"--prompts-file {bad} is not UTF-8 text" in capsys.readouterr().err
