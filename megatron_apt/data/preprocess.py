@@ -13,6 +13,7 @@ shards do not depend on the number of ranks: 1 rank and N ranks write the same f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -71,10 +72,36 @@ class PreprocessConfig:
     progress: bool = True
 
     def fingerprint(self, items: Sequence[MediaItem]) -> str:
-        """Hash of everything that determines a unit's shards (settings and its inputs)."""
+        """Hash of everything that determines a unit's shards: the settings, the inputs, and
+        the *contents* of the VAE and text encoder (:func:`component_digest`): another model
+        swapped in at the same path must not be mixed into one data set."""
         keys = ("buckets", "vae", "text_encoder", "max_text_length", "dtype", "samples_per_shard")
-        blob = json.dumps([{k: getattr(self, k) for k in keys}, [asdict(i) for i in items]])
+        models = {k: component_digest(getattr(self, k)) for k in ("vae", "text_encoder")}
+        blob = json.dumps([{k: getattr(self, k) for k in keys}, models, [asdict(i) for i in items]])
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+SMALL_FILE = 1 << 20  # files up to this size (configs, tokenizers) are hashed in full
+
+
+@functools.lru_cache(maxsize=16)
+def component_digest(spec: str) -> str:
+    """What identifies a model given by ``spec`` (a local file or directory; anything else,
+    e.g. ``identity``, stands for itself): every file's relative name and size, and the full
+    contents of the small ones (config.json, tokenizer files). Weights are not read in full
+    (gigabytes): a model with another config, tokenizer or weight layout differs; so does
+    one retrained to other weights of the same sizes only through its config."""
+    path = Path(spec) if spec else None
+    if path is None or not path.exists():
+        return hashlib.sha256(spec.encode()).hexdigest()
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{size}\n".encode())
+        if size <= SMALL_FILE:
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def load_item(

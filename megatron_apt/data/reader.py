@@ -99,6 +99,38 @@ class LatentShardReader:
                     f"latent shard {path} has {size} bytes, the index records {s['bytes']} "
                     "(truncated or rewritten)"
                 )
+            self._check_header(i, path)
+
+    def _check_header(self, i: int, path: Path) -> None:
+        """The shard's tensors, read from its safetensors header only, against the index: its
+        bucket is one of the index's (else it would never be read), its latents are
+        ``[num_samples, *latent_shape]``, its text ``[num_samples, text_length, text_dim]``
+        and its pooled vectors ``[num_samples, pooled_dim]``. A mismatch used to surface
+        later, in a prefetch thread, without naming the shard."""
+        s, idx = self.shards[i], self.index
+        where = f"latent shard {path} (bucket {s['bucket']})"
+        if s["bucket"] not in idx["buckets"]:
+            raise ShardCorruptError(
+                f"{where}: its bucket is not in the index's buckets {sorted(idx['buckets'])}"
+            )
+        n = s["num_samples"]
+        want = {
+            "latents": [n, *s["latent_shape"]],
+            "text": [n, idx["text_length"], idx["text_dim"]],
+            "text_mask": [n, idx["text_length"]],
+        }
+        if idx.get("pooled_dim"):
+            want["pooled"] = [n, idx["pooled_dim"]]
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                got = {k: list(h.get_slice(k).get_shape()) for k in h.keys()}  # noqa: SIM118
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: an unreadable header
+            raise ShardCorruptError(f"{where}: unreadable safetensors header ({e})") from e
+        for k, shape in want.items():
+            if got.get(k) != shape:
+                raise ShardCorruptError(
+                    f"{where}: tensor {k!r} has shape {got.get(k)}, the index implies {shape}"
+                )
 
     def _verify(self, i: int) -> None:
         with self._lock:

@@ -338,3 +338,22 @@ def test_resume_with_another_data_source_is_refused(tmp_path):
     shards(tmp_path / "a").load_state_dict(old)
     with pytest.raises(ValueError, match="read --data-path"):
         SyntheticStream(base, 2, 0, 1).load_state_dict(old)
+
+
+def test_shard_headers_are_checked_against_the_index_at_open(tmp_path):
+    """Issue 16, item 9: a shard of a bucket the index does not list was never read (no word);
+    a shard whose text width differed from the index failed later in a prefetch thread
+    without naming it. Both are refused at open, naming the shard."""
+    make_dataset(tmp_path, {(4, 1, 4, 4): 4, (4, 1, 2, 2): 4})
+    f = tmp_path / "index.json"
+    good = f.read_text()
+    index = json.loads(good)
+    index["shards"][0]["bucket"] = "4x9x9x9"
+    f.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"shards/0000.safetensors \(bucket 4x9x9x9\): its bucket"):
+        LatentShardReader(tmp_path, batch_size=1)
+    index = json.loads(good)
+    index["text_dim"] = D + 1  # the shards hold D-wide text
+    f.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"tensor 'text' has shape \[4, {L}, {D}\], the index"):
+        LatentShardReader(tmp_path, batch_size=1)
