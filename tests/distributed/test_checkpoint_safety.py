@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
 
@@ -45,13 +48,16 @@ def digest(root: Path) -> dict[str, str]:
     }
 
 
-def test_missing_latest_resumes_from_the_newest_complete(tmp_path):
+@pytest.mark.parametrize("latest", ["missing", "garbage"])
+def test_missing_latest_resumes_from_the_newest_complete(tmp_path, latest):
     save = tmp_path / "run"
     train("--train-iters", 2, "--save", save, "--save-interval", 1)
-    (save / "latest_checkpointed_iteration.txt").unlink()
+    marker = save / "latest_checkpointed_iteration.txt"
+    marker.unlink() if latest == "missing" else marker.write_text("\x00garbage")
     kept = digest(save / "iter_0000002")
     proc = train("--train-iters", 3, "--save", save, "--load", save)
-    assert "is missing; taking the newest complete checkpoint" in proc.stdout, proc.stdout[-2000:]
+    why = "is missing" if latest == "missing" else "not an iteration number"
+    assert f"{why}; taking the newest complete checkpoint" in proc.stdout, proc.stdout[-2000:]
     assert f"resumed from {save / 'iter_0000002'} at step 2" in proc.stdout
     assert digest(save / "iter_0000002") == kept
     assert (save / "iter_0000003" / "COMPLETE").is_file()
@@ -135,3 +141,45 @@ def test_fault_hooks_are_test_only(tmp_path):
     proc = run_launcher(TRAIN, args, nproc=2, marker="TRAINING-DONE", env=env)
     assert "['MEGATRON_APT_TEST_NAN_AT_STEP'] ignored: test-only hooks" in proc.stdout
     assert "skipped=0" in proc.stdout
+
+
+PAYLOAD = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+for f in sys.argv[1].split(","):
+    torch.save({"module": {}, "payload": Payload()}, f)
+"""
+
+
+def test_no_pickle_payload_runs_through_load_or_convert(tmp_path):
+    """Issue 16, item 4: every DeepSpeed file of a checkpoint replaced by one whose unpickling
+    would run code; neither --load nor tools/convert_checkpoint.py export runs it."""
+    save = tmp_path / "run"
+    train("--train-iters", 2, "--save", save, "--zero-stage", 2)
+    files = sorted((save / "iter_0000002").rglob("*.pt"))
+    assert files
+    marker = tmp_path / "payload-ran"
+    subprocess.run(
+        [sys.executable, "-c", PAYLOAD, ",".join(map(str, files)), str(marker)],
+        check=True, env=launcher_env(),
+    )  # fmt: skip
+    assert not marker.exists()
+    proc = train_fails("--train-iters", 3, "--save", save, "--load", save)
+    assert "outside the allow-list" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists(), "a pickled payload ran through --load"
+    tool = REPO_ROOT / "tools" / "convert_checkpoint.py"
+    out = tmp_path / "g.safetensors"
+    conv = subprocess.run(
+        [sys.executable, str(tool), "export", "--input", str(save), "--output", str(out)],
+        cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert conv.returncode != 0 and "weights-only" in conv.stderr, conv.stderr[-2000:]
+    assert not marker.exists(), "a pickled payload ran through convert_checkpoint.py"
+    # control: the files are real payloads (unpickling one with weights_only=False runs it)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(files[0])!r}, weights_only=False)"],
+        env=launcher_env(), check=False,
+    )  # fmt: skip
+    assert marker.exists()
