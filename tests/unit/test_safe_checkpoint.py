@@ -62,3 +62,17 @@ def test_truncated_trainer_state_is_named(tmp_path):
     (tmp_path / "trainer_state.json").write_text('{"step": 2, "wor')
     with pytest.raises(ValueError, match=r"trainer_state.json is truncated or not JSON"):
         load_checkpoint(tmp_path, {}, {})
+
+
+def test_latest_is_written_durably(tmp_path, monkeypatch):
+    """Issue 16, item 13: ``latest`` reaches the disk before the rename, the rename before the
+    call returns (fsync of the file, then of its directory)."""
+    from megatron_apt.engine import checkpointing
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(checkpointing.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    checkpointing._atomic_write(tmp_path / "latest_checkpointed_iteration.txt", "7")
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "7"
+    assert len(synced) == 2  # the file, then the directory
+    assert not list(tmp_path.glob("*.tmp*"))
