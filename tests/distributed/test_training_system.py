@@ -282,9 +282,12 @@ def assert_same_end_state(full: Path, resumed: Path, first: Path, stage: str) ->
         assert max_diff(full / f, resumed / f) == 0.0, (resumed, f)
         assert max_diff(first / f, resumed / f) > 1e-6, f"{f}: the later updates changed nothing?"
     last_full, last_res = full / "iter_0000004", resumed / "iter_0000004"
-    for rel in ["ema"] + (["modules/target"] if stage == "consistency" else []):
+    # EMA shadows per engine (and the consistency target's fp32 shadow, ema/target), and the
+    # target network itself: one file per rank each
+    dirs = ["ema/model", "ema/target", "modules/target"] if stage == "consistency" else []
+    for rel in dirs or ["ema/generator"]:
         files = sorted((last_full / rel).rglob("rank*.safetensors"))
-        assert len(files) == 2, (rel, files)  # one per rank
+        assert len(files) == 2, (rel, files)
         for f in files:
             assert max_diff(f, last_res / f.relative_to(last_full)) == 0.0, (resumed, f)
 
