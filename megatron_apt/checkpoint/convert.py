@@ -136,9 +136,10 @@ def build_skeleton(
     """A TP=1 model of ``cfg`` on the meta device: the MMDiT, or the whole discriminator
     (``head_layers``: its heads' blocks, as trained with ``--d-head-layers``; None: the
     paper's)."""
+    from megatron_apt.models.build_options import model_build
     from megatron_apt.models.builders import build_discriminator
     from megatron_apt.models.discriminator import DiscriminatorConfig
-    from megatron_apt.models.mmdit import MMDiT, model_build
+    from megatron_apt.models.mmdit import MMDiT
     from megatron_apt.parallel.state import ParallelState
 
     solo = _SoloGroup()  # not None: megatron would fall back to its global TP group

@@ -98,8 +98,9 @@ def _build_uninitialized(cfg: MMDiTConfig, ps: ParallelState | None, spec, dtype
     built on the meta device, then given empty CPU storage; parameters keep megatron's TP
     attributes; the sin-cos table buffer is recomputed. TE specs build on the GPU without
     their random initialization (:func:`model_build`)."""
+    from megatron_apt.models.build_options import model_build
     from megatron_apt.models.embeddings import sincos_2d_table
-    from megatron_apt.models.mmdit import MMDiT, model_build
+    from megatron_apt.models.mmdit import MMDiT
 
     if spec not in (None, "local"):  # TE: on the GPU, built without its random init
         with model_build(initialize=False):

@@ -21,9 +21,10 @@ from megatron_apt.checkpoint.io import (
     read_model_file,
 )
 from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.build_options import model_build
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
 from megatron_apt.models.generator import Generator
-from megatron_apt.models.mmdit import MMDiT, model_build
+from megatron_apt.models.mmdit import MMDiT
 from megatron_apt.models.specs import LayerSpec, get_spec
 from megatron_apt.parallel.state import ParallelState
 from megatron_apt.parallel.tensor_parallel import shard_state_dict, tp_partition_dim

@@ -26,7 +26,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.models.mmdit import MMDiT, build_options, megatron_config
+from megatron_apt.models.build_options import build_options
+from megatron_apt.models.mmdit import MMDiT, megatron_config
 from megatron_apt.models.specs import ensure_tp_attributes
 from megatron_apt.parallel.context_parallel import replicated_over_cp
 from megatron_apt.parallel.state import ParallelState
