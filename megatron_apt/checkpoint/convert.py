@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +38,7 @@ from megatron_apt.checkpoint.io import (
 )
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.training import parse_head_layers
+from megatron_apt.utils.paths import atomic_directory
 
 SHARDED_FORMAT = "megatron-apt/tp-sharded"
 SHARDED_VERSION = 1
@@ -50,37 +49,6 @@ MMDIT_ROLES = ("mmdit", "diffusion", "consistency", "generator", "sd3")
 
 def shard_name(tp_rank: int) -> str:
     return f"tp_rank_{tp_rank:02d}.safetensors"
-
-
-# --------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only when the block
-    finishes without error (otherwise it is removed and ``path`` is untouched)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.utils.paths import contained
+from megatron_apt.utils.paths import atomic_directory, contained
 
 _STREAM = {  # (ours, diffusers) per stream: visual, text
     "visual": {
@@ -349,8 +349,6 @@ def write_sd3_dir(
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` into a new directory,
     atomically (a temporary sibling renamed into place)."""
     from safetensors.torch import save_file
-
-    from megatron_apt.checkpoint.convert import atomic_directory
 
     with atomic_directory(path, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,11 +1,20 @@
-"""File names read from data files (a shard index, a diffusers ``weight_map``) stay inside
+"""Path helpers shared by the readers and writers of data and model files.
+
+File names read from data files (a shard index, a diffusers ``weight_map``) stay inside
 their directory: such a file comes from whoever made the data set or the model, and an entry
 like ``../../secrets`` or ``/etc/passwd`` must not make the reader open, hash or train on files
-elsewhere (issue 16, item 6). The check is lexical: symlinks inside the directory still work."""
+elsewhere (issue 16, item 6). The check is lexical: symlinks inside the directory still work.
+
+Directories written as a whole (converted models, exported pipelines) appear atomically:
+:func:`atomic_directory`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 
@@ -21,3 +30,29 @@ def contained(root: str | Path, name: object, source: str) -> Path:
             "entries must be relative paths inside the directory"
         )
     return Path(root) / pure
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only when the block
+    finishes without error (otherwise it is removed and ``path`` is untouched)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
