@@ -9,6 +9,10 @@ writes summary.json next to the outputs.
     python tools/generate.py ... --steps 2 --t-mid 0.5            # zero-shot two-step
     python tools/generate.py ... --mode diffusion --checkpoint diffusion.safetensors \
         --steps 25 --guidance-scale 7.5 --negative-prompt "blurry" --shift 3
+    # an imported SD3.5: its text encoders, VAE and scheduler, 28 steps as diffusers samples
+    python tools/generate.py --checkpoint sd35.safetensors --text-encoder /models/sd3.5-large \
+        --vae /models/sd3.5-large --scheduler /models/sd3.5-large --mode diffusion --steps 28 \
+        --guidance-scale 3.5 --negative-prompt "" --height 1024 --width 1024 --output out/
     torchrun --nproc-per-node 4 tools/generate.py ... --device cuda --dtype bf16 --layer-spec te
 
 Sizes are in pixels (checked against the VAE's compression) or given as latents with
@@ -60,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--checkpoint-role", choices=("generator", "model"), help="training checkpoints only")
     a("--ema", action="store_true", help="training checkpoints only: the EMA weights")
-    a("--text-encoder", required=True, help="local T5 directory")
-    a("--max-text-length", type=int, default=256, help="L: text tokens (fixed padding)")
+    a(
+        "--text-encoder",
+        required=True,
+        help="local T5 directory, or an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5)",
+    )
+    a("--max-text-length", type=int, default=256, help="L: T5 tokens (fixed padding)")
     a("--vae", default="identity", help="identity, identity:<p> or a local diffusers VAE dir")
     a("--output", required=True, help="folder for the samples and summary.json")
     m = p.add_argument_group("sampling")
@@ -72,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--guidance-scale", type=float, help="diffusion: CFG scale (7.5)")
     m.add_argument("--negative-prompt", help="diffusion: CFG negative prompt (a fixed default)")
     m.add_argument("--shift", type=float, help="diffusion: timestep shift of the schedule (1)")
+    m.add_argument(
+        "--scheduler",
+        help="diffusion: sample with the sigmas of this diffusers FlowMatchEulerDiscreteScheduler\n"
+        "(a pipeline dir, e.g. an SD3.5 one, its scheduler/ or scheduler_config.json; takes\n"
+        "its shift): the same steps as diffusers' StableDiffusion3Pipeline",
+    )
     m.add_argument("--seed", type=int, default=0, help="noise of sample i is f(seed, i)")
     m.add_argument("--batch-size", type=int, default=1, help="prompts per DiT call")
     s = p.add_argument_group("size (pixels) and output")
@@ -110,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Argument combinations that argparse cannot check (exit code 2 with the reason)."""
     if args.mode == "generator":
-        for flag in ("guidance_scale", "negative_prompt", "shift"):
+        for flag in ("guidance_scale", "negative_prompt", "shift", "scheduler"):
             if getattr(args, flag) is not None:
                 p.error(f"--{flag.replace('_', '-')} applies to --mode diffusion only")
+    if args.scheduler is not None and args.shift is not None:
+        p.error("--scheduler brings its own shift: give --scheduler or --shift, not both")
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
     if args.latent_shape is not None and (args.height or args.width or args.frames != 1):
@@ -192,7 +208,7 @@ def setup_runtime(args: argparse.Namespace):
 
 def load_pipeline(args, ps, device, dtype, spec) -> GenerationPipeline:
     from megatron_apt.checkpoint import load_mmdit
-    from megatron_apt.text import TextEncoder
+    from megatron_apt.text import load_text_encoder
     from megatron_apt.vae import load_vae
 
     model = load_mmdit(
@@ -201,7 +217,7 @@ def load_pipeline(args, ps, device, dtype, spec) -> GenerationPipeline:
     encoder = None
     if ps.model_rank == 0:  # only model-parallel rank 0 encodes (the embeddings are broadcast)
         enc_dtype = torch.float32 if dtype == torch.float16 else dtype  # T5 overflows in fp16
-        encoder = TextEncoder.from_pretrained(
+        encoder = load_text_encoder(
             args.text_encoder, device=device, dtype=enc_dtype, max_length=args.max_text_length
         )
     vae = load_vae(args.vae, device=device, dtype=dtype)
@@ -218,6 +234,12 @@ def sampling_config(args) -> SamplingConfig:
             ),
             shift=1.0 if args.shift is None else args.shift,
         )
+        if args.scheduler is not None:
+            from megatron_apt.inference.schedule import read_flow_match_scheduler
+
+            diffusion.update(
+                schedule="flow-match-euler", **read_flow_match_scheduler(args.scheduler)
+            )
     return SamplingConfig(
         mode=args.mode, steps=args.steps, t_mid=args.t_mid, renoise=args.renoise, **diffusion
     )
@@ -282,6 +304,7 @@ def sampling_summary(sampling: SamplingConfig) -> dict:
             guidance_scale=sampling.guidance_scale,
             negative_prompt=sampling.negative_prompt if sampling.uses_cfg else None,
             shift=sampling.shift,
+            schedule=sampling.schedule,
         )
     return out
 

@@ -3,6 +3,8 @@ r"""Captioned images and videos -> latent shards (VAE latents + text embeddings)
 
     python tools/preprocess_data.py --input media/ --output shards/ --bucket image-1024 \
         --vae /models/sd3/vae --text-encoder /models/t5-v1_1-xxl --batch-size 16
+    # SD3 / SD3.5: its VAE (vae/) and its three text encoders, from the pipeline directory
+    python tools/preprocess_data.py ... --vae /models/sd3.5-large --text-encoder /models/sd3.5-large
     torchrun --nproc-per-node 8 tools/preprocess_data.py ... --device cuda   # one rank per GPU
 
 ``--input``: a folder (media + same-stem .txt captions, or a captions.jsonl) or a manifest
@@ -37,10 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " or WxH / WxHxFRAMES@FPS",
     )
     p.add_argument("--vae", default="identity", help="load_vae spec: identity, a local dir")
-    p.add_argument("--text-encoder", required=True, help="local T5 directory")
+    p.add_argument(
+        "--text-encoder",
+        required=True,
+        help="local T5 directory, or an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5, "
+        "pooled vectors stored in the shards)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="inputs per VAE/text batch")
     p.add_argument("--samples-per-shard", type=int, default=64, help="inputs per work unit")
-    p.add_argument("--max-text-length", type=int, default=256, help="L: tokens (fixed pad)")
+    p.add_argument(
+        "--max-text-length", type=int, default=256, help="L: T5 tokens (fixed pad; SD3 adds 77)"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="storage dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK per rank)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
@@ -59,13 +68,11 @@ def init_distributed() -> tuple[int, int]:
 
 
 def load_models(args: argparse.Namespace, device: str):
-    from megatron_apt.text import TextEncoder
+    from megatron_apt.text import load_text_encoder
     from megatron_apt.vae import load_vae
 
     vae = load_vae(args.vae, device=device)
-    enc = TextEncoder.from_pretrained(
-        args.text_encoder, device=device, max_length=args.max_text_length
-    )
+    enc = load_text_encoder(args.text_encoder, device=device, max_length=args.max_text_length)
     return vae, enc
 
 

@@ -51,8 +51,9 @@ class PreprocessConfig:
     """Settings of one preprocessing run (the CLI flags of ``tools/preprocess_data.py``).
 
     ``vae``: a ``load_vae`` spec (``identity``, a local diffusers directory ...);
-    ``text_encoder``: a local T5 directory; ``max_text_length``: ``L`` of the stored text
-    (fixed padding); ``dtype``: storage dtype of latents and text embeddings;
+    ``text_encoder``: a local T5 or SD3 pipeline directory; ``max_text_length``: ``L`` of the
+    stored T5 text (fixed padding; SD3 adds its CLIP context); ``dtype``: storage dtype of
+    latents and text embeddings;
     ``max_shards``: debug limit, stop after this many units per rank in this run;
     ``num_workers``: threads decoding and resizing media ahead of the encoders."""
 
@@ -252,7 +253,7 @@ def _run_unit(cfg, root, unit, items, first, vae, enc, presets, fingerprint) -> 
         "num_inputs": len(items),
         "shards": work.write(root, unit),
         "skipped": work.skipped,
-        "text_length": int(getattr(enc, "max_length", cfg.max_text_length)),
+        "text_length": int(getattr(enc, "text_length", cfg.max_text_length)),
         "text_dim": int(enc.dim),
         "pooled_dim": work.pooled_dim,
     }

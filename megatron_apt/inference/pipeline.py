@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apt.inference.schedule import SCHEDULES, flow_match_euler_sigmas
 from megatron_apt.models import Generator, MMDiT
 from megatron_apt.parallel.state import ParallelState
 from megatron_apt.stages.diffusion import euler_sample
-from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT, TextEmbeddings, TextEncoder
+from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT, SD3TextEncoder, TextEmbeddings, TextEncoder
 from megatron_apt.vae import VAE
 
 __all__ = [
@@ -60,6 +61,9 @@ class SamplingConfig:
         instead of reusing ``z`` (the ODE's Euler step).
     guidance_scale, negative_prompt, shift: diffusion mode (CFG ``v_u + g (v_c - v_u)`` with
         the negative prompt as ``u``; timestep shift of the Euler schedule).
+    schedule, num_train_timesteps: diffusion mode: ``"linear"`` (shifted ``linspace(1, 0)``)
+        or ``"flow-match-euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas, as
+        SD3's pipeline samples; :mod:`megatron_apt.inference.schedule`).
     """
 
     mode: str = "generator"
@@ -69,10 +73,14 @@ class SamplingConfig:
     guidance_scale: float = 7.5
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     shift: float = 1.0
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if self.mode == "generator" and self.steps not in (1, 2):
@@ -177,7 +185,7 @@ class GenerationPipeline:
         self,
         model: MMDiT,
         vae: VAE,
-        text_encoder: TextEncoder | None,
+        text_encoder: TextEncoder | SD3TextEncoder | None,
         *,
         ps: ParallelState | None = None,
         device: torch.device | str = "cpu",
@@ -207,10 +215,14 @@ class GenerationPipeline:
                 f"text encoder gives {text_encoder.dim}-wide embeddings, the model expects "
                 f"text_dim={model.cfg.text_dim}"
             )
-        if model.cfg.pooled_text_dim:
+        pooled = getattr(text_encoder, "pooled_dim", None)
+        if text_encoder is not None and pooled != model.cfg.pooled_text_dim:
             raise ValueError(
-                f"the model expects pooled text ({model.cfg.pooled_text_dim}) which the T5 "
-                "text encoder does not give"
+                f"the model expects pooled text of width {model.cfg.pooled_text_dim} but the "
+                f"text encoder ({type(text_encoder).__name__}) gives "
+                + (f"{pooled}-wide pooled vectors" if pooled else "none")
+                + ": SD3-style models need SD3's text encoders (--text-encoder <SD3 pipeline "
+                "directory>)"
             )
 
     @property
@@ -319,7 +331,14 @@ class GenerationPipeline:
                 uncond=uncond,
                 guidance_scale=sampling.guidance_scale,
                 shift=sampling.shift,
+                timesteps=self._timesteps(sampling),
             ).float()
+
+    @staticmethod
+    def _timesteps(sampling: SamplingConfig) -> torch.Tensor | None:
+        if sampling.schedule == "linear":
+            return None  # euler_sample's own shifted linspace
+        return flow_match_euler_sigmas(sampling.steps, sampling.shift, sampling.num_train_timesteps)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray | None:

@@ -40,6 +40,7 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoder",
     "build_tiny_text_encoder",
+    "check_weights_dir",
     "embed_negative_prompt",
     "init_tiny_t5",
 ]
@@ -128,6 +129,16 @@ class TextEncoder(torch.nn.Module):
         return self.model.config.d_model
 
     @property
+    def text_length(self) -> int:
+        """``L`` of the embeddings with the default padding to ``max_length``."""
+        return self.max_length
+
+    @property
+    def pooled_dim(self) -> None:
+        """T5 gives no pooled vector."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -152,7 +163,7 @@ class TextEncoder(torch.nn.Module):
         use float32 or bfloat16.
         """
         path = Path(path)
-        model_type = _check_model_dir(path)
+        model_type = check_weights_dir(path)
         tok_path = Path(tokenizer_path) if tokenizer_path is not None else path
         tokenizer = SentencePieceTokenizer.from_file(tok_path)
         model = _ENCODERS[model_type].from_pretrained(
@@ -208,18 +219,21 @@ def embed_negative_prompt(
     return encoder.encode([text])
 
 
-def _check_model_dir(path: Path) -> str:
-    """Check that ``path`` holds a loadable encoder; return its ``model_type``."""
+def check_weights_dir(path: Path, model_types=tuple(_ENCODERS)) -> str:
+    """Check that ``path`` holds a loadable transformers model of one of ``model_types``
+    (``config.json`` + safetensors weights; a pickled ``pytorch_model.bin`` is refused);
+    return its ``model_type``."""
+    path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"text encoder directory not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"text encoder directory {path} has no config.json")
     model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type not in _ENCODERS:
+    if model_type not in model_types:
         raise ValueError(
             f"{config_file}: model_type {model_type!r} is not supported "
-            f"(expected one of {sorted(_ENCODERS)})"
+            f"(expected one of {sorted(model_types)})"
         )
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         pickled = [f for f in _PICKLE_FILES if (path / f).is_file()]

@@ -1,0 +1,96 @@
+"""diffusers' ``FlowMatchEulerDiscreteScheduler`` schedule, so that ``--mode diffusion`` samples
+of an imported SD3 / SD3.5 model step through exactly the sigmas of diffusers' own pipeline.
+
+Followed (diffusers 0.42, ``schedulers/scheduling_flow_match_euler_discrete.py``):
+
+* ``__init__``: ``sigmas = shift(linspace(1, N, N)[::-1] / N)`` in float32, so
+  ``sigma_max = 1`` and ``sigma_min = shift(1 / N)``;
+* ``set_timesteps(n)``: ``linspace(sigma_max * N, sigma_min * N, n) / N``, shifted AGAIN with
+  the same ``shift`` (``sigma_min`` is shifted twice), a final 0 appended;
+* ``step``: ``x + (sigma_next - sigma) * v`` with the model called at ``sigma * N`` (our
+  models take ``sigma`` and scale by ``timestep_scale = 1000`` themselves).
+
+This differs from :func:`megatron_apt.stages.diffusion.sampling_timesteps` (``shift`` of
+``linspace(1, 0, n + 1)``) in the last steps. One-step generation is the same under both:
+``[1, 0]`` whatever the shift, i.e. ``G(z) = z - v(z, 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["SCHEDULES", "flow_match_euler_sigmas", "read_flow_match_scheduler"]
+
+SCHEDULES = ("linear", "flow-match-euler")
+"""``linear``: shifted ``linspace(1, 0, n + 1)`` (ours); ``flow-match-euler``: diffusers'."""
+
+# options of FlowMatchEulerDiscreteScheduler that change the schedule; refused when set
+_UNSUPPORTED = {
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+}
+
+
+def _shift(s, shift: float):
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_match_euler_sigmas(
+    num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000
+) -> torch.Tensor:
+    """The ``num_steps + 1`` sigmas (fp32, last 0) of ``FlowMatchEulerDiscreteScheduler(
+    shift=shift, num_train_timesteps=N).set_timesteps(num_steps)``."""
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if not shift > 0 or not num_train_timesteps >= 1:
+        raise ValueError(
+            f"need shift > 0 and num_train_timesteps >= 1, got {shift}, {num_train_timesteps}"
+        )
+    n = num_train_timesteps
+    train = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
+    train = _shift(train, shift)  # float32, as in __init__
+    sigma_max, sigma_min = train[0].item(), train[-1].item()
+    sigmas = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
+    sigmas = torch.from_numpy(_shift(sigmas, shift)).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def read_flow_match_scheduler(path: str | Path) -> dict:
+    """``{"shift", "num_train_timesteps"}`` of a diffusers flow-matching Euler scheduler: a
+    pipeline directory (``scheduler/``), a scheduler directory or its
+    ``scheduler_config.json``. ``ValueError`` naming the file and key for a scheduler whose
+    schedule this module does not reproduce (another class, dynamic shifting, Karras ...)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scheduler" if (p / "scheduler").is_dir() else p
+        p = p / "scheduler_config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no diffusers scheduler config at {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from e
+    name = cfg.get("_class_name")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"{p}: _class_name {name!r}, expected FlowMatchEulerDiscreteScheduler")
+    for key, default in _UNSUPPORTED.items():
+        if cfg.get(key, default) not in (default, None, False):
+            raise ValueError(
+                f"{p}: {key}={cfg[key]!r} is not supported (only the static-shift schedule "
+                "is reproduced)"
+            )
+    shift, n = cfg.get("shift", 1.0), cfg.get("num_train_timesteps", 1000)
+    if not (isinstance(shift, (int, float)) and shift > 0):
+        raise ValueError(f"{p}: shift must be a number > 0, got {shift!r}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"{p}: num_train_timesteps must be an int >= 1, got {n!r}")
+    return {"shift": float(shift), "num_train_timesteps": n}

@@ -1,0 +1,32 @@
+"""One entry for every text conditioning a ``--text-encoder`` path can name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_apt.text.encoder import TextEncoder
+from megatron_apt.text.sd3 import SD3TextEncoder, is_sd3_pipeline_dir
+
+__all__ = ["load_text_encoder"]
+
+
+def load_text_encoder(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_length: int = 256,
+) -> TextEncoder | SD3TextEncoder:
+    """The text encoder a local directory holds, chosen by its contents:
+
+    * a diffusers SD3 / SD3.5 pipeline directory (``model_index.json`` of
+      ``StableDiffusion3Pipeline``, or ``text_encoder/`` + ``text_encoder_2/``):
+      :class:`SD3TextEncoder` (CLIP-L + CLIP-G + T5, pooled vectors; ``max_length`` is the
+      T5 part, the CLIP context comes on top);
+    * a T5 / UMT5 directory (``config.json`` + ``spiece.model``, e.g. ``google/t5-v1_1-xxl`` or
+      Wan's ``umt5-xxl``): :class:`TextEncoder`.
+    """
+    if Path(path).is_dir() and is_sd3_pipeline_dir(path):
+        return SD3TextEncoder.from_pretrained(path, device, dtype, max_length=max_length)
+    return TextEncoder.from_pretrained(path, device, dtype, max_length=max_length)
