@@ -7,6 +7,10 @@
         --tensor-model-parallel-size 2
     # ours -> diffusers (sincos2d / pooled-text SD3-style models only)
     python tools/convert_checkpoint.py export-diffusers --input sd3-tp2 --output sd3-back
+    # a post-trained generator + the base pipeline's text encoders and VAE -> a diffusers
+    # StableDiffusion3Pipeline directory that samples our one step (num_inference_steps=1)
+    python tools/convert_checkpoint.py export-diffusers-pipeline --input runs/apt \
+        --ema --base /models/sd3.5-large --output out/sd35-apt [--copy]
     # a training checkpoint (any ZeRO stage, any TP size) -> one TP=1 model file
     python tools/convert_checkpoint.py export --input runs/apt --output g_ema.safetensors --ema
     python tools/convert_checkpoint.py reshard --input sd3-tp2 --output sd3-tp4 \\
@@ -50,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add("import-diffusers", "diffusers SD3Transformer2DModel dir -> ours", tp=True)
     add("export-diffusers", "ours -> diffusers SD3Transformer2DModel dir")
+    x = add("export-diffusers-pipeline", "generator + base SD3 pipeline -> runnable pipeline")
+    x.add_argument("--base", required=True, help="the SD3/SD3.5 pipeline dir it was trained on")
+    x.add_argument("--copy", action="store_true", help="copy the base's folders, not symlink")
+    x.add_argument("--ema", action="store_true", help="training checkpoints: the EMA weights")
     e = add("export", "training checkpoint -> one TP=1 model file")
     e.add_argument("--ema", action="store_true", help="the EMA weights")
     e.add_argument("--role", choices=ROLES, help="engine (default: generator, else model)")
@@ -89,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif a.command == "export-diffusers":
             out = convert.export_diffusers(a.input, a.output, a.overwrite)
+        elif a.command == "export-diffusers-pipeline":
+            from megatron_apt.checkpoint.pipeline_export import export_diffusers_pipeline
+
+            out = export_diffusers_pipeline(
+                a.input, a.base, a.output, a.overwrite, copy=a.copy, ema=a.ema
+            )
         elif a.command == "export":
             out = convert.export_training(a.input, a.output, a.role, a.ema, a.overwrite)
         elif a.command == "reshard":

@@ -211,6 +211,55 @@ def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
     )
 
 
+# Stable Diffusion 3.5 Large (the `sd3.5-large` preset: 8.1B, 38 layers, hidden 2432): the
+# closest public MMDiT to the paper's 8B model. Its text conditioning is SD3's: 77 CLIP tokens
+# + 256 T5 tokens of width 4096 and a pooled 2048-vector (megatron_apt.text.sd3), its VAE has
+# 16 channels and 8x compression (1024px -> 128x128 latents). examples/sd35_apt.sh chains
+# import -> preprocess -> consistency -> APT -> export-diffusers-pipeline.
+SD35_TEXT_LEN = 77 + 256
+SD35_IMAGE_DATA = DataConfig(frames=1, height=128, width=128, text_len=SD35_TEXT_LEN)
+
+
+def sd35_large_image_consistency(
+    data_parallel: int = 256, micro_batch_size: int = 1
+) -> TrainConfig:
+    """Consistency distillation of SD3.5 Large before APT (paper section 3.2: MSE, constant
+    CFG, fixed negative prompt). CFG 3.5 is SD3.5 Large's own default in diffusers (the
+    paper's 7.5 is for its own model); shift 3 is SD3's training schedule at 1024px. The paper
+    gives no learning rate or length for this stage: 5e-6 (its APT rate) for 1000 updates is
+    our starting point, not a measured optimum."""
+    return TrainConfig(
+        recipe="sd35-large-image-consistency",
+        stage="consistency",
+        model=get_preset("sd3.5-large"),
+        layer_spec="auto",
+        zero_stage=3,
+        bf16=True,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=paper_image_global_batch(data_parallel, micro_batch_size),
+        train_iters=1000,
+        optim=OptimConfig(name="adamw", lr=5e-6),
+        ema_decay=0.995,
+        guidance_scale=3.5,
+        shift=3.0,
+        data=SD35_IMAGE_DATA,
+        notes="SD3.5 Large consistency distillation; CFG 3.5 (SD3.5's default)",
+    )
+
+
+def sd35_large_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> TrainConfig:
+    """The paper's image stage (section 3.5) on SD3.5 Large: 1024px, lr 5e-6 for G and D,
+    RMSprop(alpha 0.9), EMA 0.995, 350 G updates, sigma 0.01 (as a standard deviation), s = 1,
+    batch ~9062, BF16, ZeRO-3; text 77 + 256 tokens of width 4096, pooled 2048 (from the
+    import). Memory: tools/plan_memory.py --recipe sd35-large-image-apt."""
+    cfg = mmdit_8b_image_apt(data_parallel, micro_batch_size)
+    cfg.recipe = "sd35-large-image-apt"
+    cfg.model = get_preset("sd3.5-large")
+    cfg.data = SD35_IMAGE_DATA
+    cfg.notes = "the paper's image hyper-parameters on the sd3.5-large preset; " + cfg.notes
+    return cfg
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny-diffusion": tiny_diffusion,
     "tiny-consistency": tiny_consistency,
@@ -220,6 +269,8 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "demo-apt": demo_apt,
     "mmdit-8b-image-apt": mmdit_8b_image_apt,
     "mmdit-8b-video-apt": mmdit_8b_video_apt,
+    "sd35-large-image-consistency": sd35_large_image_consistency,
+    "sd35-large-image-apt": sd35_large_image_apt,
 }
 
 

@@ -105,5 +105,6 @@ def build_discriminator(
 ) -> Discriminator:
     """D̂ with its backbone from the ORIGINAL diffusion weights (or random) and new heads
     (``recompute`` in ``kw`` applies to the backbone's blocks)."""
-    backbone = build_mmdit(cfg, ps, init_from=init_from, expect_roles=("diffusion",), **kw)
+    # "sd3": a diffusion model imported from diffusers (tools/convert_checkpoint.py)
+    backbone = build_mmdit(cfg, ps, init_from=init_from, expect_roles=("diffusion", "sd3"), **kw)
     return Discriminator(backbone, disc_cfg)

@@ -1,7 +1,10 @@
-"""The launch scripts in examples/ parse and name recipes and flags that exist."""
+"""The launch scripts in examples/ parse and name recipes and flags that exist: each command's
+flags are checked against the program it runs (pretrain_apt.py's parser, a tool's --help)."""
 
+import functools
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -9,22 +12,44 @@ from megatron_apt.config.recipes import RECIPES
 from megatron_apt.testing.launch import REPO_ROOT
 
 SCRIPTS = sorted((REPO_ROOT / "examples").glob("*.sh"))
+LAUNCHER_FLAGS = {"--num_gpus", "--nproc-per-node", "--hostfile"}
+PROGRAM = re.compile(r"(pretrain_apt\.py|tools/\w+\.py)(?:\s+([a-z][\w-]*))?")
+
+
+@functools.cache
+def _known_flags(program: str, subcommand: str | None) -> frozenset[str]:
+    if program == "pretrain_apt.py":
+        import pretrain_apt
+
+        actions = pretrain_apt.build_parser()._actions
+        return frozenset(opt for a in actions for opt in a.option_strings)
+    cmd = [sys.executable, str(REPO_ROOT / program), *([subcommand] if subcommand else [])]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return frozenset(re.findall(r"(--[a-z][\w-]+)", out.stdout))
+
+
+def _commands(script) -> list[str]:
+    """Logical lines without comments (continuations joined)."""
+    lines = [ln for ln in script.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    return re.sub(r"\\\n", " ", "\n".join(lines)).splitlines()
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_is_valid_and_uses_known_recipes_and_flags(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
-    text = "\n".join(
-        ln for ln in script.read_text().splitlines() if not ln.lstrip().startswith("#")
-    )
-    for recipe in re.findall(r"--recipe ([\w.-]+)", text):
-        assert recipe in RECIPES, recipe
-    import pretrain_apt
-
-    known = {opt for a in pretrain_apt.build_parser()._actions for opt in a.option_strings}
-    used = set(re.findall(r"(--[a-z][\w-]+)", text)) - {
-        "--num_gpus",
-        "--nproc-per-node",
-        "--hostfile",
-    }
-    assert used <= known, used - known
+    checked = 0
+    for line in _commands(script):
+        for recipe in re.findall(r"--recipe ([\w.-]+)", line):
+            assert recipe in RECIPES, recipe
+        m = PROGRAM.search(line)
+        if m is None or line.lstrip().startswith("echo"):
+            continue
+        program, sub = m.group(1), m.group(2)
+        if program != "tools/convert_checkpoint.py":
+            sub = None  # only convert_checkpoint.py has subcommands
+        used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", line[m.end() :])) - LAUNCHER_FLAGS
+        unknown = used - _known_flags(program, sub)
+        assert not unknown, f"{script.name}: {program} {sub or ''}: unknown flags {unknown}"
+        checked += 1
+    assert checked >= 1, f"{script.name} runs no pretrain_apt.py or tools/ command"

@@ -205,6 +205,7 @@ def test_diffusion_mode_with_cfg(tool, assets, tmp_path):
         "guidance_scale": 4.0,
         "negative_prompt": "blurry, low quality",
         "shift": 3.0,
+        "schedule": "linear",
     }
     _, plain = run("nocfg", 1.0)
     assert (guided - plain).abs().max() > 1e-2  # the guidance does something

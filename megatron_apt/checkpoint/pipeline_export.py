@@ -1,0 +1,174 @@
+"""A post-trained SD3-style generator -> a runnable diffusers ``StableDiffusion3Pipeline``
+directory: our transformer (converted), the base pipeline's text encoders, tokenizers and VAE
+(symlinked, or copied with ``copy=True``) and a scheduler that makes diffusers take OUR step.
+
+Why the scheduler is ``FlowMatchEulerDiscreteScheduler(shift=1.0)``:
+
+* one step: diffusers' sigmas for ``num_inference_steps=1`` are ``[sigma_max, 0] = [1, 0]``
+  under ANY static shift (``shift(1) = 1``), so the pipeline computes
+  ``x = z + (0 - 1) v(z, 1000) = z - v(z, 1)``: the APT generator ``G(z, c)``;
+* two steps: the zero-shot two-step sampler (``tools/generate.py --steps 2 --t-mid m``) is
+  ``x_m = (1 - m) G(z) + m z = z - (1 - m) v(z, 1)``, then ``x_m - m v(x_m, m)``: Euler steps
+  over the sigmas ``[1, m, 0]``. diffusers applies the scheduler's shift to sigmas passed to
+  the pipeline (``set_timesteps(sigmas=...)`` shifts them), so with ``shift=1.0``
+  ``pipe(prompt, sigmas=[1.0, m], guidance_scale=1.0)`` is exactly our two-step sample.
+  (The default ``num_inference_steps=2`` would give ``[1, 0.001, 0]``: pass ``sigmas``.)
+
+``guidance_scale=1.0``: the generator was distilled with guidance, it samples without CFG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from megatron_apt.checkpoint import diffusers_sd3 as sd3
+from megatron_apt.text.sd3 import is_sd3_pipeline_dir
+from megatron_apt.utils.paths import atomic_directory
+
+__all__ = ["EXPORT_README", "SCHEDULER_CONFIG", "export_diffusers_pipeline"]
+
+SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+"""The exported pipeline's scheduler (module docstring: why shift 1)."""
+
+_OURS = ("transformer", "scheduler")
+EXPORT_README = "README.md"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        out = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return out
+
+
+def _components(index: dict) -> list[str]:
+    """The base's component folders we take over (all but the transformer and scheduler;
+    entries like ``"image_encoder": [null, null]`` are absent components)."""
+    return sorted(
+        k
+        for k, v in index.items()
+        if not k.startswith("_") and k not in _OURS and isinstance(v, list) and any(v)
+    )
+
+
+def _check_base(base: Path, cfg) -> dict:
+    """The base pipeline's ``model_index.json`` after checking that its components fit the
+    transformer of ``cfg`` (text width, pooled width, latent channels)."""
+    if not base.is_dir() or not is_sd3_pipeline_dir(base):
+        raise ValueError(
+            f"--base {base} is not an SD3/SD3.5 pipeline directory (model_index.json of "
+            "StableDiffusion3Pipeline with text_encoder/, text_encoder_2/, vae/ ...)"
+        )
+    index = _read_json(base / "model_index.json")
+    for name in _components(index):
+        if not (base / name).is_dir():
+            raise FileNotFoundError(
+                f"{base / 'model_index.json'} lists {name!r} but {base / name} is missing"
+            )
+    errors = []
+    vae = _read_json(base / "vae" / "config.json")
+    if vae.get("latent_channels") != cfg.in_channels:
+        errors.append(
+            f"{base / 'vae/config.json'}: latent_channels {vae.get('latent_channels')} but the "
+            f"transformer has in_channels {cfg.in_channels}"
+        )
+    pooled = sum(
+        _read_json(base / enc / "config.json").get("projection_dim", 0)
+        for enc in ("text_encoder", "text_encoder_2")
+    )
+    if pooled != cfg.pooled_text_dim:
+        errors.append(
+            f"{base}: the CLIP encoders' pooled width is {pooled} but the transformer takes "
+            f"pooled_text_dim {cfg.pooled_text_dim}"
+        )
+    if (base / "text_encoder_3").is_dir():
+        width = _read_json(base / "text_encoder_3" / "config.json").get("d_model")
+        if width != cfg.text_dim:
+            errors.append(
+                f"{base / 'text_encoder_3/config.json'}: d_model {width} but the transformer "
+                f"takes text_dim {cfg.text_dim}"
+            )
+    if errors:
+        raise ValueError(
+            "the checkpoint does not belong to this base pipeline: " + "; ".join(errors)
+        )
+    return index
+
+
+def export_diffusers_pipeline(
+    src,
+    base,
+    dst,
+    overwrite: bool = False,
+    copy: bool = False,
+    ema: bool = False,
+    t_mid: float = 0.5,
+) -> Path:
+    """Write a ``StableDiffusion3Pipeline`` directory ``dst`` around the generator in ``src``
+    (any checkpoint :func:`megatron_apt.checkpoint.convert.read_checkpoint` reads: a model
+    file, a TP-sharded directory, a training checkpoint's generator) with the text encoders,
+    tokenizers and VAE of the pipeline directory ``base``. ``copy``: copy those folders
+    instead of symlinking them (a self-contained directory to ship). Atomic: ``dst`` appears
+    only complete. ``ema``: a training checkpoint's EMA generator. ``t_mid`` goes into the
+    README's two-step example."""
+    from megatron_apt.checkpoint.convert import check_output, read_checkpoint
+
+    base, dst = Path(base).resolve(), Path(dst)
+    check_output(dst, 1, overwrite)
+    state, cfg, meta = read_checkpoint(src, None, ema)
+    if meta["role"] == "discriminator":
+        raise ValueError(f"{src} holds a discriminator; export the generator")
+    config = sd3.mmdit_to_sd3_config(cfg)  # refuses rope3d and other non-SD3 configs
+    index = _check_base(base, cfg)
+    weights = sd3.mmdit_to_sd3(state, cfg)
+    with atomic_directory(dst, overwrite) as tmp:
+        for name in _components(index):
+            if copy:
+                shutil.copytree(base / name, tmp / name, symlinks=False)
+            else:
+                os.symlink(base / name, tmp / name, target_is_directory=True)
+        sd3.write_sd3_dir(tmp / "transformer", weights, config)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
+        )
+        index = {**index, "transformer": ["diffusers", "SD3Transformer2DModel"]}
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / EXPORT_README).write_text(_readme(src, base, copy, t_mid))
+    return dst
+
+
+def _readme(src, base: Path, copy: bool, t_mid: float) -> str:
+    how = "copied from" if copy else "symlinked to"
+    return f"""# One-step generator (Adversarial Post-Training, megatron-apt)
+
+Transformer exported from `{src}`; text encoders, tokenizers and VAE {how} `{base}`.
+The scheduler is `FlowMatchEulerDiscreteScheduler(shift=1.0)`: one Euler step from sigma 1 to 0
+is exactly the generator `G(z, c) = z - v(z, c, 1)`.
+
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("{"<this directory>"}", torch_dtype=torch.bfloat16)
+image = pipe("a corgi surfing", num_inference_steps=1, guidance_scale=1.0).images[0]
+# zero-shot two steps (megatron-apt --steps 2 --t-mid {t_mid:g}):
+image = pipe("a corgi surfing", sigmas=[1.0, {t_mid:g}], guidance_scale=1.0).images[0]
+```
+
+Sample without classifier-free guidance (`guidance_scale=1.0`): the guidance was distilled in.
+"""
