@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DeepSpeed ZeRO stage of every engine (sharded over data parallel)",
     )
     g.add_argument(
+        "--zero-init",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ZeRO-3: build G, D and the student under deepspeed.zero.Init, partitioned from "
+        "the start (default on; --no-zero-init builds them whole on every rank first)",
+    )
+    g.add_argument(
         "--recompute-activations",
         action="store_const",
         const="all",
@@ -256,6 +263,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "context_parallel",
             "sequence_parallel",
             "zero_stage",
+            "zero_init",
             "recompute_layers",
             "bf16",
             "micro_batch_size",

@@ -104,7 +104,7 @@ def build_skeleton(
     """A TP=1 model of ``cfg`` on the meta device: the MMDiT, or the whole discriminator
     (``head_layers``: its heads' blocks, as trained with ``--d-head-layers``; None: the
     paper's)."""
-    from megatron_apt.models.build_options import model_build
+    from megatron_apt.models.build_options import model_build, unpartitioned
     from megatron_apt.models.builders import build_discriminator
     from megatron_apt.models.discriminator import DiscriminatorConfig
     from megatron_apt.models.mmdit import MMDiT
@@ -114,7 +114,12 @@ def build_skeleton(
     ps = ParallelState(tp_group=solo, dp_group=solo, cp_group=solo)
     # megatron allocates on the GPU explicitly unless told to initialize "on the CPU"
     # (model_build): on a CUDA host the meta context would not hold the model
-    with _meta_build(), model_build(use_cpu_initialization=True, initialize=False):
+    # unpartitioned: a loader running inside a ZeRO-3 zero.Init build still gets a skeleton
+    with (
+        unpartitioned(),
+        _meta_build(),
+        model_build(use_cpu_initialization=True, initialize=False),
+    ):
         if role == "discriminator":
             heads = tuple(head_layers) if head_layers else None
             return build_discriminator(cfg, ps, disc_cfg=DiscriminatorConfig(head_layers=heads))

@@ -92,6 +92,7 @@ class TrainConfig:
     # exchanged by all-to-all (long video sequences); gradients reduced over DP x CP
     context_parallel: int = 1
     zero_stage: int = 2
+    zero_init: bool = True  # ZeRO-3: build the trained networks under deepspeed.zero.Init
     bf16: bool = False
     # activation recompute: "none", "all", or 1-based block numbers "1,2,5-8" (every trained
     # MMDiT: diffusion model, consistency student, APT generator and discriminator backbone)

@@ -44,6 +44,12 @@ from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.engine.preemption import ExitGuard
 from megatron_apt.engine.recovery import CollapseGuard, TrainingStopped
+from megatron_apt.engine.zero_init import (
+    copy_weights,
+    module_to,
+    partitioned_build,
+    uses_zero_init,
+)
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel
@@ -101,6 +107,12 @@ class Trainer:
         self.guard = CollapseGuard(self)  # collapse detector and --on-collapse policy
         if self.rank == 0:
             self._report_recompute()
+            if uses_zero_init(cfg):
+                print(
+                    f"ZeRO-3: {', '.join(self.engines)} built partitioned (deepspeed.zero.Init) "
+                    f"over {self.ps.dp_cp_size} ranks: no rank held a whole copy",
+                    flush=True,
+                )
         error = None
         try:
             if cfg.load:  # before the logger exists: a refused --load writes nothing
@@ -117,16 +129,25 @@ class Trainer:
     def _engine(self, name: str, module, lr: float, ds_json: str | None):
         self.base_lrs[name] = lr
         self.engines[name] = create_engine(
-            module.to(self.device), self.cfg, self.plan, self.ps, lr, ds_json
+            module_to(module, self.device), self.cfg, self.plan, self.ps, lr, ds_json
         )
         return self.engines[name]
+
+    def _partitioned(self, ds_json: str | None):
+        """Where a trained network is built: under ZeRO-3 partitioned from the start."""
+        return partitioned_build(self.cfg, self.plan, self.ps, ds_json)
 
     def _trained_mmdit(self):
         """The single trained MMDiT of the diffusion and consistency stages."""
         c = self.cfg
-        return build_mmdit(
-            c.model, self.ps, c.layer_spec, init_from=c.init_generator, recompute=c.recompute_layers
-        )
+        with self._partitioned(c.deepspeed_config_g):
+            return build_mmdit(
+                c.model,
+                self.ps,
+                c.layer_spec,
+                init_from=c.init_generator,
+                recompute=c.recompute_layers,
+            )
 
     def _build_diffusion(self) -> None:
         c = self.cfg
@@ -140,10 +161,11 @@ class Trainer:
         student = self._trained_mmdit()
         # teacher (the diffusion model) and EMA target start as exact copies of the student;
         # they run without gradients, so they need no recompute
+        # (whole copies, not engines: under ZeRO-3 the student is gathered block by block)
         self.teacher = build_mmdit(c.model, self.ps, c.layer_spec)
         self.target = build_mmdit(c.model, self.ps, c.layer_spec)
         for m in (self.teacher, self.target):
-            m.load_state_dict(student.state_dict())
+            copy_weights(m, student)
         for m in (self.teacher, self.target):
             m.requires_grad_(False).eval().to(self.device, self.dtype)
         eng = self._engine("model", student, c.optim.lr, c.deepspeed_config_g)
@@ -187,20 +209,22 @@ class Trainer:
     def _build_apt(self) -> None:
         c = self.cfg
         rc = c.recompute_layers  # G's blocks and D's backbone blocks
-        g = build_generator(
-            c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec, recompute=rc
-        )
+        with self._partitioned(c.deepspeed_config_g):
+            g = build_generator(
+                c.model, self.ps, init_from=c.init_generator, spec=c.layer_spec, recompute=rc
+            )
         heads = DiscriminatorConfig(
             head_layers=parse_head_layers(c.d_head_layers, c.model.num_layers)
         )
-        d = build_discriminator(
-            c.model,
-            self.ps,
-            init_from=c.init_discriminator,
-            disc_cfg=heads,
-            spec=c.layer_spec,
-            recompute=rc,
-        )
+        with self._partitioned(c.deepspeed_config_d):
+            d = build_discriminator(
+                c.model,
+                self.ps,
+                init_from=c.init_discriminator,
+                disc_cfg=heads,
+                spec=c.layer_spec,
+                recompute=rc,
+            )
         g_eng = self._engine("generator", g, c.optim.lr, c.deepspeed_config_g)
         # a frozen D (control run) still gets an engine: checkpoints, resume and export as usual
         self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)

@@ -21,7 +21,7 @@ from megatron_apt.checkpoint.io import (
     read_model_file,
 )
 from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.models.build_options import model_build
+from megatron_apt.models.build_options import gathered, is_partitioned, model_build
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
 from megatron_apt.models.generator import Generator
 from megatron_apt.models.mmdit import MMDiT
@@ -39,7 +39,7 @@ def full_shapes(model: MMDiT) -> dict[str, torch.Size]:
     for name, t in model.state_dict().items():
         if name.endswith("_extra_state"):
             continue
-        shape = list(t.shape)
+        shape = list(getattr(params.get(name), "ds_shape", t.shape))  # ZeRO-3: the real shape
         dim = tp_partition_dim(params[name]) if name in params else None
         if dim is not None:
             shape[dim] *= model.ps.tp_size
@@ -58,8 +58,41 @@ def load_model_file_into(model: MMDiT, path: str | Path, expect_roles: tuple[str
         log.warning(
             "%s holds role %r weights, expected one of %s", path, meta.get("role"), expect_roles
         )
-    load_weights(model, shard_state_dict(state, model, model.ps), path)
+    if any(is_partitioned(p) for p in model.parameters()):
+        _load_partitioned(model, state, path)
+    else:
+        load_weights(model, shard_state_dict(state, model, model.ps), path)
     return meta
+
+
+@torch.no_grad()
+def _load_partitioned(model: torch.nn.Module, state: dict, path) -> None:
+    """Load a TP=1 state dict into a model whose parameters are ZeRO-3 partitioned: one
+    module's own parameters gathered at a time (peak: one block's weights, not the model's),
+    cut to this rank's TP shard, written, re-partitioned from rank 0 of the partitioning
+    group. Keys were checked against the model before (``check_keys_match``)."""
+    ps = model.ps
+    for prefix, mod in model.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        with gathered([p for _, p in own], modify=True):
+            for name, p in own:
+                key = f"{prefix}.{name}" if prefix else name
+                value = state[key]
+                dim = tp_partition_dim(p)
+                if dim is not None:
+                    value = value.chunk(ps.tp_size, dim=dim)[ps.tp_rank]
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"{path}: {key} has shape {tuple(value.shape)}, the model's shard "
+                        f"{tuple(p.shape)}"
+                    )
+                p.data.copy_(value.to(p.dtype))
+    params = dict(model.named_parameters())
+    for name, buf in model.state_dict().items():  # persistent buffers are not partitioned
+        if name not in params and not name.endswith("_extra_state") and name in state:
+            buf.copy_(state[name])
 
 
 def build_mmdit(

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_apt.config.model import FP8_GEMM_ROWS, MMDiTConfig
 from megatron_apt.config.training import parse_recompute_layers
-from megatron_apt.models.build_options import build_options
+from megatron_apt.models.build_options import build_options, gathered
 from megatron_apt.models.embeddings import (
     apply_rotation,
     check_latent_shape,
@@ -382,7 +382,17 @@ class MMDiT(nn.Module):
     # ---------------------------------------------------------------------------------
     def _init_replicated(self) -> None:
         """DiT's init for the replicated layers (megatron's linears are initialized by their
-        ``init_method``); adaLN modulation and the output layer start at zero (adaLN-Zero)."""
+        ``init_method``); adaLN modulation and the output layer start at zero (adaLN-Zero).
+        Under ZeRO-3 partitioned construction the submodules are already split: they are
+        gathered (rank 0's values kept) for this."""
+        replicated = [self.patch_embed, self.text_embed, self.time_embed, self.pooled_embed]
+        replicated += [self.final_adaln, self.final_proj]
+        replicated += [s.adaln for b in self.blocks for s in (b.visual, b.text)]
+        params = [p for m in replicated if m is not None for p in m.parameters()]
+        with gathered(params, modify=True):
+            self._init_replicated_weights()
+
+    def _init_replicated_weights(self) -> None:
         for m in (self.patch_embed, self.text_embed):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
