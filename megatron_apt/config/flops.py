@@ -7,7 +7,14 @@ Norms, RoPE, softmax and elementwise work are left out (a few percent at these w
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 from megatron_apt.config.model import MMDiTConfig
+
+PAPER_HEAD_FRACTIONS = (16 / 36, 26 / 36, 36 / 36)  # as models/discriminator.py
+PHASES = ("diffusion", "consistency", "apt_d", "apt_d_frozen", "apt_g")
+"""Micro-batch phases of the training stages whose FLOPs :func:`phase_flops` counts."""
 
 
 def visual_tokens(cfg: MMDiTConfig, frames: int, height: int, width: int) -> int:
@@ -29,3 +36,57 @@ def forward_flops(cfg: MMDiTConfig, n_visual: int, n_text: int, batch: int = 1) 
     flops += 2 * n_visual * (cfg.patch_dim * d + d * cfg.out_patch_dim)
     flops += 2 * n_text * cfg.text_dim * d
     return flops * batch
+
+
+def default_head_layers(num_layers: int) -> tuple[int, ...]:
+    """Same as :func:`megatron_apt.models.discriminator.default_head_layers` (config/ must not
+    import models/)."""
+    return tuple(min(num_layers, max(1, round(f * num_layers))) for f in PAPER_HEAD_FRACTIONS)
+
+
+def discriminator_config(cfg: MMDiTConfig, head_layers: Sequence[int] | None = None) -> MMDiTConfig:
+    """The part of the MMDiT that D runs: its blocks up to the last head (the paper's heads
+    by default), without the output layer's text stream after it."""
+    last = max(head_layers or default_head_layers(cfg.num_layers))
+    return dataclasses.replace(
+        cfg,
+        num_layers=last,
+        context_pre_only_last=cfg.context_pre_only_last and last == cfg.num_layers,
+    )
+
+
+def phase_flops(
+    cfg: MMDiTConfig,
+    phase: str,
+    n_visual: int,
+    n_text: int,
+    recompute: int = 0,
+    head_layers: Sequence[int] | None = None,
+) -> float:
+    """FLOPs per SAMPLE of one micro-batch of a training phase (``recompute``: blocks whose
+    forward runs again in backward; backward = 2 forwards):
+
+    * ``diffusion``: forward + backward (3 + r) of the model;
+    * ``consistency``: the student's (3 + r), the teacher with CFG (2 forwards), the target (1);
+    * ``apt_d``: G samples (1 forward, no grad), D forward + backward on ``[real; fake;
+      real + sigma eps]`` (3 x (3 + r_D)); ``apt_d_frozen``: the same without D's backward;
+    * ``apt_g``: G forward + backward (3 + r), D forward and backward to its input (2 + r_D).
+
+    ``r = recompute / num_layers`` (D: of its blocks). The discriminator's heads are left out
+    (< 1 % at these sizes)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    r = recompute / cfg.num_layers
+    f_g = forward_flops(cfg, n_visual, n_text)
+    if phase == "diffusion":
+        return (3 + r) * f_g
+    if phase == "consistency":
+        return (3 + r) * f_g + 3 * f_g
+    d_cfg = discriminator_config(cfg, head_layers)
+    f_d = forward_flops(d_cfg, n_visual, n_text)
+    r_d = min(recompute, d_cfg.num_layers) / d_cfg.num_layers
+    if phase == "apt_d":
+        return f_g + 3 * (3 + r_d) * f_d
+    if phase == "apt_d_frozen":
+        return f_g + 3 * f_d
+    return (3 + r) * f_g + (2 + r_d) * f_d

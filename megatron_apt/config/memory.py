@@ -68,7 +68,11 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from megatron_apt.config.flops import forward_flops, visual_tokens
+from megatron_apt.config.flops import (
+    default_head_layers,
+    phase_flops,
+    visual_tokens,
+)
 from megatron_apt.config.model import MMDiTConfig, count_parameters
 from megatron_apt.config.training import parse_recompute_layers
 
@@ -76,13 +80,6 @@ GIB = 2**30
 H100_PEAK_TFLOPS = {"bf16": 989.4, "fp32": 494.7}  # dense; fp32 = TF32 tensor cores
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZER_STATES = {"rmsprop": 1, "adamw": 2}
-PAPER_HEAD_FRACTIONS = (16 / 36, 26 / 36, 36 / 36)  # as models/discriminator.py
-
-
-def default_head_layers(num_layers: int) -> tuple[int, ...]:
-    """Same as :func:`megatron_apt.models.discriminator.default_head_layers` (config/ must not
-    import models/)."""
-    return tuple(min(num_layers, max(1, round(f * num_layers))) for f in PAPER_HEAD_FRACTIONS)
 
 
 @dataclass(kw_only=True)
@@ -429,26 +426,16 @@ def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
 
 def update_flops(inp: MemoryPlanInput, n_vis: int, n_txt: int, n_recompute: int) -> float:
     """FLOPs of one optimizer update (APT: one G update and its ``d_updates`` D updates) over
-    the global batch, recompute included."""
+    the global batch, recompute included (per-sample phases: :func:`phase_flops`)."""
     cfg = inp.model
     gb = inp.global_batch or inp.micro_batch * max(1, inp.dp)
-    r = n_recompute / cfg.num_layers
-    f_g = forward_flops(cfg, n_vis, n_txt)
-    if inp.stage == "diffusion":
-        return gb * (3 + r) * f_g
-    if inp.stage == "consistency":  # student fwd+bwd, teacher with CFG (2 fwd), target fwd
-        return gb * ((3 + r) * f_g + 3 * f_g)
-    last = max(inp.head_layers or default_head_layers(cfg.num_layers))
-    d_cfg = dataclasses.replace(
-        cfg,
-        num_layers=last,
-        context_pre_only_last=cfg.context_pre_only_last and last == cfg.num_layers,
-    )
-    f_d = forward_flops(d_cfg, n_vis, n_txt)
-    r_d = min(n_recompute, last) / last
-    d_update = f_g + 3 * (3 + r_d) * f_d  # G sample (no grad), D fwd+bwd on 3 inputs
-    g_update = (3 + r) * f_g + (2 + r_d) * f_d  # G fwd+bwd, D fwd + input-gradient bwd
-    return gb * (inp.d_updates * d_update + g_update)
+
+    def per_sample(phase: str) -> float:
+        return phase_flops(cfg, phase, n_vis, n_txt, n_recompute, inp.head_layers)
+
+    if inp.stage in ("diffusion", "consistency"):
+        return gb * per_sample(inp.stage)
+    return gb * (inp.d_updates * per_sample("apt_d") + per_sample("apt_g"))
 
 
 def _inputs_dict(inp: MemoryPlanInput, recompute: tuple[int, ...]) -> dict:

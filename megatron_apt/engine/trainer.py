@@ -44,6 +44,7 @@ from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.engine.preemption import ExitGuard
 from megatron_apt.engine.recovery import CollapseGuard, TrainingStopped
+from megatron_apt.engine.throughput import TrainingThroughput
 from megatron_apt.engine.zero_init import (
     copy_weights,
     module_to,
@@ -104,9 +105,12 @@ class Trainer:
         self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
         self.metrics: MetricsLogger | None = None
         getattr(self, f"_build_{cfg.stage}")()
+        self.throughput = TrainingThroughput(cfg, self.ps, self.device, self.dtype)
         self.guard = CollapseGuard(self)  # collapse detector and --on-collapse policy
         if self.rank == 0:
             self._report_recompute()
+            peak = self.throughput.peak
+            print(f"MFU against {peak['tflops']:.4g} TFLOP/s ({peak['source']})", flush=True)
             if uses_zero_init(cfg):
                 print(
                     f"ZeRO-3: {', '.join(self.engines)} built partitioned (deepspeed.zero.Init) "
@@ -244,11 +248,13 @@ class Trainer:
             print(f"activation recompute (blocks, 1-based): {chosen}", flush=True)
 
     # ---- micro-batches ----------------------------------------------------------------
-    def _next(self, salt: int):
+    def _next(self, kind: str):
+        """The next micro-batch of kind ``kind`` (a SALT key) and its noise generators."""
         batch, pos = self.stream.next()
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["latents"] = batch["latents"].to(self.dtype)
-        return batch, sample_generators(self.cfg.seed, pos, salt)
+        self.throughput.count(kind, batch)
+        return batch, sample_generators(self.cfg.seed, pos, SALT[kind])
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         flag = comm_tensor([0.0 if torch.isfinite(loss).item() else 1.0])
@@ -289,7 +295,7 @@ class Trainer:
         eng, bad, acc = self.engines["model"], False, []
         c_drop = self.cfg.cond_dropout
         for _ in range(self.plan.accumulation):
-            batch, rngs = self._next(SALT["diffusion"])
+            batch, rngs = self._next("diffusion")
             x = batch.pop("latents")
             b = x.shape[0]
             u = (
@@ -309,7 +315,7 @@ class Trainer:
     def _update_consistency(self) -> tuple[dict, bool]:
         eng, bad, acc = self.engines["model"], False, []
         for _ in range(self.plan.accumulation):
-            batch, rngs = self._next(SALT["consistency"])
+            batch, rngs = self._next("consistency")
             x = batch.pop("latents")
             loss, m = consistency_distillation_step(
                 eng, self.target, self.teacher, x, batch, self.uncond, self.cd, rngs
@@ -328,7 +334,7 @@ class Trainer:
         bad, acc = False, []
         for _ in range(self.cfg.d_updates_per_iter):
             for _ in range(self.plan.accumulation):
-                batch, rngs = self._next(SALT["d"])
+                batch, rngs = self._next("d")
                 if self.cfg.freeze_discriminator:  # metrics only: no backward, no step
                     with torch.no_grad():
                         _, m = discriminator_step(d_eng.module, g_eng.module, batch, self.apt, rngs)
@@ -340,7 +346,7 @@ class Trainer:
             return _mean(acc), bad
         with frozen(d_eng.module):
             for _ in range(self.plan.accumulation):
-                batch, rngs = self._next(SALT["g"])
+                batch, rngs = self._next("g")
                 loss, m = generator_step(d_eng.module, g_eng, batch, self.apt, rngs)
                 bad = self._backward_step(g_eng, loss, bad)
                 acc.append(m)
@@ -378,8 +384,10 @@ class Trainer:
                 if self.step % c.log_interval == 0 or self.step == c.train_iters:
                     # the mean over the log interval's updates (skipped ones left out, unless
                     # every one was skipped): a log step is not one noisy micro-batch sample
-                    dt = (time.perf_counter() - t0) / updates  # seconds per update
-                    last = self._log(_mean(window) if window else metrics, dt)
+                    logged = {**(_mean(window) if window else metrics)}
+                    # this rank's FLOPs, tokens and seconds: averaged over the ranks by _log
+                    logged.update(self.throughput.raw(time.perf_counter() - t0))
+                    last = self._log(logged, updates)
                     window, updates, t0 = [], 0, time.perf_counter()
                     if self.guard.after_log(self.step, last):  # may stop (raises) or roll back
                         continue  # the step counter is the reloaded checkpoint's
@@ -421,16 +429,20 @@ class Trainer:
             print(msg, flush=True)
         raise TrainingStopped(f"{reason} at update {self.step}: {where}", exit_code=0)
 
-    def _log(self, metrics: dict, dt: float) -> dict:
+    def _log(self, metrics: dict, updates: int) -> dict:
         """One all-reduce per log step: the mean over every rank (= over data parallel; TP and
         CP peers hold the same values). Every rank gets the same reduced numbers, which the
-        collapse detector relies on to decide the same on every rank without a collective."""
+        collapse detector relies on to decide the same on every rank without a collective.
+        The step time and the throughput come from the ranks' mean FLOPs, tokens and seconds
+        over the ``updates`` of the interval."""
         keys = list(metrics)  # the same order on every rank (sorted by _mean, then grad norms)
-        t = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.device)
+        t = torch.stack([metrics[k].detach().double().reshape(()) for k in keys])
+        t = t.to(self.device)
         dist.all_reduce(t)
         values = dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+        values = self.throughput.finish(values, updates)  # step_time_s, TFLOP/s, MFU, tokens/s
         lr = next(iter(self.engines.values())).optimizer.param_groups[0]["lr"]
-        values.update(samples=self.samples, lr=lr, step_time_s=dt, skipped=self.skipped)
+        values.update(samples=self.samples, lr=lr, skipped=self.skipped)
         self.metrics.log(self.step, values)
         return values
 

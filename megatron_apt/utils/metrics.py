@@ -82,6 +82,13 @@ class MetricsLogger:
             parts.append(f"skipped {int(r['skipped'])}")
         if "step_time_s" in r:
             parts.append(f"{r['step_time_s']:.3f} s")
+        if "tflops_per_gpu" in r:
+            mfu = f" (MFU {100 * r['mfu']:.1f}%)" if "mfu" in r else ""
+            parts.append(f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU{mfu}")
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:.3g} tok/s")
+        if "peak_mem_gib" in r:
+            parts.append(f"{r['peak_mem_gib']:.2f} GiB")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -90,13 +97,17 @@ class MetricsLogger:
 
 
 HEALTH_KEYS = ("d_acc_real", "d_acc_fake", "logit_gap")
+PERF_KEYS = ("tflops_per_gpu", "mfu", "peak_tflops", "tokens_per_s", "peak_mem_gib", "step_time_s")
 
 
 def _tag(key: str) -> str:
     """TensorBoard tag: ``Loss/``, ``Health/`` (D's accuracies, logit gap, gradient norms),
-    ``D/`` (mean logits), ``Train/`` (the rest)."""
+    ``Perf/`` (TFLOP/s, MFU, tokens/s, memory, step time), ``D/`` (mean logits), ``Train/``
+    (the rest)."""
     if key in HEALTH_KEYS or key.startswith("grad_norm"):
         return f"Health/{key}"
+    if key in PERF_KEYS:
+        return f"Perf/{key}"
     if key.startswith("loss"):
         return f"Loss/{key}"
     if key.startswith("d_"):

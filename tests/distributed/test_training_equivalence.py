@@ -346,3 +346,39 @@ def test_grad_norms_are_full_gradient_norms(zero_runs, tp_runs, reference, group
                 got, want = logged[r["step"]][key], r[key]
                 assert want > 0 and abs(got - want) <= GRAD_NORM_RTOL * want, (name, r, key, got)
                 assert abs(wrong[key] - want) > 100 * GRAD_NORM_RTOL * want, (key, wrong, want)
+
+
+def test_throughput_fields_are_the_analytic_flops_over_the_measured_time(
+    zero_runs, tp_runs, cp_runs, stage_runs
+):
+    """Every log step's ``tflops_per_gpu`` x ``step_time_s`` is the analytic FLOPs of one update
+    on one GPU (config/flops.phase_flops of the micro-batches run, split over TP x CP), ``mfu``
+    is it over ``peak_tflops``, ``tokens_per_s`` the job's tokens per update over the time; for
+    APT at DP 2, TP 2 + SP and CP 2, and for the diffusion and consistency stages."""
+    from megatron_apt.config.flops import phase_flops, visual_tokens
+    from megatron_apt.config.model import get_preset
+
+    cfg = get_preset("tiny")  # the tiny recipes' data: 2 x 8 x 8 latents, 6 text tokens
+    n_vis, n_txt = visual_tokens(cfg, 2, 8, 8), 6
+    cases = {  # run: (its phases per update, samples per GPU of each phase after the TP/CP split)
+        "apt-dp2": (zero_runs["zero2"], ("apt_d", "apt_g"), BATCH / 2),
+        "apt-tp2-sp": (tp_runs["tp2-sp"], ("apt_d", "apt_g"), BATCH / 2),
+        "apt-cp2": (cp_runs["cp2-zero2"], ("apt_d", "apt_g"), BATCH / 2),
+        "diffusion-dp2": (stage_runs["diffusion"]["micro2-acc2-dp2"], ("diffusion",), BATCH / 2),
+        "consistency-dp1": (
+            stage_runs["consistency"]["micro8-acc1-dp1"],
+            ("consistency",),
+            BATCH,
+        ),
+    }
+    for name, (run, phases, per_gpu) in cases.items():
+        flops = per_gpu * sum(phase_flops(cfg, p, n_vis, n_txt) for p in phases)
+        tokens = BATCH * len(phases) * (n_vis + n_txt)  # the whole job's, per update
+        records = logged_metrics(run).values()
+        assert records, name
+        for r in records:
+            seconds = r["step_time_s"]
+            assert r["tflops_per_gpu"] * 1e12 * seconds == pytest.approx(flops, rel=1e-5), name
+            assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / r["peak_tflops"], rel=1e-5)
+            assert r["tokens_per_s"] * seconds == pytest.approx(tokens, rel=1e-5), name
+            assert 0.01 < r["peak_mem_gib"] < 64, name

@@ -1,0 +1,155 @@
+"""FLOP accounting and the report of ``tools/benchmark.py``: per-phase statistics (median
+time, tokens/s, TFLOP/s, utilization against the run's matmul and the datasheet), the ratio
+to diffusers, and the Markdown table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+
+import torch
+
+from megatron_apt.config.flops import forward_flops
+
+__all__ = [
+    "APT_FORWARD_EQUIVALENTS",
+    "FLOP_FORMULA",
+    "benchmark_flops",
+    "device_description",
+    "markdown",
+    "phase_stats",
+    "ratios",
+]
+
+# One APT update in forward-equivalents of one MMDiT forward at batch B:
+#   D phase: G forward (no grad) 1 + D forward+backward on [real; fake; real + sigma*eps]
+#            (3B samples) 3 x 3 = 9
+#   G phase: G forward+backward 3 + D forward 1 + D backward to its input only (no weight
+#            gradients, frozen) 1 = 5
+# The discriminator's heads and its skipped output layer are left out (< 1% at these sizes).
+APT_FORWARD_EQUIVALENTS = 15
+
+
+FLOP_FORMULA = (
+    "forward_flops (megatron_apt/config/flops.py): 2 FLOPs per multiply-add of every "
+    "linear layer a token passes through (per block and stream: qkv 3d^2, out d^2, "
+    "MLP 2*d*f; patch/text embeddings and the output projection) plus attention "
+    "QK^T and AV (4*S^2*d per block, S = visual + text tokens), times the batch; "
+    "fwd+bwd = 3x forward; APT update = 15x forward (an estimate, see "
+    "APT_FORWARD_EQUIVALENTS)"
+)
+
+
+def benchmark_flops(cfg, n_visual: int, n_text: int, batch: int) -> dict[str, float]:
+    """Analytic FLOPs of each benchmark phase."""
+    fwd = forward_flops(cfg, n_visual, n_text, batch)
+    return {
+        "forward": fwd,
+        "forward_backward": 3 * fwd,
+        "apt_update": APT_FORWARD_EQUIVALENTS * fwd,
+    }
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs visible)"
+
+
+def phase_stats(times: list[float], flops: float, tokens: int, visual: int, ref: dict) -> dict:
+    median = statistics.median(times)
+    tflops = flops / median / 1e12
+    out = {
+        "times_s": times,
+        "median_s": median,
+        "min_s": min(times),
+        "tokens_per_s": tokens / median,
+        "visual_tokens_per_s": visual / median,
+        "flops": flops,
+        "tflops": tflops,
+        "utilization_vs_matmul": tflops / ref["matmul"]["tflops"],
+        "utilization_vs_peak": (
+            tflops / ref["peak"]["tflops"] if ref.get("peak") is not None else None
+        ),
+    }
+    return out
+
+
+def ratios(ours: list[float], theirs: list[float]) -> dict:
+    """Our time over diffusers': of the medians (the headline), of the minima (best of the
+    repeats), and the median of the per-repeat ratios (each repeat runs both back to back, so
+    this one is the least sensitive to other processes sharing the machine)."""
+    return {
+        "ratio_ours_over_diffusers": statistics.median(ours) / statistics.median(theirs),
+        "ratio_min": min(ours) / min(theirs),
+        "ratio_paired_median": statistics.median(a / b for a, b in zip(ours, theirs)),
+    }
+
+
+def _fmt(v, spec: str = ".3g", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def markdown(result: dict) -> str:
+    dev = result["device"]
+    mm, peak = result["reference"]["matmul"], result["reference"]["peak"]
+    lines = [
+        f"## MMDiT benchmark: preset {result['preset']}, latent "
+        f"{'x'.join(map(str, result['latent']))}, batch {result['batch']}",
+        "",
+        f"- device: {dev['name']} ({dev['type']}, {dev['torch_threads']} torch threads), "
+        f"{result['dtype']}, layer spec {result['layer_spec']}, {result['date_utc']}",
+        f"- tokens per sample: {result['visual_tokens']} visual + {result['text_tokens']} text; "
+        f"forward {result['flops']['forward'] / 1e9:.4g} GFLOP (analytic)",
+        f"- dense matmul {mm['shape'][0]}x{mm['shape'][1]} @ {mm['shape'][1]}x{mm['shape'][2]} "
+        f"({mm['dtype']}): {mm['tflops']:.3g} TFLOP/s",
+        "- datasheet peak: "
+        + (f"{peak['device']} {peak['precision']} {peak['tflops']:g} TFLOP/s" if peak else "n/a"),
+        f"- warm-up {result['warmup']}, median of {result['repeats']}; diffusers: "
+        + (result["diffusers"]["skipped"] or "SD3Transformer2DModel, same size"),
+        "",
+        "| phase | model | median ms | tokens/s | TFLOP/s | util vs matmul | util vs peak "
+        "| peak mem MiB | ours / diffusers | (min; paired) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for phase, entry in result["phases"].items():
+        for who in ("ours", "diffusers"):
+            if who not in entry:
+                continue
+            s = entry[who]
+            ratio = entry.get("ratio_ours_over_diffusers") if who == "ours" else None
+            more = "-"
+            if ratio is not None:
+                more = f"{entry['ratio_min']:.3f}; {entry['ratio_paired_median']:.3f}"
+            mem = s["memory"]
+            mem_text = _fmt(mem["peak_mib"], ".0f")
+            if mem["peak_above_start_mib"] is not None and dev["type"] == "cuda":
+                mem_text += f" ({mem['peak_above_start_mib'] + 0.0:+.0f})"
+            lines.append(
+                f"| {phase} | {who} | {s['median_s'] * 1e3:.1f} | {s['tokens_per_s']:.4g} "
+                f"| {s['tflops']:.3g} | {_fmt(s['utilization_vs_matmul'], '.1%')} "
+                f"| {_fmt(s['utilization_vs_peak'], '.1%')} "
+                f"| {mem_text} | {_fmt(ratio, '.3f')} | {more} |"
+            )
+    mem = next(iter(result["phases"].values()), {}).get("ours", {}).get("memory")
+    if mem:
+        lines += [
+            "",
+            f"Peak memory: {mem['method']}"
+            + (
+                "; in parentheses the rise during the call."
+                if dev["type"] == "cuda"
+                else " (both models' weights and the allocator's cached pages included)."
+            ),
+        ]
+    return "\n".join(lines)
