@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None, help="BF16 mixed precision")
     g.add_argument("--fp32", action="store_false", dest="bf16", help="train in fp32")
     g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile each MMDiT block (regional; G, D's backbone, the student, teacher "
+        "and target); falls back to eager with a message when compilation fails",
+    )
+    g.add_argument(
         "--deepspeed-config-g",
         help="JSON merged over the generator's (or single) "
         "engine config (ZeRO buckets, offload, ...)",
@@ -266,6 +273,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "zero_init",
             "recompute_layers",
             "bf16",
+            "compile",
             "micro_batch_size",
             "global_batch_size",
             "train_iters",

@@ -62,6 +62,7 @@ from megatron_apt.benchmarking.workloads import (  # noqa: E402
 )
 from megatron_apt.config.flops import visual_tokens  # noqa: E402
 from megatron_apt.config.model import PRESETS, MMDiTConfig, get_preset  # noqa: E402
+from megatron_apt.models.compile import compile_blocks, compile_status  # noqa: E402
 from megatron_apt.utils.throughput import datasheet_peak  # noqa: E402
 
 PHASES = {"forward": "forward", "fwd-bwd": "forward_backward", "apt": "apt_update"}
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--skip-diffusers", action="store_true", help="do not time diffusers' SD3 transformer"
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every transformer block of both models (regional, the same way: "
+        "ours per MMDiT block, diffusers' per transformer_blocks entry); the warm-up calls "
+        "compile",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
@@ -252,6 +260,9 @@ def _diffusers_twin(args, cfg, phases, result: dict, device, dtype):
 
     torch.manual_seed(args.seed)
     model = sd3_transformer(**kwargs).to(device, dtype).train()
+    if args.compile:
+        for block in model.transformer_blocks:
+            block.compile()
     result["diffusers"].update(config=kwargs, parameters=sum(p.numel() for p in model.parameters()))
     return model
 
@@ -263,6 +274,8 @@ def _time_models(args, cfg, spec, phases, inputs, diff_model, result, counts, de
     flops, ref = result["flops"], result["reference"]
     torch.manual_seed(args.seed)
     model = build_mmdit(cfg, spec=spec, params_dtype=dtype).to(device).train()
+    if args.compile:
+        compile_blocks(model)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     ours = ours_calls(model, inputs)
     theirs = diffusers_calls(diff_model, inputs) if diff_model is not None else {}
@@ -278,6 +291,7 @@ def _time_models(args, cfg, spec, phases, inputs, diff_model, result, counts, de
         if "diffusers" in entry:
             entry.update(ratios(times["ours"], times["diffusers"]))
         result["phases"][phase] = entry
+    result["compile"] = {"ours": compile_status(model), "diffusers": args.compile}
 
 
 def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
@@ -308,7 +322,7 @@ def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
     gc.collect()
     if "apt_update" in phases:
         torch.manual_seed(args.seed)
-        update = apt_update_call(cfg, spec, dtype, device, inputs, latent)
+        update = apt_update_call(cfg, spec, dtype, device, inputs, latent, args.compile)
         times = time_interleaved({"ours": update}, args.warmup, args.repeats, device)
         entry = {"ours": phase_stats(times["ours"], flops["apt_update"], *counts, ref)}
         entry["ours"]["memory"] = measure_peak_memory(update, device)

@@ -42,6 +42,7 @@ from megatron_apt.inference import (  # noqa: E402
     write_sample,
     write_summary,
 )
+from megatron_apt.models.compile import compile_status  # noqa: E402
 from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--warmup", type=int, default=0, help="untimed batches first (first-call overheads)"
+    )
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each MMDiT block (the first batch compiles: use --warmup 1 to "
+        "keep it out of the timing); falls back to eager with a message",
     )
     return p
 
@@ -221,6 +228,10 @@ def load_pipeline(args, ps, device, dtype, spec) -> GenerationPipeline:
             args.text_encoder, device=device, dtype=enc_dtype, max_length=args.max_text_length
         )
     vae = load_vae(args.vae, device=device, dtype=dtype)
+    if args.compile:
+        from megatron_apt.models.compile import compile_blocks
+
+        compile_blocks(model)
     return GenerationPipeline(model, vae, encoder, ps=ps, device=device)
 
 
@@ -326,6 +337,7 @@ def summarize(args, pipe, sampling, shape, pixels, records, load_s, write_s) -> 
         "device": str(pipe.device),
         "dtype": str(pipe.model.final_proj.weight.dtype).removeprefix("torch."),
         "layer_spec": pipe.model.spec.name,
+        "compile": compile_status(pipe.model),
         "tensor_parallel_size": pipe.ps.tp_size,
         "context_parallel_size": pipe.ps.cp_size,
         "sequence_parallel": pipe.ps.sequence_parallel,

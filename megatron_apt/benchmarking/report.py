@@ -108,7 +108,12 @@ def markdown(result: dict) -> str:
         f"{'x'.join(map(str, result['latent']))}, batch {result['batch']}",
         "",
         f"- device: {dev['name']} ({dev['type']}, {dev['torch_threads']} torch threads), "
-        f"{result['dtype']}, layer spec {result['layer_spec']}, {result['date_utc']}",
+        f"{result['dtype']}, layer spec {result['layer_spec']}, {result['date_utc']}"
+        + (
+            f", compiled ({result['compile']['ours']})"
+            if result.get("compile", {}).get("diffusers")
+            else ", eager"
+        ),
         f"- tokens per sample: {result['visual_tokens']} visual + {result['text_tokens']} text; "
         f"forward {result['flops']['forward'] / 1e9:.4g} GFLOP (analytic)",
         f"- dense matmul {mm['shape'][0]}x{mm['shape'][1]} @ {mm['shape'][1]}x{mm['shape'][2]} "

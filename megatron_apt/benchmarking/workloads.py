@@ -67,8 +67,11 @@ def diffusers_calls(model, inputs) -> dict[str, Callable[[], object]]:
     return {"forward": forward, "forward_backward": fwd_bwd}
 
 
-def apt_update_call(cfg, spec, dtype, device, inputs, latent) -> Callable[[], object]:
-    """One APT update (D phase then G phase) of freshly built G and D, plain torch + RMSprop."""
+def apt_update_call(
+    cfg, spec, dtype, device, inputs, latent, compile: bool = False
+) -> Callable[[], object]:
+    """One APT update (D phase then G phase) of freshly built G and D, plain torch + RMSprop
+    (``compile``: their MMDiT blocks compiled, as ``pretrain_apt.py --compile``)."""
     from megatron_apt.models.builders import build_discriminator, build_generator
     from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 
@@ -76,6 +79,10 @@ def apt_update_call(cfg, spec, dtype, device, inputs, latent) -> Callable[[], ob
     disc = build_discriminator(cfg, spec=spec, params_dtype=dtype).to(device)
     gen.train()
     disc.train()
+    if compile:
+        from megatron_apt.models.compile import compile_mmdits
+
+        compile_mmdits([gen, disc])
 
     def rmsprop(module):
         params = [p for p in module.parameters() if p.requires_grad]

@@ -94,6 +94,7 @@ class TrainConfig:
     zero_stage: int = 2
     zero_init: bool = True  # ZeRO-3: build the trained networks under deepspeed.zero.Init
     bf16: bool = False
+    compile: bool = False  # torch.compile per MMDiT block (models/compile.py)
     # activation recompute: "none", "all", or 1-based block numbers "1,2,5-8" (every trained
     # MMDiT: diffusion model, consistency student, APT generator and discriminator backbone)
     recompute_layers: str = "none"

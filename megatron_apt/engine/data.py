@@ -10,6 +10,7 @@ rank get identical micro-batches.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -167,3 +168,29 @@ def build_stream(cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int):
     if cfg.data.path:
         return ShardStream(cfg, micro, dp_rank, dp_size)
     return SyntheticStream(cfg, micro, dp_rank, dp_size)
+
+
+def load_negative_prompt(cfg: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The teacher's unconditional branch: the negative prompt embedded by
+    tools/preprocess_data.py next to the shards (with its pooled vector for SD3-style models),
+    or one zero token without shards."""
+    from safetensors.torch import load_file
+
+    from megatron_apt.data.preprocess import NEGATIVE_PROMPT_FILE
+
+    path = Path(cfg.data.path or "") / NEGATIVE_PROMPT_FILE
+    if cfg.data.path and path.is_file():
+        emb = load_file(str(path))
+        if emb["text"].shape[-1] != cfg.model.text_dim:
+            raise ValueError(
+                f"{path}: text width {emb['text'].shape[-1]} but the model "
+                f"takes text_dim={cfg.model.text_dim}"
+            )
+    else:
+        emb = {
+            "text": torch.zeros(1, 1, cfg.model.text_dim),
+            "text_mask": torch.ones(1, 1, dtype=torch.bool),
+        }
+    if cfg.model.pooled_text_dim and "pooled_text" not in emb:
+        emb["pooled_text"] = torch.zeros(1, cfg.model.pooled_text_dim)
+    return {k: v.to(device) for k, v in emb.items()}

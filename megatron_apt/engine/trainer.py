@@ -38,7 +38,7 @@ from megatron_apt.engine.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_apt.engine.data import build_stream
+from megatron_apt.engine.data import build_stream, load_negative_prompt
 from megatron_apt.engine.ema import EngineEMA, TargetEMA, gathered_module_state
 from megatron_apt.engine.engines import create_engine
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
@@ -52,6 +52,7 @@ from megatron_apt.engine.zero_init import (
     uses_zero_init,
 )
 from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
+from megatron_apt.models.compile import compile_mmdits
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
@@ -105,6 +106,8 @@ class Trainer:
         self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
         self.metrics: MetricsLogger | None = None
         getattr(self, f"_build_{cfg.stage}")()
+        if cfg.compile:
+            self._compile()
         self.throughput = TrainingThroughput(cfg, self.ps, self.device, self.dtype)
         self.guard = CollapseGuard(self)  # collapse detector and --on-collapse policy
         if self.rank == 0:
@@ -186,29 +189,7 @@ class Trainer:
         self.uncond = self._negative_prompt()
 
     def _negative_prompt(self) -> dict[str, torch.Tensor]:
-        """The teacher's unconditional branch: the negative prompt embedded by
-        tools/preprocess_data.py next to the shards, or one zero token without shards."""
-        from safetensors.torch import load_file
-
-        from megatron_apt.data.preprocess import NEGATIVE_PROMPT_FILE
-
-        c = self.cfg
-        path = Path(c.data.path or "") / NEGATIVE_PROMPT_FILE
-        if c.data.path and path.is_file():
-            emb = load_file(str(path))
-            if emb["text"].shape[-1] != c.model.text_dim:
-                raise ValueError(
-                    f"{path}: text width {emb['text'].shape[-1]} but the model "
-                    f"takes text_dim={c.model.text_dim}"
-                )
-        else:
-            emb = {
-                "text": torch.zeros(1, 1, c.model.text_dim),
-                "text_mask": torch.ones(1, 1, dtype=torch.bool),
-            }
-        if c.model.pooled_text_dim and "pooled_text" not in emb:
-            emb["pooled_text"] = torch.zeros(1, c.model.pooled_text_dim)
-        return {k: v.to(self.device) for k, v in emb.items()}
+        return load_negative_prompt(self.cfg, self.device)
 
     def _build_apt(self) -> None:
         c = self.cfg
@@ -234,6 +215,15 @@ class Trainer:
         self._engine("discriminator", d, c.optim.lr_d or c.optim.lr, c.deepspeed_config_d)
         self.emas["generator"] = EngineEMA(g_eng, self.ps, c.ema_decay)
         self.apt = apt_config(c)
+
+    def _compile(self) -> None:
+        """Regional torch.compile of every MMDiT's blocks; not under ZeRO-3, whose
+        parameter-gathering hooks run inside the blocks' submodules."""
+        if self.cfg.zero_stage == 3:
+            return self._say("--compile: not with ZeRO-3; the blocks run eagerly")
+        extra = [getattr(self, k) for k in ("teacher", "target") if hasattr(self, k)]
+        n = compile_mmdits([e.module for e in self.engines.values()] + extra)
+        self._say(f"--compile: {n} MMDiT blocks compiled (torch.compile per block)")
 
     def _report_recompute(self) -> None:
         """One line naming the blocks each trained MMDiT recomputes (read off the modules)."""

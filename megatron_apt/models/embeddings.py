@@ -137,6 +137,11 @@ def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     products, a sum, a difference and a stack: the same numbers, fewer passes over the tensor
     in forward and backward; autograd keeps only the (shared) rotation."""
     xf = x.float()
+    if torch.compiler.is_compiling():  # real arithmetic: no complex views, no stride checks
+        x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotation.real, rotation.imag
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(s % 2 for s in xf.stride()[:-1]):
         xf = xf.contiguous()
     xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))

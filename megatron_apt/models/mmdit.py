@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_apt.config.model import FP8_GEMM_ROWS, MMDiTConfig
 from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.build_options import build_options, gathered
+from megatron_apt.models.compile import run_compiled
 from megatron_apt.models.embeddings import (
     apply_rotation,
     check_latent_shape,
@@ -360,7 +361,12 @@ class MMDiT(nn.Module):
         return self.recompute_layers
 
     def _run_block(self, i: int, block: MMDiTBlock, x, c, cond, rope, key_mask):
-        """Block ``i`` (1-based), recomputed in backward when it was chosen."""
+        """Block ``i`` (1-based), recomputed in backward when it was chosen (compiled after
+        :func:`megatron_apt.models.compile.compile_blocks`)."""
+        args = (i, block, x, c, cond, rope, key_mask)
+        return run_compiled(self, lambda: self._run_block_impl(*args))
+
+    def _run_block_impl(self, i: int, block: MMDiTBlock, x, c, cond, rope, key_mask):
         if i not in self.recompute_layers or not torch.is_grad_enabled():
             return block(x, c, cond, rope, key_mask)
         if self.spec.uses_te and self.spec.fp8:  # FP8 scaling state of the recomputed forward
