@@ -32,6 +32,7 @@ from megatron_apt.checkpoint.io import read_model_file
 from megatron_apt.config.model import get_preset
 from megatron_apt.engine.checkpointing import latest_checkpoint
 from megatron_apt.testing.launch import REPO_ROOT, launcher_command, run_launcher
+from megatron_apt.utils.metrics import PERF_KEYS
 
 PRETRAIN = REPO_ROOT / "pretrain_apt.py"
 MARKER = "TRAINING-DONE"
@@ -44,12 +45,14 @@ KEYS = {
     | {"step_time_s", "skipped", "d_acc_real", "d_acc_fake", "logit_gap"}
     | {"grad_norm_g", "grad_norm_d"},
 }
+KEYS = {stage: keys | set(PERF_KEYS) for stage, keys in KEYS.items()}  # TFLOP/s, MFU, ...
 EXPORTS = {
     "diffusion": ("diffusion", "diffusion_ema"),
     "consistency": ("consistency", "consistency_ema"),
     "apt": ("generator", "generator_ema"),
 }
-TIMING = {"step_time_s"}  # the only metric allowed to differ between equal runs
+# the only metrics allowed to differ between equal runs: time, throughput, memory
+TIMING = set(PERF_KEYS)
 
 
 def _have(launcher: str) -> bool:
