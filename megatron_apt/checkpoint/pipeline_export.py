@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megatron_apt.checkpoint import diffusers_sd3 as sd3
 from megatron_apt.text.sd3 import is_sd3_pipeline_dir
-from megatron_apt.utils.paths import atomic_directory
+from megatron_apt.utils.paths import atomic_directory, read_json_object
 
 __all__ = ["EXPORT_README", "SCHEDULER_CONFIG", "export_diffusers_pipeline"]
 
@@ -40,18 +40,6 @@ SCHEDULER_CONFIG = {
 
 _OURS = ("transformer", "scheduler")
 EXPORT_README = "README.md"
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        out = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(out, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return out
 
 
 def _components(index: dict) -> list[str]:
@@ -72,21 +60,21 @@ def _check_base(base: Path, cfg) -> dict:
             f"--base {base} is not an SD3/SD3.5 pipeline directory (model_index.json of "
             "StableDiffusion3Pipeline with text_encoder/, text_encoder_2/, vae/ ...)"
         )
-    index = _read_json(base / "model_index.json")
+    index = read_json_object(base / "model_index.json")
     for name in _components(index):
         if not (base / name).is_dir():
             raise FileNotFoundError(
                 f"{base / 'model_index.json'} lists {name!r} but {base / name} is missing"
             )
     errors = []
-    vae = _read_json(base / "vae" / "config.json")
+    vae = read_json_object(base / "vae" / "config.json")
     if vae.get("latent_channels") != cfg.in_channels:
         errors.append(
             f"{base / 'vae/config.json'}: latent_channels {vae.get('latent_channels')} but the "
             f"transformer has in_channels {cfg.in_channels}"
         )
     pooled = sum(
-        _read_json(base / enc / "config.json").get("projection_dim", 0)
+        read_json_object(base / enc / "config.json").get("projection_dim", 0)
         for enc in ("text_encoder", "text_encoder_2")
     )
     if pooled != cfg.pooled_text_dim:
@@ -95,7 +83,7 @@ def _check_base(base: Path, cfg) -> dict:
             f"pooled_text_dim {cfg.pooled_text_dim}"
         )
     if (base / "text_encoder_3").is_dir():
-        width = _read_json(base / "text_encoder_3" / "config.json").get("d_model")
+        width = read_json_object(base / "text_encoder_3" / "config.json").get("d_model")
         if width != cfg.text_dim:
             errors.append(
                 f"{base / 'text_encoder_3/config.json'}: d_model {width} but the transformer "

@@ -17,11 +17,12 @@ This differs from :func:`megatron_apt.stages.diffusion.sampling_timesteps` (``sh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_apt.utils.paths import read_json_object
 
 __all__ = ["SCHEDULES", "flow_match_euler_sigmas", "read_flow_match_scheduler"]
 
@@ -75,10 +76,7 @@ def read_flow_match_scheduler(path: str | Path) -> dict:
         p = p / "scheduler_config.json"
     if not p.is_file():
         raise FileNotFoundError(f"no diffusers scheduler config at {p}")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from e
+    cfg = read_json_object(p)
     name = cfg.get("_class_name")
     if name != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"{p}: _class_name {name!r}, expected FlowMatchEulerDiscreteScheduler")

@@ -12,6 +12,7 @@ Directories written as a whole (converted models, exported pipelines) appear ato
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -56,3 +57,18 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old)
     elif old.exists() or old.is_symlink():
         old.unlink()
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object read from ``path``: ``FileNotFoundError`` when it is missing,
+    ``ValueError`` naming the file when it is not valid JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        out = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return out

@@ -4,15 +4,14 @@ training log step reports (``tflops_per_gpu``, ``mfu``, ``tokens_per_s``, ``peak
 * FLOPs are analytic (:func:`megatron_apt.config.flops.phase_flops`), counted per micro-batch
   from its real shapes, divided over the model-parallel ranks (TP x CP) that share it;
 * the peak is the datasheet's on H100 / H200 (:data:`DATASHEET_PEAK_TFLOPS`), and on a CPU a
-  dense matmul measured at start in the training dtype (:func:`matmul_tflops`): there MFU
+  dense 1024^3 matmul measured at start in the training dtype (:func:`reference_peak`, with
+  the benchmark's ``matmul_reference``): there MFU
   reads "share of what this machine's GEMM reaches", not of a datasheet;
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set
   (``VmHWM``) on a CPU.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -21,7 +20,6 @@ __all__ = [
     "DATASHEET_SOURCE",
     "ThroughputMeter",
     "datasheet_peak",
-    "matmul_tflops",
     "peak_memory_gib",
     "reference_peak",
 ]
@@ -60,38 +58,15 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype, fp8: bool = False) 
     return {"device": key, "precision": column, "tflops": tflops, "source": DATASHEET_SOURCE}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_tflops(
-    device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3
-) -> float:
-    """TFLOP/s of a dense ``size^3`` matmul in ``dtype`` on ``device`` (best of ``repeats``
-    after one warm-up): this process's GEMM ceiling with its threads."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(device, dtype)
-    b = torch.randn(size, size, generator=g).to(device, dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best / 1e12
-
-
 def reference_peak(device: torch.device, dtype: torch.dtype, fp8: bool = False) -> dict:
     """The peak MFU is measured against: the datasheet's on H100 / H200, else a matmul
     measured now (``{"tflops", "source"}``)."""
     sheet = datasheet_peak(device, dtype, fp8)
     if sheet is not None:
         return {"tflops": sheet["tflops"], "source": f"datasheet {sheet['device']}"}
-    tflops = matmul_tflops(device, dtype)
+    from megatron_apt.benchmarking.timing import matmul_reference
+
+    tflops = matmul_reference(1024, 1024, 1024, dtype, device, warmup=1, repeats=3)["tflops"]
     name = str(dtype).removeprefix("torch.")
     return {"tflops": tflops, "source": f"measured 1024^3 {name} matmul on {device.type}"}
 
