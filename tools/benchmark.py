@@ -6,7 +6,16 @@ For a preset and a latent shape: warm-up calls, then ``--repeats`` timed calls (
 * ``forward``: one MMDiT forward under ``torch.no_grad``;
 * ``fwd-bwd``: forward + ``backward`` of a scalar loss (the parameter gradients);
 * ``apt``: one full APT update in plain torch: ``discriminator_step`` + backward + RMSprop step
-  of D, then ``generator_step`` + backward + RMSprop step of G with D frozen.
+  of D, then ``generator_step`` + backward + RMSprop step of G with D frozen;
+* ``trainer-apt``: the framework's overhead: the same APT update through the trainer
+  (``Trainer.run_update``: two DeepSpeed engines of ``--zero-stage``, ``--accumulation``
+  micro-batches from the data stream, the non-finite check, health metrics, gradient norms,
+  G's EMA; one process) against plain torch, interleaved; ``--profile`` adds where the time
+  goes (cProfile of both).
+
+``--compile`` compiles every transformer block (ours per MMDiT block, diffusers' per
+``transformer_blocks`` entry: regional, the same way); ``--compile both`` times eager and
+compiled copies of every contender in the same run, repeats interleaved.
 
 Reported per phase: median time, tokens/s, achieved TFLOP/s from the analytic FLOP count
 (``megatron_apt.config.flops.forward_flops``: linear layers + attention; fwd+bwd = 3x forward;
@@ -18,6 +27,9 @@ are at least as fast.
 
     python tools/benchmark.py --preset mid --latent 1x64x64 --batch 1 --threads 2
     python tools/benchmark.py --preset tiny --latent 1x8x8 --warmup 1 --repeats 2 --json-out b.json
+    python tools/benchmark.py --preset mid --latent 1x64x64 --compile both --threads 2
+    python tools/benchmark.py --preset demo --latent 5x8x8 --text-len 12 --batch 8 \
+        --phases trainer-apt --profile
     python tools/benchmark.py --preset mmdit-8b --latent 13x90x160 --text-len 256 --device cuda \\
         --dtype bf16 --layer-spec te --phases forward --skip-diffusers --json-out h100.json
 
@@ -44,6 +56,7 @@ from megatron_apt.benchmarking.report import (  # noqa: E402, F401 (the tests re
     APT_FORWARD_EQUIVALENTS,
     FLOP_FORMULA,
     benchmark_flops,
+    contenders,
     device_description,
     markdown,
     phase_stats,
@@ -65,7 +78,12 @@ from megatron_apt.config.model import PRESETS, MMDiTConfig, get_preset  # noqa: 
 from megatron_apt.models.compile import compile_blocks, compile_status  # noqa: E402
 from megatron_apt.utils.throughput import datasheet_peak  # noqa: E402
 
-PHASES = {"forward": "forward", "fwd-bwd": "forward_backward", "apt": "apt_update"}
+PHASES = {
+    "forward": "forward",
+    "fwd-bwd": "forward_backward",
+    "apt": "apt_update",
+    "trainer-apt": "trainer_apt_update",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -136,19 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls, median (default 5)")
     ap.add_argument(
-        "--phases",
-        default="forward,fwd-bwd,apt",
-        help="comma list of forward, fwd-bwd, apt (default all)",
-    )
-    ap.add_argument(
         "--skip-diffusers", action="store_true", help="do not time diffusers' SD3 transformer"
     )
     ap.add_argument(
+        "--phases",
+        default="forward,fwd-bwd,apt",
+        help="comma list of forward, fwd-bwd, apt, trainer-apt (default forward,fwd-bwd,apt)",
+    )
+    ap.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile every transformer block of both models (regional, the same way: "
-        "ours per MMDiT block, diffusers' per transformer_blocks entry); the warm-up calls "
-        "compile",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="torch.compile every transformer block of every model (regional, the same way: "
+        "ours per MMDiT block, diffusers' per transformer_blocks entry); 'both' times eager "
+        "and compiled copies in the same run; the warm-up calls compile (default off; "
+        "--compile alone = on)",
+    )
+    ap.add_argument(
+        "--zero-stage", type=int, default=2, choices=(0, 1, 2), help="trainer-apt (default 2)"
+    )
+    ap.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="trainer-apt: micro-batches of --batch per optimizer step (default 1)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="trainer-apt: cProfile both updates, print the top"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
@@ -168,7 +202,7 @@ def resolve(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_latent(cfg, args.latent, args.preset)
-    for name in ("batch", "text_len", "repeats"):
+    for name in ("batch", "text_len", "repeats", "accumulation"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -225,14 +259,25 @@ def _describe(args, cfg, spec, device, dtype, n_vis: int, flops: dict, ref: dict
         "tokens": b * (n_vis + args.text_len),
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "compile": args.compile,
         "flops": {**flops, "formula": FLOP_FORMULA},
         "reference": ref,
         "phases": {},
     }
 
 
-def _diffusers_twin(args, cfg, phases, result: dict, device, dtype):
-    """diffusers' SD3 transformer of our model's size, or None with the reason recorded."""
+def _variants(args) -> list[bool]:
+    """Which copies to time: eager, compiled, or both."""
+    return {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+
+
+def _name(who: str, compiled: bool, args) -> str:
+    return f"{who} compiled" if compiled and args.compile == "both" else who
+
+
+def _diffusers_twin(args, cfg, phases, result: dict):
+    """The keyword arguments of diffusers' SD3 transformer of our model's size, or None with
+    the reason recorded."""
     latent = tuple(args.latent)
     reason, kwargs = None, None
     if args.skip_diffusers:
@@ -254,44 +299,114 @@ def _diffusers_twin(args, cfg, phases, result: dict, device, dtype):
         except ValueError as e:
             reason = str(e)
     result["diffusers"] = {"skipped": reason}
-    if reason is not None:
-        return None
+    if kwargs is not None:
+        result["diffusers"]["config"] = kwargs
+    return kwargs
+
+
+def _build_diffusers(args, kwargs, device, dtype, compiled: bool):
     from megatron_apt.testing.diffusers_ref import sd3_transformer
 
     torch.manual_seed(args.seed)
     model = sd3_transformer(**kwargs).to(device, dtype).train()
-    if args.compile:
+    if compiled:
         for block in model.transformer_blocks:
             block.compile()
-    result["diffusers"].update(config=kwargs, parameters=sum(p.numel() for p in model.parameters()))
     return model
 
 
-def _time_models(args, cfg, spec, phases, inputs, diff_model, result, counts, device, dtype):
-    """forward / fwd-bwd of ours and diffusers', repeats interleaved."""
+def _compare(entry: dict, a: str, b: str) -> None:
+    """Add the ratio ``a / b`` of two timed contenders of a phase entry."""
+    if a in entry and b in entry:
+        entry.setdefault("comparisons", {})[f"{a} / {b}"] = ratios(
+            entry[a]["times_s"], entry[b]["times_s"]
+        )
+
+
+def _time_phase(args, fns: dict, flops: float, counts, ref, device) -> dict:
+    times = time_interleaved(fns, args.warmup, args.repeats, device)
+    entry = {}
+    for who, fn in fns.items():
+        entry[who] = phase_stats(times[who], flops, *counts, ref)
+        entry[who]["memory"] = measure_peak_memory(fn, device)
+    return entry
+
+
+def _time_models(args, cfg, spec, phases, inputs, diff_kwargs, result, counts, device, dtype):
+    """forward / fwd-bwd of ours and diffusers' (eager, compiled or both), repeats
+    interleaved."""
     from megatron_apt.models.builders import build_mmdit
 
-    flops, ref = result["flops"], result["reference"]
-    torch.manual_seed(args.seed)
-    model = build_mmdit(cfg, spec=spec, params_dtype=dtype).to(device).train()
-    if args.compile:
-        compile_blocks(model)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    ours = ours_calls(model, inputs)
-    theirs = diffusers_calls(diff_model, inputs) if diff_model is not None else {}
+    calls, status = {}, {}
+    for compiled in _variants(args):
+        torch.manual_seed(args.seed)  # the same weights in the eager and the compiled copy
+        model = build_mmdit(cfg, spec=spec, params_dtype=dtype).to(device).train()
+        if compiled:
+            compile_blocks(model)
+        result["parameters"] = sum(p.numel() for p in model.parameters())
+        calls[_name("ours", compiled, args)] = ours_calls(model, inputs)
+        status[_name("ours", compiled, args)] = model
+        if diff_kwargs is not None:
+            twin = _build_diffusers(args, diff_kwargs, device, dtype, compiled)
+            result["diffusers"]["parameters"] = sum(p.numel() for p in twin.parameters())
+            calls[_name("diffusers", compiled, args)] = diffusers_calls(twin, inputs)
     for phase in phases:
-        fns = {"ours": ours[phase]}
-        if phase in theirs:
-            fns["diffusers"] = theirs[phase]
-        times = time_interleaved(fns, args.warmup, args.repeats, device)
-        entry = {}
-        for who, fn in fns.items():
-            entry[who] = phase_stats(times[who], flops[phase], *counts, ref)
-            entry[who]["memory"] = measure_peak_memory(fn, device)
-        if "diffusers" in entry:
-            entry.update(ratios(times["ours"], times["diffusers"]))
+        fns = {who: c[phase] for who, c in calls.items()}
+        entry = _time_phase(args, fns, result["flops"][phase], counts, result["reference"], device)
+        for suffix in ("", " compiled"):
+            _compare(entry, "ours" + suffix, "diffusers" + suffix)
+        for who in ("ours", "diffusers"):
+            _compare(entry, who + " compiled", who)
         result["phases"][phase] = entry
-    result["compile"] = {"ours": compile_status(model), "diffusers": args.compile}
+    result["compile_status"] = {k: compile_status(m) for k, m in status.items()}
+
+
+def _time_apt(args, cfg, spec, inputs, result, counts, device, dtype) -> None:
+    fns = {}
+    for compiled in _variants(args):
+        torch.manual_seed(args.seed)
+        fns[_name("ours", compiled, args)] = apt_update_call(
+            cfg, spec, dtype, device, inputs, tuple(args.latent), compiled
+        )
+    flops = result["flops"]["apt_update"]
+    entry = _time_phase(args, fns, flops, counts, result["reference"], device)
+    _compare(entry, "ours compiled", "ours")
+    result["phases"]["apt_update"] = entry
+
+
+def _time_trainer(args, cfg, spec, result, counts, device, dtype) -> None:
+    """The trainer's APT update against plain torch's (module docstring of
+    megatron_apt/benchmarking/framework.py)."""
+    from megatron_apt.benchmarking.framework import profile_calls, trainer_apt_calls, trainer_config
+
+    fns = {}
+    for compiled in _variants(args):
+        tc = trainer_config(
+            cfg,
+            tuple(args.latent),
+            args.text_len,
+            args.batch,
+            accumulation=args.accumulation,
+            zero_stage=args.zero_stage,
+            bf16=dtype == torch.bfloat16,
+            compile=compiled,
+            layer_spec=args.layer_spec,
+            seed=args.seed,
+        )
+        try:
+            calls = trainer_apt_calls(tc, device)
+        except ValueError as e:
+            raise UsageError(f"--phases trainer-apt: {e}") from None
+        for who in ("trainer", "plain"):
+            fns[_name(who, compiled, args)] = calls[who]
+    flops = result["flops"]["apt_update"] * args.accumulation
+    entry = _time_phase(args, fns, flops, counts, result["reference"], device)
+    for suffix in ("", " compiled"):
+        _compare(entry, "trainer" + suffix, "plain" + suffix)
+    if args.profile:
+        entry["profile"] = profile_calls(fns, args.repeats)
+    result["phases"]["trainer_apt_update"] = entry
+    result["trainer"] = {"zero_stage": args.zero_stage, "accumulation": args.accumulation}
 
 
 def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
@@ -312,21 +427,19 @@ def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
         "peak": datasheet_peak(device, dtype, spec.fp8),
     }
     result = _describe(args, cfg, spec, device, dtype, n_vis, flops, ref, command)
-    diff_model = _diffusers_twin(args, cfg, phases, result, device, dtype)
+    diff_kwargs = _diffusers_twin(args, cfg, phases, result)
     model_phases = [p for p in phases if p in ("forward", "forward_backward")]
     if model_phases:
         _time_models(
-            args, cfg, spec, model_phases, inputs, diff_model, result, counts, device, dtype
+            args, cfg, spec, model_phases, inputs, diff_kwargs, result, counts, device, dtype
         )
-    del diff_model
     gc.collect()
     if "apt_update" in phases:
-        torch.manual_seed(args.seed)
-        update = apt_update_call(cfg, spec, dtype, device, inputs, latent, args.compile)
-        times = time_interleaved({"ours": update}, args.warmup, args.repeats, device)
-        entry = {"ours": phase_stats(times["ours"], flops["apt_update"], *counts, ref)}
-        entry["ours"]["memory"] = measure_peak_memory(update, device)
-        result["phases"]["apt_update"] = entry
+        _time_apt(args, cfg, spec, inputs, result, counts, device, dtype)
+        gc.collect()
+    if "trainer_apt_update" in phases:
+        acc = (args.accumulation * counts[0], args.accumulation * counts[1])
+        _time_trainer(args, cfg, spec, result, acc, device, dtype)
     return result
 
 

@@ -1,6 +1,7 @@
 """FLOP accounting and the report of ``tools/benchmark.py``: per-phase statistics (median
-time, tokens/s, TFLOP/s, utilization against the run's matmul and the datasheet), the ratio
-to diffusers, and the Markdown table."""
+time, tokens/s, TFLOP/s, utilization against the run's matmul and the datasheet), the ratios
+between contenders (ours / diffusers, compiled / eager, trainer / plain torch), and the
+Markdown tables."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ __all__ = [
     "APT_FORWARD_EQUIVALENTS",
     "FLOP_FORMULA",
     "benchmark_flops",
+    "contenders",
     "device_description",
     "markdown",
     "phase_stats",
@@ -85,15 +87,23 @@ def phase_stats(times: list[float], flops: float, tokens: int, visual: int, ref:
     return out
 
 
-def ratios(ours: list[float], theirs: list[float]) -> dict:
-    """Our time over diffusers': of the medians (the headline), of the minima (best of the
-    repeats), and the median of the per-repeat ratios (each repeat runs both back to back, so
-    this one is the least sensitive to other processes sharing the machine)."""
+def ratios(a: list[float], b: list[float]) -> dict:
+    """The time of ``a`` over ``b``: of the medians (the headline, ``ratio``), of the minima
+    (best of the repeats) and the median of the per-repeat ratios (each repeat runs both back
+    to back, so this one is the least sensitive to other processes sharing the machine)."""
     return {
-        "ratio_ours_over_diffusers": statistics.median(ours) / statistics.median(theirs),
-        "ratio_min": min(ours) / min(theirs),
-        "ratio_paired_median": statistics.median(a / b for a, b in zip(ours, theirs)),
+        "ratio": statistics.median(a) / statistics.median(b),
+        "ratio_min": min(a) / min(b),
+        "ratio_paired_median": statistics.median(x / y for x, y in zip(a, b)),
     }
+
+
+NOT_CONTENDERS = ("comparisons", "profile")
+
+
+def contenders(entry: dict) -> list[str]:
+    """The timed contenders of a phase entry (``ours``, ``diffusers compiled``, ...)."""
+    return [k for k in entry if k not in NOT_CONTENDERS]
 
 
 def _fmt(v, spec: str = ".3g", scale: float = 1.0) -> str:
@@ -103,17 +113,14 @@ def _fmt(v, spec: str = ".3g", scale: float = 1.0) -> str:
 def markdown(result: dict) -> str:
     dev = result["device"]
     mm, peak = result["reference"]["matmul"], result["reference"]["peak"]
+    compiled = {"off": "eager", "on": "compiled blocks", "both": "eager and compiled blocks"}
     lines = [
         f"## MMDiT benchmark: preset {result['preset']}, latent "
         f"{'x'.join(map(str, result['latent']))}, batch {result['batch']}",
         "",
         f"- device: {dev['name']} ({dev['type']}, {dev['torch_threads']} torch threads), "
-        f"{result['dtype']}, layer spec {result['layer_spec']}, {result['date_utc']}"
-        + (
-            f", compiled ({result['compile']['ours']})"
-            if result.get("compile", {}).get("diffusers")
-            else ", eager"
-        ),
+        f"{result['dtype']}, layer spec {result['layer_spec']}, {result['date_utc']}, "
+        f"{compiled[result.get('compile', 'off')]}",
         f"- tokens per sample: {result['visual_tokens']} visual + {result['text_tokens']} text; "
         f"forward {result['flops']['forward'] / 1e9:.4g} GFLOP (analytic)",
         f"- dense matmul {mm['shape'][0]}x{mm['shape'][1]} @ {mm['shape'][1]}x{mm['shape'][2]} "
@@ -122,20 +129,23 @@ def markdown(result: dict) -> str:
         + (f"{peak['device']} {peak['precision']} {peak['tflops']:g} TFLOP/s" if peak else "n/a"),
         f"- warm-up {result['warmup']}, median of {result['repeats']}; diffusers: "
         + (result["diffusers"]["skipped"] or "SD3Transformer2DModel, same size"),
+    ]
+    if "trainer" in result:
+        t = result["trainer"]
+        lines.append(
+            f"- trainer-apt: ZeRO-{t['zero_stage']}, {t['accumulation']} micro-batch(es) of "
+            f"{result['batch']} per update, one process"
+        )
+    lines += [
         "",
         "| phase | model | median ms | tokens/s | TFLOP/s | util vs matmul | util vs peak "
-        "| peak mem MiB | ours / diffusers | (min; paired) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak mem MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    comparisons = []
     for phase, entry in result["phases"].items():
-        for who in ("ours", "diffusers"):
-            if who not in entry:
-                continue
+        for who in contenders(entry):
             s = entry[who]
-            ratio = entry.get("ratio_ours_over_diffusers") if who == "ours" else None
-            more = "-"
-            if ratio is not None:
-                more = f"{entry['ratio_min']:.3f}; {entry['ratio_paired_median']:.3f}"
             mem = s["memory"]
             mem_text = _fmt(mem["peak_mib"], ".0f")
             if mem["peak_above_start_mib"] is not None and dev["type"] == "cuda":
@@ -143,9 +153,20 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {phase} | {who} | {s['median_s'] * 1e3:.1f} | {s['tokens_per_s']:.4g} "
                 f"| {s['tflops']:.3g} | {_fmt(s['utilization_vs_matmul'], '.1%')} "
-                f"| {_fmt(s['utilization_vs_peak'], '.1%')} "
-                f"| {mem_text} | {_fmt(ratio, '.3f')} | {more} |"
+                f"| {_fmt(s['utilization_vs_peak'], '.1%')} | {mem_text} |"
             )
+        comparisons += [(phase, k, v) for k, v in entry.get("comparisons", {}).items()]
+    if comparisons:
+        lines += [
+            "",
+            "| phase | ratio of times | of medians | of minima | paired median |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {phase} | {name} | {r['ratio']:.3f} | {r['ratio_min']:.3f} "
+            f"| {r['ratio_paired_median']:.3f} |"
+            for phase, name, r in comparisons
+        ]
     mem = next(iter(result["phases"].values()), {}).get("ours", {}).get("memory")
     if mem:
         lines += [
@@ -154,7 +175,22 @@ def markdown(result: dict) -> str:
             + (
                 "; in parentheses the rise during the call."
                 if dev["type"] == "cuda"
-                else " (both models' weights and the allocator's cached pages included)."
+                else " (every model's weights and the allocator's cached pages included)."
             ),
         ]
+    for phase, entry in result["phases"].items():
+        for who, prof in entry.get("profile", {}).items():
+            lines += [
+                "",
+                f"Profile of {phase} / {who} (cProfile, per update; {prof['total_s'] * 1e3:.1f} "
+                "ms with the profiler's own cost):",
+                "",
+                "| function | calls | own ms | cumulative ms |",
+                "|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| `{r['function']}` | {r['calls_per_update']:.3g} | {r['own_s'] * 1e3:.2f} "
+                f"| {r['cumulative_s'] * 1e3:.2f} |"
+                for r in prof["top"]
+            ]
     return "\n".join(lines)

@@ -68,15 +68,30 @@ def diffusers_calls(model, inputs) -> dict[str, Callable[[], object]]:
 
 
 def apt_update_call(
-    cfg, spec, dtype, device, inputs, latent, compile: bool = False
+    cfg,
+    spec,
+    dtype,
+    device,
+    batch,
+    latent=None,
+    compile: bool = False,
+    *,
+    apt_cfg=None,
+    disc_cfg=None,
+    accumulation: int = 1,
+    lr: float = 1e-6,
+    eps: float = 1e-8,
 ) -> Callable[[], object]:
-    """One APT update (D phase then G phase) of freshly built G and D, plain torch + RMSprop
-    (``compile``: their MMDiT blocks compiled, as ``pretrain_apt.py --compile``)."""
+    """One APT update (D phase then G phase, each accumulated over ``accumulation``
+    micro-batches, here the same ``batch``) of freshly built G and D, plain torch + RMSprop
+    (alpha 0.9, as the paper). ``batch``: latents, text, text_mask, pooled_text (or the
+    benchmark's inputs). ``apt_cfg``: default the paper's image (``latent`` T = 1) or video
+    settings. ``compile``: their MMDiT blocks compiled, as ``pretrain_apt.py --compile``."""
     from megatron_apt.models.builders import build_discriminator, build_generator
     from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 
     gen = build_generator(cfg, spec=spec, params_dtype=dtype).to(device)
-    disc = build_discriminator(cfg, spec=spec, params_dtype=dtype).to(device)
+    disc = build_discriminator(cfg, spec=spec, params_dtype=dtype, disc_cfg=disc_cfg).to(device)
     gen.train()
     disc.train()
     if compile:
@@ -86,27 +101,30 @@ def apt_update_call(
 
     def rmsprop(module):
         params = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.RMSprop(params, lr=1e-6, alpha=0.9, eps=1e-8)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=eps)
 
     opt_g, opt_d = rmsprop(gen), rmsprop(disc)
-    apt_cfg = APTConfig.image() if latent[0] == 1 else APTConfig.video()
+    if apt_cfg is None:
+        apt_cfg = APTConfig.image() if latent[0] == 1 else APTConfig.video()
     batch = {
-        "latents": inputs["latents"],
-        "text": inputs["text"],
-        "text_mask": None,
-        "pooled_text": inputs["pooled_text"],
+        "latents": batch["latents"],
+        "text": batch["text"],
+        "text_mask": batch.get("text_mask"),
+        "pooled_text": batch.get("pooled_text"),
     }
     rng = torch.Generator().manual_seed(1)
 
     def update():
         opt_d.zero_grad(set_to_none=True)
-        loss_d, _ = discriminator_step(disc, gen, batch, apt_cfg, rng)
-        loss_d.backward()
+        for _ in range(accumulation):
+            loss_d, _ = discriminator_step(disc, gen, batch, apt_cfg, rng)
+            (loss_d / accumulation).backward()
         opt_d.step()
         opt_g.zero_grad(set_to_none=True)
         with frozen(disc):
-            loss_g, _ = generator_step(disc, gen, batch, apt_cfg, rng)
-            loss_g.backward()
+            for _ in range(accumulation):
+                loss_g, _ = generator_step(disc, gen, batch, apt_cfg, rng)
+                (loss_g / accumulation).backward()
         opt_g.step()
 
     return update

@@ -34,9 +34,13 @@ class EngineEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """``shadow <- decay * shadow + (1 - decay) * master`` after a step."""
-        for n, s in self.shadow.items():
-            s.mul_(self.decay).add_(self.master.local(n), alpha=1 - self.decay)
+        """``shadow <- decay * shadow + (1 - decay) * master`` after a step: the same two
+        elementwise ops per tensor as a loop of ``mul_``/``add_`` (bit-identical), in two
+        ``torch._foreach_*`` calls instead of two Python-dispatched ops per parameter."""
+        names = list(self.shadow)
+        shadows = [self.shadow[n] for n in names]
+        torch._foreach_mul_(shadows, self.decay)
+        torch._foreach_add_(shadows, [self.master.local(n) for n in names], alpha=1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in self.shadow.items()}

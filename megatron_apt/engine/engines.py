@@ -73,4 +73,11 @@ def create_engine(
         dist_init_required=False,
     )
     install_safe_checkpoint(engine)
+    if cfg.zero_stage == 0 and not cfg.bf16 and ps.dp_cp_size == 1:
+        # One rank per gradient: DeepSpeed's ZeRO-0 all-reduce would flatten every gradient,
+        # all-reduce it over a group of one and copy it back (deepspeed 0.19.8
+        # runtime/engine.py allreduce_gradients -> buffered_allreduce_fallback), two passes
+        # over the gradients for nothing; DeepSpeed skips it the same way without a backend
+        # (engine.py, `if self.dist_backend is None: self.enable_backward_allreduce = False`).
+        engine.enable_backward_allreduce = False
     return engine

@@ -46,12 +46,15 @@ def grad_norm_of_grads(module: torch.nn.Module, ps: ParallelState) -> float:
     ``tensor_model_parallel`` tag) summed over the TP group, replicated ones counted once.
     Collective over the TP group when TP > 1."""
     device = next(module.parameters()).device  # NCCL reduces device tensors only
+    grads = [
+        p.grad.detach()
+        for p in module.parameters()
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0)
+    ]
     sq = torch.zeros((), dtype=torch.float64, device=device)
-    for p in module.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or ps.tp_rank == 0:
-            sq += p.grad.detach().double().square().sum()
+    if grads:  # per-tensor norms accumulated in fp32 in one call, their squares summed in fp64
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        sq += torch.stack(norms).double().square().sum()
     if ps.tp_size > 1:
         dist.all_reduce(sq, group=ps.tp_group)
     return math.sqrt(float(sq))

@@ -347,30 +347,40 @@ class Trainer:
         return self.cfg.stage == "apt" and self.step < self.cfg.d_warmup_iters
 
     # ---- the loop -----------------------------------------------------------------------
+    def run_update(self) -> tuple[dict, bool]:
+        """One update of the stage, its EMAs and counters (what the loop does per update
+        besides logging and saving; ``tools/benchmark.py --phases trainer-apt`` times it).
+        Returns the update's metrics and whether it was skipped (non-finite)."""
+        c = self.cfg
+        warmup = self._d_warmup()
+        metrics, bad = getattr(self, f"_update_{c.stage}")()
+        metrics.update(self._pop_grad_norms())
+        if bad:
+            self.skipped += 1
+        else:
+            for ema in self.emas.values() if not warmup else ():
+                ema.update()
+        self.step += 1
+        phases = (0 if warmup else 1) + (c.d_updates_per_iter if c.stage == "apt" else 0)
+        self.samples += self.plan.global_batch_size * phases
+        return metrics, bad
+
     def train(self) -> dict:
-        c, per_update = self.cfg, self.plan.global_batch_size
-        update = getattr(self, f"_update_{c.stage}")
+        c = self.cfg
         last, window, updates, t0 = {}, [], 0, time.perf_counter()
         exit_guard = ExitGuard(c.exit_signal_handler, c.exit_duration_in_mins)
         saved_at, streak = None, 0
         try:
             while self.step < c.train_iters:
-                metrics, bad = update()
-                metrics.update(self._pop_grad_norms())
-                warmup = self._d_warmup()
+                metrics, bad = self.run_update()
+                updates += 1
                 if bad:
-                    self.skipped += 1
                     streak += 1
                     if c.max_consecutive_skips and streak >= c.max_consecutive_skips:
                         self._stop_non_finite(streak)
                 else:
                     streak = 0
-                    for ema in self.emas.values() if not warmup else ():
-                        ema.update()
                     window.append(metrics)
-                self.step, updates = self.step + 1, updates + 1
-                phases = (0 if warmup else 1) + (c.d_updates_per_iter if c.stage == "apt" else 0)
-                self.samples += per_update * phases
                 if self.step % c.log_interval == 0 or self.step == c.train_iters:
                     # the mean over the log interval's updates (skipped ones left out, unless
                     # every one was skipped): a log step is not one noisy micro-batch sample
@@ -400,7 +410,7 @@ class Trainer:
         hint = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
         raise TrainingStopped(
             f"{streak} consecutive updates had non-finite losses and were skipped (up to "
-            f"update {self.step + 1}): the weights or the learning rate are broken; nothing "
+            f"update {self.step}): the weights or the learning rate are broken; nothing "
             f"is exported, {hint} (--max-consecutive-skips sets the limit, 0 = never stop)",
             exit_code=EXIT_NON_FINITE,
         )

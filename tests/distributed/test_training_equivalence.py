@@ -162,6 +162,11 @@ def accumulation_runs(root) -> dict[str, Path]:
             root, "m4a1d2", 2, "--micro-batch-size", "4", *one, launcher=MPI_OR_TORCHRUN
         ),
         "micro8-acc1-dp1": train(root, "m8a1d1", 1, "--micro-batch-size", "8", *one),
+        # one rank at ZeRO-0: the trainer turns DeepSpeed's all-reduce over a group of one off
+        "micro4-acc2-dp1-zero0": train(
+            root, "m4a2d1z0", 1, "--micro-batch-size", "4", "--train-iters", "1",
+            "--zero-stage", "0",
+        ),  # fmt: skip
     }
 
 
@@ -234,8 +239,9 @@ def test_two_engines_match_plain_torch(zero_runs, reference, stage):
 
 
 def test_gradient_accumulation_is_exact(accumulation_runs, reference):
-    """micro 2 x acc 2 x DP 2 == micro 4 x acc 1 x DP 2 == micro 8 x acc 1 x DP 1 after one
-    update, and all equal the reference's first update."""
+    """micro 2 x acc 2 x DP 2 == micro 4 x acc 1 x DP 2 == micro 8 x acc 1 x DP 1 == micro 4 x
+    acc 2 x DP 1 at ZeRO-0 (no DeepSpeed all-reduce) after one update, and all equal the
+    reference's first update."""
     runs = accumulation_runs
     base = runs["micro8-acc1-dp1"]
     results = {name: compare(path, base) for name, path in runs.items() if path != base}

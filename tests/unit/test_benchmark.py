@@ -4,6 +4,7 @@ assertions."""
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -48,27 +49,94 @@ def test_json_has_every_field(tiny_run, capsys):
     assert r["reference"]["peak"] is None  # no datasheet peak on CPU
     assert r["diffusers"]["skipped"] is None and r["diffusers"]["config"]["num_layers"] == 2
     assert set(r["phases"]) == {"forward", "forward_backward", "apt_update"}
+    assert r["compile"] == "off"
     for phase, entry in r["phases"].items():
         models = ("ours",) if phase == "apt_update" else ("ours", "diffusers")
-        ratio_keys = {"ratio_ours_over_diffusers", "ratio_min", "ratio_paired_median"}
-        assert set(entry) - ratio_keys == set(models)
-        for who in models:
-            s = entry[who]
-            assert len(s["times_s"]) == 2 and all(_positive(t) for t in s["times_s"])
-            assert _positive(s["median_s"]) and _positive(s["tokens_per_s"])
-            assert 0 < s["min_s"] <= s["median_s"]
-            assert _positive(s["visual_tokens_per_s"]) and _positive(s["tflops"])
-            assert s["flops"] == r["flops"][phase]
-            assert _positive(s["utilization_vs_matmul"]) and s["utilization_vs_peak"] is None
-            assert _positive(s["memory"]["peak_mib"]) and s["memory"]["method"]
+        assert benchmark.contenders(entry) == list(models)
+        _check_stats(entry, models, r["flops"][phase], repeats=2)
         if phase != "apt_update":
-            assert all(_positive(entry[k]) for k in ratio_keys)
+            _check_ratio(entry, "ours", "diffusers")
+        else:
+            assert "comparisons" not in entry
+
+
+def _check_stats(entry: dict, models, flops: float, repeats: int) -> None:
+    for who in models:
+        s = entry[who]
+        assert len(s["times_s"]) == repeats and all(_positive(t) for t in s["times_s"])
+        assert _positive(s["median_s"]) and _positive(s["tokens_per_s"])
+        assert 0 < s["min_s"] <= s["median_s"]
+        assert _positive(s["visual_tokens_per_s"]) and _positive(s["tflops"])
+        assert s["flops"] == flops
+        assert s["tflops"] == pytest.approx(flops / s["median_s"] / 1e12)
+        assert _positive(s["utilization_vs_matmul"]) and s["utilization_vs_peak"] is None
+        assert _positive(s["memory"]["peak_mib"]) and s["memory"]["method"]
+
+
+def _check_ratio(entry: dict, a: str, b: str) -> None:
+    """The comparison ``a / b`` is the ratio of the two contenders' measured times."""
+    r = entry["comparisons"][f"{a} / {b}"]
+    ta, tb = entry[a]["times_s"], entry[b]["times_s"]
+    assert r["ratio"] == pytest.approx(statistics.median(ta) / statistics.median(tb))
+    assert r["ratio_min"] == pytest.approx(min(ta) / min(tb))
+    paired = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+    assert r["ratio_paired_median"] == pytest.approx(paired)
 
 
 def test_markdown_table(tiny_run):
     text = benchmark.markdown(tiny_run)
     assert "| forward | ours |" in text and "| forward_backward | diffusers |" in text
-    assert "| apt_update | ours |" in text and "ours / diffusers" in text
+    assert "| apt_update | ours |" in text and "| forward | ours / diffusers |" in text
+
+
+def test_compile_both_times_eager_and_compiled_copies_in_one_run(tmp_path):
+    """--compile both: eager and compiled copies of ours and diffusers' in one run, with every
+    ratio; the compiled copies did compile (no eager fallback)."""
+    out = tmp_path / "both.json"
+    argv = ["--preset", "tiny", "--latent", "1x8x8", "--text-len", "8", "--batch", "2"]
+    argv += ["--warmup", "1", "--repeats", "2", "--device", "cpu", "--phases", "fwd-bwd"]
+    assert benchmark.main([*argv, "--compile", "both", "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    entry = r["phases"]["forward_backward"]
+    models = ["ours", "diffusers", "ours compiled", "diffusers compiled"]
+    assert r["compile"] == "both" and benchmark.contenders(entry) == models
+    _check_stats(entry, models, r["flops"]["forward_backward"], repeats=2)
+    for a, b in [
+        ("ours", "diffusers"),
+        ("ours compiled", "diffusers compiled"),
+        ("ours compiled", "ours"),
+        ("diffusers compiled", "diffusers"),
+    ]:
+        _check_ratio(entry, a, b)
+    assert r["compile_status"] == {"ours": "off", "ours compiled": "on"}
+
+
+def test_trainer_apt_against_plain_torch(tmp_path):
+    """--phases trainer-apt: the trainer's update (DeepSpeed engines, accumulation) and plain
+    torch's, interleaved, with their ratio and a profile of each. In a subprocess: the trainer
+    starts torch.distributed (a world of one)."""
+    out = tmp_path / "trainer.json"
+    proc = run_tool(
+        "--preset", "tiny", "--latent", "1x8x8", "--text-len", "8", "--batch", "2",
+        "--accumulation", "2", "--zero-stage", "0", "--warmup", "1", "--repeats", "2",
+        "--device", "cpu", "--phases", "trainer-apt", "--profile", "--json-out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    entry = r["phases"]["trainer_apt_update"]
+    assert r["trainer"] == {"zero_stage": 0, "accumulation": 2}
+    assert benchmark.contenders(entry) == ["trainer", "plain"]
+    # two micro-batches of 2 per update: twice one update's FLOPs and tokens
+    _check_stats(entry, ["trainer", "plain"], 2 * r["flops"]["apt_update"], repeats=2)
+    assert entry["trainer"]["tokens_per_s"] == pytest.approx(
+        2 * r["tokens"] / entry["trainer"]["median_s"]
+    )
+    _check_ratio(entry, "trainer", "plain")
+    prof = entry["profile"]
+    assert set(prof) == {"trainer", "plain"}
+    top = [row["function"] for row in prof["trainer"]["top"]]
+    assert any("run_update" in f for f in top) and any("deepspeed/" in f for f in top), top
+    assert "| trainer_apt_update | trainer / plain |" in proc.stdout
 
 
 def test_video_latent_skips_diffusers_with_a_reason(tmp_path):
