@@ -161,7 +161,7 @@ class Trainer:
         model = self._trained_mmdit()
         eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
-        self.uncond = self._negative_prompt() if c.cond_dropout > 0 else None
+        self.uncond = load_negative_prompt(c, self.device) if c.cond_dropout > 0 else None
 
     def _build_consistency(self) -> None:
         c = self.cfg
@@ -186,10 +186,7 @@ class Trainer:
             shift=c.shift,
             target_ema_decay=c.target_ema_decay,
         )
-        self.uncond = self._negative_prompt()
-
-    def _negative_prompt(self) -> dict[str, torch.Tensor]:
-        return load_negative_prompt(self.cfg, self.device)
+        self.uncond = load_negative_prompt(c, self.device)
 
     def _build_apt(self) -> None:
         c = self.cfg
