@@ -164,8 +164,15 @@ def accumulation_runs(root) -> dict[str, Path]:
         "micro8-acc1-dp1": train(root, "m8a1d1", 1, "--micro-batch-size", "8", *one),
         # one rank at ZeRO-0: the trainer turns DeepSpeed's all-reduce over a group of one off
         "micro4-acc2-dp1-zero0": train(
-            root, "m4a2d1z0", 1, "--micro-batch-size", "4", "--train-iters", "1",
-            "--zero-stage", "0",
+            root,
+            "m4a2d1z0",
+            1,
+            "--micro-batch-size",
+            "4",
+            "--train-iters",
+            "1",
+            "--zero-stage",
+            "0",
         ),  # fmt: skip
     }
 
