@@ -102,7 +102,6 @@ def trainer_apt_calls(
         lr=cfg.optim.lr,
         eps=cfg.optim.eps,
     )
-    torch.manual_seed(cfg.seed)
     return {"trainer": trainer.run_update, "plain": plain}
 
 
