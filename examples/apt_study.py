@@ -8,7 +8,7 @@ shared diffusion + consistency pair, scored against one reference set; writes do
     python examples/apt_study.py --quick             # a few steps of everything (the test)
     python examples/apt_study.py --base runs/demo-seed0   # reuse a finished `make demo`
 
-It reuses examples/demo.py's stages: data, preprocess, diffusion and consistency once (in
+It reuses examples/demo.py's stages: data, vae, preprocess, diffusion and consistency once (in
 --base, a demo of seed --base-seed: a finished demo there is reused as it is), then per arm
 and seed one training run (`pretrain_apt.py --recipe demo-apt` plus the arm's flags, or
 more consistency updates for that control), 1-step samples of its EMA generator on the
@@ -250,7 +250,7 @@ class Study:
                 f"{d.progress.get('_seed')} or another --base"
             )
         # the shared pair: data, shards, diffusion and consistency of seed 0, its 1-step row
-        for stage in ("data", "preprocess", "diffusion", "consistency"):
+        for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
             self.step(f"base/{stage}", getattr(d, f"stage_{stage}"))
         cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
         out, seed = self.start_samples(), self.args.base_seed

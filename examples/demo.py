@@ -10,15 +10,18 @@ OUT/commands.sh and the logs in OUT/logs/):
 
  1. data         tools/make_synthetic_data.py: 16x16 clips of 5 frames, coloured shapes
                  moving left/right/up/down, with captions; a held-out real set; a tiny T5
- 2. preprocess   tools/preprocess_data.py: latent shards (identity:2 "VAE", T5 embeddings)
- 3. diffusion    pretrain_apt.py --recipe demo-diffusion  (flow matching, 10% negative prompt)
- 4. consistency  pretrain_apt.py --recipe demo-consistency (CFG teacher, negative prompt)
- 5. apt          pretrain_apt.py --recipe demo-apt: the two DeepSpeed engines (G and D),
+ 2. vae          tools/train_vae.py: a small KL autoencoder (diffusers AutoencoderKL) trained
+                 on the training clips' frames: 16x16 RGB -> 4x8x8 latents
+ 3. preprocess   tools/preprocess_data.py: latent shards (that VAE, T5 embeddings)
+ 4. diffusion    pretrain_apt.py --recipe demo-diffusion  (flow matching, 10% negative prompt)
+ 5. consistency  pretrain_apt.py --recipe demo-consistency (CFG teacher, negative prompt)
+ 6. apt          pretrain_apt.py --recipe demo-apt: the two DeepSpeed engines (G and D),
                  RMSprop, R1, EMA, on 2 processes through the deepspeed launcher
- 6. generate     tools/generate.py: diffusion 25 steps + CFG, consistency 1 step,
-                 APT 1 step, APT 2 steps, on the held-out captions
- 7. evaluate     tools/evaluate.py: FD, sharpness, caption accuracy -> OUT/results.md
- 8. figures      tools/make_figures.py: sample grids (PNG, GIF, MP4), loss curves (PNG)
+ 7. generate     tools/generate.py: diffusion 25 steps + CFG, consistency 1 step,
+                 APT 1 step, APT 2 steps, on the held-out captions; tools/reconstruct.py:
+                 the real-data row's clips through the VAE (the floor of the latent rows)
+ 8. evaluate     tools/evaluate.py: FD, sharpness, caption accuracy -> OUT/results.md
+ 9. figures      tools/make_figures.py: sample grids (PNG, GIF, MP4), loss curves (PNG)
 
 Re-running skips finished stages (OUT/progress.json); an interrupted training stage resumes
 from its last checkpoint (--load).
@@ -41,9 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's megatron_apt, whatever else is installed
 LATEST = "latest_checkpointed_iteration.txt"  # megatron_apt.engine.checkpointing.LATEST
-VAE = "identity:2:-0.72:3.0"  # pixel-unshuffle, normalized to zero mean, unit variance
 STAGES = (
     "data",
+    "vae",
     "preprocess",
     "diffusion",
     "consistency",
@@ -58,6 +61,8 @@ ROWS = {  # results-table row -> (sample folder, generate.py arguments)
     "APT 1 step": ("apt-1", "apt1"),
     "APT 2 steps": ("apt-2", "apt2"),
 }
+# The floor of every latent row: the real-data row's clips through the VAE (tools/reconstruct.py)
+RECON_ROW, RECON_FOLDER = "real data through the VAE", "vae-recon"
 # Output lines of the child processes worth showing (everything goes to OUT/logs/).
 NOISE = re.compile(
     r"warnings\.warn|UserWarning|FutureWarning|DeprecationWarning|^\s*$|\[INFO\]|\[WARNING\]|"
@@ -117,6 +122,7 @@ class Demo:
         self.n_rows = {"one_step": self.n_eval // 2, "diffusion": self.n_eval // 16}
         self.iters = {"diffusion": 3, "consistency": 3, "apt": 3} if self.quick else {}
         self.feature_steps = 20 if self.quick else 300
+        self.vae_steps = 10 if self.quick else 600
 
     # ---- paths ------------------------------------------------------------------------
     def p(self, *parts: str) -> Path:
@@ -195,11 +201,24 @@ class Demo:
         for name, n in self.n_rows.items():
             self.p("data", f"prompts_{name}.txt").write_text("".join(c + "\n" for c in caps[:n]))
 
+    @property
+    def vae(self) -> Path:
+        """The demo's VAE (a diffusers directory: every tool takes it as ``--vae``)."""
+        return self.p("models", "vae")
+
+    def stage_vae(self) -> None:
+        # 2 threads: one process, the machine's 2 cores (the training stages use 2 processes)
+        self.run("vae", [
+            self.py, ROOT / "tools" / "train_vae.py", "--input", self.p("data", "train"),
+            "--output", self.vae, "--steps", str(self.vae_steps), "--seed", str(self.args.seed),
+            "--threads", "2", "--log-interval", "100",
+        ])  # fmt: skip
+
     def stage_preprocess(self) -> None:
         self.run("preprocess", [
             self.py, ROOT / "tools" / "preprocess_data.py",
             "--input", self.p("data", "train"), "--output", self.p("shards"),
-            "--bucket", "16x16x5@8", "--vae", VAE,
+            "--bucket", "16x16x5@8", "--vae", self.vae,
             "--text-encoder", self.p("models", "t5"), "--max-text-length", "12",
             "--batch-size", "64", "--samples-per-shard", "512", "--no-progress",
         ])  # fmt: skip
@@ -244,7 +263,7 @@ class Demo:
         self.run(log, [
             self.py, ROOT / "tools" / "generate.py",
             "--text-encoder", self.p("models", "t5"), "--max-text-length", "12",
-            "--vae", VAE, "--frames", "5", "--height", "16", "--width", "16",
+            "--vae", self.vae, "--frames", "5", "--height", "16", "--width", "16",
             "--fps", "8", "--video-format", "gif", "--batch-size", "128",
             "--seed", str(seed), "--device", "cpu",
             "--prompts-file", self.p("data", f"prompts_{prompts}.txt"), *args, "--output", out,
@@ -263,9 +282,19 @@ class Demo:
             self.generate(
                 self.p("samples", folder), prompts, self.args.seed, recipe[key], "generate"
             )
+        # the real-data row's clips (the held-out set's first half) through the VAE
+        out = self.p("samples", RECON_FOLDER)
+        shutil.rmtree(out, ignore_errors=True)
+        self.run("generate", [
+            self.py, ROOT / "tools" / "reconstruct.py", "--vae", self.vae,
+            "--input", self.p("data", "real"), "--output", out,
+            "--max-files", str(self.n_rows["one_step"]), "--format", "gif",
+        ])  # fmt: skip
 
     def stage_evaluate(self) -> None:
-        rows = [f"{name}={self.p('samples', folder)}" for name, (folder, _) in ROWS.items()]
+        rows = [f"{RECON_ROW}={self.p('samples', RECON_FOLDER)}"] + [
+            f"{name}={self.p('samples', folder)}" for name, (folder, _) in ROWS.items()
+        ]
         self.run("evaluate", [
             self.py, ROOT / "tools" / "evaluate.py", "--real", self.p("data", "real"),
             *[a for r in rows for a in ("--row", r)], "--output", self.p("results"),
@@ -306,8 +335,19 @@ class Demo:
                 " --out or delete it"
             )
         self.progress["_quick"], self.progress["_seed"] = self.quick, self.args.seed
-        if self.args.redo:
-            for s in STAGES[STAGES.index(self.args.redo) :]:
+        redo = self.args.redo
+        missing = [s for s in STAGES if s not in self.progress]
+        if (
+            not redo
+            and missing
+            and any(s in self.progress for s in STAGES[STAGES.index(missing[0]) :])
+        ):
+            # a folder from an older demo (e.g. without the "vae" stage): the stages after a
+            # missing one were made from other inputs, so they are redone too
+            redo = missing[0]
+            print(f"demo: stage {redo!r} has not run in {self.out}: redoing it and all after it")
+        if redo:
+            for s in STAGES[STAGES.index(redo) :]:
                 self.progress.pop(s, None)
                 old = self.p(s)
                 if s in ("diffusion", "consistency", "apt") and old.is_dir():
@@ -316,7 +356,7 @@ class Demo:
                     aside = self.p(f"{s}.replaced")
                     shutil.rmtree(aside, ignore_errors=True)
                     old.rename(aside)
-                    print(f"--redo {self.args.redo}: the previous {s} run moved to {aside}")
+                    print(f"--redo {redo}: the previous {s} run moved to {aside}")
         start = time.perf_counter()
         for i, stage in enumerate(STAGES, 1):
             head = f"[{i}/{len(STAGES)}] {stage}"

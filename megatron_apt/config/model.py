@@ -250,10 +250,10 @@ def tiny_sd3() -> MMDiTConfig:
 
 
 def demo() -> MMDiTConfig:
-    """4 layers, width 128: ``make demo`` (16x16 RGB clips through ``identity:2`` -> 12-channel
-    8x8 latents, 2x2 patches: 16 tokens per frame)."""
+    """4 layers, width 128: ``make demo`` (16x16 RGB clips through the demo's trained KL VAE
+    -> 4-channel 8x8 latents, 2x2 patches: 16 tokens per frame)."""
     return MMDiTConfig(
-        in_channels=12,
+        in_channels=4,
         patch_size=(1, 2, 2),
         hidden_size=128,
         num_layers=4,

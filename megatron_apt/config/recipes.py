@@ -99,7 +99,7 @@ def _demo(stage: str, **kw) -> TrainConfig:
 def demo_diffusion() -> TrainConfig:
     return _demo(
         "diffusion",
-        train_iters=1600,
+        train_iters=1200,
         optim=OptimConfig(name="adamw", lr=1e-3, warmup_iters=50, decay="cosine"),
         ema_decay=0.99,
         cond_dropout=0.1,

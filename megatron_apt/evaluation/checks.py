@@ -34,6 +34,14 @@ def _ci(row: Mapping) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _noise(row: Mapping) -> str:
+    """``background_noise`` with its interval, when the row has them."""
+    v, ci = row.get("background_noise"), row.get("background_noise_ci")
+    if v is None:
+        return "None"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def fd_separated(better: Mapping, worse: Mapping) -> bool:
     """``better``'s whole FD interval lies below ``worse``'s."""
     return _ci(better)[1] < _ci(worse)[0]
@@ -84,8 +92,7 @@ def demo_checks(
         Check(
             f"{apt} background noise no higher than the 25-step teacher's",
             an is not None and tn is not None and an <= tn,
-            f"{an if an is None else round(an, 3)} vs {tn if tn is None else round(tn, 3)}"
-            " (0-255 units)",
+            f"{_noise(a)} vs {_noise(t)} (0-255 units, 95 % bootstrap intervals)",
         )
     )
     checks.append(

@@ -11,7 +11,13 @@ import sys
 
 from megatron_apt.testing.launch import REPO_ROOT
 
-ROWS = ("diffusion 25 steps (CFG)", "consistency 1 step", "APT 1 step", "APT 2 steps")
+ROWS = (
+    "real data through the VAE",
+    "diffusion 25 steps (CFG)",
+    "consistency 1 step",
+    "APT 1 step",
+    "APT 2 steps",
+)
 
 
 def _demo(out, *extra):
@@ -33,7 +39,8 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     proc = _demo(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     progress = json.loads((out / "progress.json").read_text())
-    stages = ("data", "preprocess", "diffusion", "consistency", "apt", "generate", "evaluate")
+    stages = ("data", "vae", "preprocess", "diffusion", "consistency", "apt", "generate")
+    stages += ("evaluate",)
     assert set(stages + ("figures",)) <= set(progress)
     # the training stages ran on 2 ranks through the deepspeed launcher, 3 steps each
     for stage in ("diffusion", "consistency", "apt"):
@@ -49,7 +56,8 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     # the table: every row, every column, finite numbers
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == set(ROWS)
-    keys = {"fd", "fd_ci", "sharpness_ratio", "background_noise", "saturation_distance"}
+    keys = {"fd", "fd_ci", "sharpness_ratio", "background_noise", "background_noise_ci"}
+    keys |= {"saturation_distance"}
     keys |= {f"caption_{k}" for k in ("color", "shape", "motion", "all")} | {"num_samples"}
     for row in results["rows"].values():
         assert keys <= set(row), keys - set(row)
@@ -74,8 +82,14 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     # the commands are ordinary, re-runnable ones
     commands = (out / "commands.sh").read_text()
     assert "pretrain_apt.py --recipe demo-apt" in commands
+    # the latents come from the demo's own trained VAE, in preprocessing and generation alike
+    assert "tools/train_vae.py" in commands and "tools/reconstruct.py" in commands
+    vae = str(out / "models" / "vae")
+    assert all(f"--vae {vae}" in line for line in commands.splitlines()
+               if "preprocess_data.py" in line or "generate.py" in line)  # fmt: skip
+    assert json.loads((out / "models" / "vae" / "config.json").read_text())["latents_std"]
     # a second run skips every stage
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
     stages_done = [k for k in progress if not k.startswith("_")]  # "_quick", "_seed": meta
-    assert again.stdout.count("skipped") == len(stages_done) == 8, again.stdout
+    assert again.stdout.count("skipped") == len(stages_done) == 9, again.stdout

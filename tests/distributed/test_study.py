@@ -52,7 +52,7 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     # another seed is refused
     other = _study(tmp_path / "study2", report, "--base", str(out / "base"), "--arms", "no-r1")
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
-    for stage in ("data", "preprocess", "diffusion", "consistency"):
+    for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
         assert f"[study] base/{stage}: done earlier in" in other.stdout, stage
     wrong = _study(tmp_path / "study3", report, "--base", str(out / "base"), "--base-seed", "4")
     assert (

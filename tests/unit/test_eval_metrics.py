@@ -6,8 +6,10 @@ import pytest
 from megatron_apt.data.synthetic import random_spec, render
 from megatron_apt.evaluation.metrics import (
     background_noise,
+    background_noise_values,
     frechet_distance,
     frechet_distance_bootstrap,
+    mean_bootstrap_ci,
     saturation_distance,
     saturation_values,
     sharpness,
@@ -116,6 +118,24 @@ def test_background_noise_zero_on_clean_and_soft_edges_positive_on_speckle():
     gauss = [np.clip(f + rng.normal(0, 8, f.shape), 0, 255).astype(np.uint8) for f in clean]
     assert background_noise(gauss) > 3.0
     assert background_noise([np.full((2, 8, 8, 3), 200, np.uint8)]) == 0.0  # all background
+
+
+def test_mean_bootstrap_ci_known_answers():
+    # constant values: the interval is the point
+    assert mean_bootstrap_ci(np.full(50, 0.7)) == pytest.approx([0.7, 0.7])
+    assert mean_bootstrap_ci(np.array([])) is None and mean_bootstrap_ci(np.ones(3), 0) is None
+    # N(0, 1) samples: the 95 % interval of the mean is about mean +- 1.96 / sqrt(N)
+    x = np.random.default_rng(1).normal(0.0, 1.0, 4000)
+    lo, hi = mean_bootstrap_ci(x, resamples=2000, seed=3)
+    assert lo < x.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * x.std() / np.sqrt(len(x)), rel=0.1)
+    # per-clip values: their mean is background_noise, and clips without background drop out
+    clean, rng = _clips(), np.random.default_rng(0)
+    noisy = [np.clip(f + rng.normal(0, 8, f.shape), 0, 255).astype(np.uint8) for f in clean]
+    full = [np.full((2, 8, 8, 3), 200, np.uint8)]  # all background: scores 0, counts
+    vals = background_noise_values(noisy + full)
+    assert len(vals) == len(noisy) + 1 and vals[-1] == 0.0
+    assert vals.mean() == pytest.approx(background_noise(noisy + full))
 
 
 def _oversaturate(f, k=1.12):

@@ -53,3 +53,35 @@ def test_script_is_valid_and_uses_known_recipes_and_flags(script):
         assert not unknown, f"{script.name}: {program} {sub or ''}: unknown flags {unknown}"
         checked += 1
     assert checked >= 1, f"{script.name} runs no pretrain_apt.py or tools/ command"
+
+
+def test_demo_redoes_everything_after_a_stage_an_older_folder_lacks(tmp_path, monkeypatch, capsys):
+    """A demo folder made before the "vae" stage existed: its shards and models came from other
+    latents, so the demo re-runs "vae" and every stage after it, moving the old training runs
+    aside (never deleting them), instead of mixing them with the new VAE."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("demo_mod", REPO_ROOT / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "old"
+    out.mkdir()
+    old = [s for s in demo.STAGES if s != "vae"]
+    (out / "progress.json").write_text(
+        json.dumps({"_quick": True, "_seed": 0, **{s: 1.0 for s in old}})
+    )
+    (out / "diffusion").mkdir()
+    (out / "diffusion" / "marker").write_text("old run")
+    ran = []
+    for stage in demo.STAGES:
+        monkeypatch.setattr(demo.Demo, f"stage_{stage}", lambda self, s=stage: ran.append(s))
+    monkeypatch.setattr(demo.Demo, "report", lambda self: 0)
+    assert demo.Demo(demo.parse_args(["--quick", "--out", str(out)])).main() == 0
+    assert ran == list(demo.STAGES[demo.STAGES.index("vae") :])
+    assert "redoing it and all after it" in capsys.readouterr().out
+    assert (out / "diffusion.replaced" / "marker").read_text() == "old run"
+    # a complete folder skips everything
+    ran.clear()
+    assert demo.Demo(demo.parse_args(["--quick", "--out", str(out)])).main() == 0
+    assert ran == []
