@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's pipeline end to end at toy scale on one machine (`make demo`).
 
-    python examples/demo.py                  # runs/demo; ~15 min on 2 CPU cores
+    python examples/demo.py                  # runs/demo-seed0; ~20 min on 2 CPU cores
     python examples/demo.py --quick          # a few steps per stage (the CI test)
     python examples/demo.py --redo apt       # re-run the APT stage and everything after it
 
@@ -131,8 +131,14 @@ class Demo:
     # ---- running commands ---------------------------------------------------------------
     def run(self, stage: str, cmd: list[str]) -> None:
         """Run one command, log it to OUT/logs/<stage>.log and OUT/commands.sh, show the
-        interesting lines; exit with the command's status when it fails."""
+        interesting lines; exit with the command's status when it fails. A one-process command
+        (this Python, not a launcher) gets ``--nproc`` threads: the cores that the training
+        stages use as ``--nproc`` one-thread processes (2 threads: a one-step row generates
+        1.2x faster in wall time, with the same pixels)."""
         line = " ".join(shlex.quote(str(c)) for c in cmd)
+        env = self.env
+        if str(cmd[0]) == self.py:
+            env = dict(env, OMP_NUM_THREADS=str(self.args.nproc))
         with open(self.p("commands.sh"), "a") as f:
             f.write(f"# {stage}\n{line}\n")
         log_path = self.p("logs", f"{stage}.log")
@@ -142,7 +148,7 @@ class Demo:
             proc = subprocess.Popen(
                 [str(c) for c in cmd],
                 cwd=ROOT,
-                env=self.env,
+                env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -207,11 +213,11 @@ class Demo:
         return self.p("models", "vae")
 
     def stage_vae(self) -> None:
-        # 2 threads: one process, the machine's 2 cores (the training stages use 2 processes)
+        # one process with --nproc threads: the cores the training stages use as processes
         self.run("vae", [
             self.py, ROOT / "tools" / "train_vae.py", "--input", self.p("data", "train"),
             "--output", self.vae, "--steps", str(self.vae_steps), "--seed", str(self.args.seed),
-            "--threads", "2", "--log-interval", "100",
+            "--threads", str(self.args.nproc), "--log-interval", "100",
         ])  # fmt: skip
 
     def stage_preprocess(self) -> None:

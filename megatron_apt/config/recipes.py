@@ -43,40 +43,42 @@ def tiny_apt() -> TrainConfig:
 
 
 # The demo (examples/demo.py, `make demo`): 16x16 RGB clips of 5 frames (anti-aliased shapes)
-# through the normalized `identity:2:-0.72:3.0` VAE (12x5x8x8 latents of mean ~0, std ~1), the
-# `demo` preset (4 layers, width 128), 2 processes on a CPU. No recipe pins a seed: the demo
-# must hold for any (`make demo DEMO_ARGS="--seed N"`). Measured while building it (2026-11-29,
-# one seed each unless said; FD at 1024 samples vs 1024 real, 95 % bootstrap interval):
-# * teacher (25 steps, CFG 3; "all" caption accuracy on 256 prompts): 500 AdamW updates at a
-#   constant 6e-4 on the old pixel-range [-1, 1] latents 0.17; normalized latents 0.22; 1200
-#   updates at 1e-3 with warm-up and cosine decay 0.50; 1600 updates 0.71. The loss still falls
-#   at 1600: the teacher's quality is bought with the demo's time, the largest stage.
-# * consistency: FD 244 [205, 284] after 60 updates (the old recipe), 106 [89, 125] after 150
-#   with cosine decay, 109 [91, 130] after 300: converged at 150.
-# * APT, from that consistency model: the old recipe (lr 3e-5 for G and D from the first
-#   update, sigma 0.05) turns G into noise within 160 updates (FD 1038 / 343-511 at lr 1e-5 /
-#   5e-6): D's heads start random and G follows a random D's gradient (fakes scored above real
-#   for the first ~80 updates). A D-only warm-up of 40 updates plus a D learning rate 3x G's
-#   fixes it: FD 73 [59, 91] (lr 1e-5/3e-5, 160 updates), 69 [52, 91] (2e-5/6e-5; D accuracy
-#   0.57-0.81 over the second half), 46 [29, 69] after 300 updates. sigma sets what D may not
-#   see: at 0.05 APT adds background speckle (noise 2.9 -> 3.7 at 240 updates), at 0.03 it
-#   keeps the consistency model's level (2.9) but D grows stronger (accuracy up to 0.95),
-#   at 0.01 D nears saturation and FD gains halve. lr_d 1e-4 saturates D. Batch 32 instead
-#   of 16 gave FD 65 [56, 76] vs 69 [60, 79] at 2048 samples: within noise.
-# * the recipe with sigma 0.04 and 240 updates on a fresh seed-1 chain: FD 87 [70, 107] vs the
-#   consistency model's 103 [88, 120] (2048 samples; overlapping); on the same chain 400
-#   updates gave 63 [51, 79] (sigma 0.04, background noise 3.1, D accuracy up to 0.93) and
-#   60 [47, 75] (sigma 0.05, noise 3.8, D up to 0.89): 300 updates at sigma 0.045 fit the
-#   demo's 20 minutes. Where the time goes (quiet machine, seed 1): diffusion 392 s,
-#   consistency 86 s, APT 142 s (240 updates), generation 263 s (of which ~150 s writing
-#   GIFs, since cut to ~15 s), evaluation 66 s. One process with 2 threads trains the
-#   pre-stages no faster than 2 processes (0.28-0.30 s per diffusion update either way,
-#   compute-bound: ~90 GFLOP/s on 2 cores).
-# * this recipe over seeds 1, 2, 3 (examples/demo.py --seed N, 2048 samples): APT 1 step FD
-#   70 [56, 86], 40 [29, 53], 70 [56, 87] vs consistency 103 [88, 120], 104 [89, 122],
-#   93 [82, 106]: disjoint for seeds 1 and 2, overlapping for 3; background noise 3.2-3.8
-#   (consistency 2.7-2.8, teacher 0.3); D accuracy 0.68-0.93 over the second half; no
-#   collapse. Details in README.md; the ablations in docs/study.md.
+# through the demo's own KL autoencoder (tools/train_vae.py, 600 steps on the training frames:
+# 4x5x8x8 latents, per-channel mean 0 / std 1), the `demo` preset (4 layers, width 128), 2
+# processes on a CPU. No recipe pins a seed: the demo must hold for any
+# (`make demo DEMO_ARGS="--seed N"`). FD at 2048 samples vs 2048 real, 95 % bootstrap interval.
+#
+# With the learned VAE (2026-11-30, examples/demo.py --seed 1/2/3, these recipes):
+# * teacher "all" caption accuracy 0.84 / 0.88 / 0.89 after 1200 updates (0.98 after 1600 in
+#   a first seed-1 run with an 800-step VAE; 1200 to fit the 20 minutes with the VAE stage).
+# * APT 1 step FD 13.9 [8.7, 20.7] / 13.0 [8.5, 18.9] / 15.4 [9.3, 22.7] vs consistency
+#   56.9 [46.5, 70.3] / 66.4 [52.7, 81.6] / 193.3 [163.0, 225.6]: disjoint for every seed.
+# * background noise (0-255; the real data through the VAE: 0.40 / 0.44 / 0.36) APT vs the
+#   25-step teacher 0.485 vs 0.451 (seed 1: above, intervals disjoint), 0.491 vs 0.501, 0.397
+#   vs 0.417. On seed 1's chain, sigma 0.03 instead of 0.045 gave 0.477: the consistency
+#   model's own level (0.474), still above the teacher's.
+# * D accuracy over the second half 0.56-0.86; no collapse event.
+# Why a learned VAE: through the pixel-unshuffle `identity:2:-0.72:3.0` "VAE" of the earlier
+# demo, every latent error is a speckled pixel: the teacher's own one-step x0 had background
+# noise 10.3, consistency 2.8, APT 3.2-3.8 (teacher at 25 steps 0.3), and no R1 sigma between
+# 0.015 and 0.21 brought APT below the consistency model. A decoder trained on posterior samples
+# maps the same small latent errors to smooth pixels (latent noise of std 0.07 adds 0.01 to the
+# reconstruction's background noise; through the identity VAE it adds 2.0).
+#
+# Measured with the identity VAE while building the recipes (2026-11-29; the choices carried
+# over to the learned latents, which are normalized alike):
+# * teacher: 500 AdamW updates at a constant 6e-4 on [-1, 1] latents "all" 0.17; normalized
+#   latents 0.22; 1200 updates at 1e-3 with warm-up and cosine decay 0.50; 1600 updates 0.71.
+# * consistency: FD 244 after 60 updates, 106 after 150 with cosine decay, 109 after 300:
+#   converged at 150.
+# * APT: lr 3e-5 for G and D from the first update turns G into noise within 160 updates (D's
+#   heads start random and G follows a random D's gradient); a D-only warm-up of 40 updates
+#   plus a D learning rate 3x G's fixes it. sigma sets what D may not see: 0.05 adds background
+#   speckle, 0.03 keeps the consistency model's level but D grows stronger (accuracy up to
+#   0.95), 0.01 nears saturation. lr_d 1e-4 saturates D. Batch 32 instead of 16: within noise.
+#   300 updates at sigma 0.045 fit the demo's 20 minutes.
+# * one process with 2 threads trains the pre-stages no faster than 2 processes (0.28-0.30 s
+#   per diffusion update either way, compute-bound).
 DEMO_DATA = DataConfig(frames=5, height=8, width=8, text_len=12, num_samples=2048)
 
 
