@@ -33,7 +33,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,6 @@ class VAETrainConfig:
     holdout: float = 0.05  # share of the clips kept out of training for the report's PSNR
     seed: int = 0
     log_interval: int = 50
-    extra: dict = field(default_factory=dict)  # free-form notes copied into the report
 
     def validate(self) -> None:
         if self.latent_channels < 1 or self.layers_per_block < 1:
