@@ -32,12 +32,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo import ROOT, Demo  # noqa: E402  (puts ROOT on sys.path)
+from demo import RECON_FOLDER, RECON_ROW, ROOT, ROWS, Demo  # noqa: E402  (puts ROOT on sys.path)
 
 from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
 
 WORSE = frozenset({"higher", "collapsed"})
+# Reference rows beside the arms (the floors the demo's table has too): results-table row ->
+# the demo's sample folder and its row key (None: the real clips through the VAE). Made by the
+# study unless the base is a finished demo whose samples are reused.
+TEACHER_ROW = "teacher: diffusion 25 steps (CFG)"
+REFERENCE_ROWS = {
+    RECON_ROW: (RECON_FOLDER, None),
+    TEACHER_ROW: (ROWS["diffusion 25 steps (CFG)"][0], "diffusion"),
+}
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,23 @@ class Study:
     def start_samples(self) -> Path:
         return self.out / "samples" / "consistency-start"
 
+    def reference_samples(self, row: str) -> Path:
+        """A reference row's samples: the base demo's when its generate stage finished."""
+        folder = REFERENCE_ROWS[row][0]
+        mine, demo = self.out / "samples" / folder, self.demo.p("samples", folder)
+        return demo if "generate" in self.demo.progress and demo.is_dir() else mine
+
+    def make_reference(self, row: str) -> None:
+        folder, key = REFERENCE_ROWS[row]
+        out = self.reference_samples(row)
+        if out != self.out / "samples" / folder:
+            print(f"[study] {row}: the samples of {self.demo.out}, reused", flush=True)
+        elif key is None:
+            self.demo.reconstruct(out, "study-generate")
+        else:
+            prompts, args = self.demo.row_args(key)
+            self.demo.generate(out, prompts, self.args.base_seed, args, "study-generate")
+
     def samples_dir(self, arm: str, seed: int) -> Path:
         return self.out / "samples" / f"{arm}-seed{seed}"
 
@@ -197,7 +222,8 @@ class Study:
 
     def evaluate(self) -> dict:
         base = self.demo.p
-        rows = {"consistency 1 step (start)": self.start_samples()}
+        rows = {row: self.reference_samples(row) for row in REFERENCE_ROWS}
+        rows["consistency 1 step (start)"] = self.start_samples()
         rows |= {
             f"{key} / seed {seed}": self.samples_dir(key, seed)
             for key in self.arms
@@ -255,6 +281,8 @@ class Study:
         cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
         out, seed = self.start_samples(), self.args.base_seed
         self.step("start/sample", d.generate, out, "one_step", seed, cons, "study-generate")
+        for row, (folder, _) in REFERENCE_ROWS.items():
+            self.step(f"reference/{folder}", self.make_reference, row)
         for seed in self.args.seeds:
             for key in self.arms:
                 self.step(f"{key}/seed{seed}/train", self.train, key, seed)
@@ -301,6 +329,7 @@ class Study:
             },
             quick=self.args.quick,
             base_seed=self.args.base_seed,
+            references=list(REFERENCE_ROWS),
         )
         self.report.write_text(report.markdown(relative_to=self.report.parent))
         (self.out / "summary.json").write_text(json.dumps(report.summary(), indent=1))

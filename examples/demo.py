@@ -275,7 +275,8 @@ class Demo:
             "--prompts-file", self.p("data", f"prompts_{prompts}.txt"), *args, "--output", out,
         ])  # fmt: skip
 
-    def stage_generate(self) -> None:
+    def row_args(self, key: str) -> tuple[str, list]:
+        """The prompts file and tools/generate.py arguments of a results row (ROWS' keys)."""
         recipe = {
             "diffusion": ["--mode", "diffusion", "--steps", "25", "--guidance-scale", "3",
                           "--checkpoint", self.p("diffusion", "diffusion_ema.safetensors")],
@@ -283,19 +284,22 @@ class Demo:
             "apt1": ["--checkpoint", self.p("apt", "generator_ema.safetensors")],
             "apt2": ["--checkpoint", self.p("apt", "generator_ema.safetensors"), "--steps", "2"],
         }  # fmt: skip
-        for folder, key in ROWS.values():
-            prompts = "diffusion" if key == "diffusion" else "one_step"
-            self.generate(
-                self.p("samples", folder), prompts, self.args.seed, recipe[key], "generate"
-            )
-        # the real-data row's clips (the held-out set's first half) through the VAE
-        out = self.p("samples", RECON_FOLDER)
+        return ("diffusion" if key == "diffusion" else "one_step"), recipe[key]
+
+    def reconstruct(self, out: Path, log: str) -> None:
+        """The real-data row's clips (the held-out set's first half) through the VAE."""
         shutil.rmtree(out, ignore_errors=True)
-        self.run("generate", [
+        self.run(log, [
             self.py, ROOT / "tools" / "reconstruct.py", "--vae", self.vae,
             "--input", self.p("data", "real"), "--output", out,
             "--max-files", str(self.n_rows["one_step"]), "--format", "gif",
         ])  # fmt: skip
+
+    def stage_generate(self) -> None:
+        for folder, key in ROWS.values():
+            prompts, args = self.row_args(key)
+            self.generate(self.p("samples", folder), prompts, self.args.seed, args, "generate")
+        self.reconstruct(self.p("samples", RECON_FOLDER), "generate")
 
     def stage_evaluate(self) -> None:
         rows = [f"{RECON_ROW}={self.p('samples', RECON_FOLDER)}"] + [

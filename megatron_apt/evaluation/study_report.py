@@ -62,6 +62,9 @@ class StudyReport:
     figures: Mapping[str, Path] = field(default_factory=dict)
     quick: bool = False
     base_seed: int = 0  # seed of the shared diffusion + consistency pair
+    # rows of results["rows"] shown as floors beside real data (the real clips through the VAE,
+    # the teacher): no verdict; their sample count is printed when it differs from the start's
+    references: Sequence[str] = ()
 
     def row(self, arm: str, seed: int) -> Mapping:
         return self.results["rows"][row_name(arm, seed)]
@@ -105,11 +108,17 @@ class StudyReport:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         start = self.results["rows"][START]
-        real = self.results["real"]
-        for name, row in (("real data (floor)", real), (START, start)):
+        fixed = [("real data (floor)", self.results["real"])]
+        for name in self.references:
+            row = self.results["rows"][name]
+            n = row.get("num_samples")
+            if n is not None and n != start.get("num_samples"):
+                name += f" ({n} samples: FD not comparable)"
+            fixed.append((name, row))
+        for name, row in (*fixed, (START, start)):
             lines.append(
                 f"| {name} | {row['fd']:.1f} [{row['fd_ci'][0]:.1f}, {row['fd_ci'][1]:.1f}] | "
-                f"{row['fd']:.1f} | {_fmt(row.get('background_noise'))} | "
+                f"{row['fd']:.1f} | {_fmt(row.get('background_noise'), '.3f')} | "
                 f"{_fmt(row.get('sharpness_ratio'))} | "
                 f"{_fmt(row.get('saturation_distance'), '.3f')} | {row['caption_all']:.2f} | "
                 "– | – | – |"
@@ -128,7 +137,7 @@ class StudyReport:
             vs = "vs start: " + self._count(arm) if arm == REFERENCE else self._count(arm)
             lines.append(
                 f"| {title} | {fds} | {_mean([r['fd'] for r in rows]):.1f} | "
-                f"{_fmt(_mean([r.get('background_noise') for r in rows]))} | "
+                f"{_fmt(_mean([r.get('background_noise') for r in rows]), '.3f')} | "
                 f"{_fmt(_mean([r.get('sharpness_ratio') for r in rows]))} | "
                 f"{_fmt(_mean([r.get('saturation_distance') for r in rows]), '.3f')} | "
                 f"{_mean([r['caption_all'] for r in rows]):.2f} | {acc} | {events} | {vs} |"
@@ -184,7 +193,9 @@ class StudyReport:
                 f"Wall time of the study: {self.seconds / 60:.0f} min on this machine.",
                 "",
             ]
-        sizes = sorted({r.get("num_samples") for r in self.results["rows"].values()} - {None})
+        rows = self.results["rows"]
+        sizes = {r.get("num_samples") for k, r in rows.items() if k not in self.references}
+        sizes = sorted(sizes - {None})
         n = " or ".join(map(str, sizes)) or "?"
         body = [
             "## Results",

@@ -26,6 +26,11 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     rows = set(results["rows"])
     assert {"apt / seed 5", "no-r1 / seed 5", "consistency-more / seed 5"} <= rows, rows
+    # the floors beside the arms, made by the study (its base ran no demo generate stage)
+    refs = {"real data through the VAE", "teacher: diffusion 25 steps (CFG)"}
+    assert refs <= rows, rows
+    for folder in ("vae-recon", "diffusion-25"):
+        assert any((out / "samples" / folder).iterdir()), folder
     # the arm's flag reached its run; the control distilled for 3 + 3 updates
     state = json.loads(
         next((out / "runs" / "no-r1" / "seed5").glob("iter_*/trainer_state.json")).read_text()
@@ -38,7 +43,14 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     )
     assert cons["stage"] == "consistency" and cons["step"] == 6  # 3 shared + 3 more
     text = report.read_text()
-    for needle in ("| APT (demo recipe) |", "| no approximated R1", "reproduced?", "Quick run"):
+    for needle in (
+        "| APT (demo recipe) |",
+        "| no approximated R1",
+        "reproduced?",
+        "Quick run",
+        "| real data through the VAE |",
+        "| teacher: diffusion 25 steps (CFG)",
+    ):
         assert needle in text, needle
     for png in ("health.png", "samples.png"):
         assert (report.parent / "study" / png).read_bytes()[:4] == b"\x89PNG"

@@ -8,8 +8,9 @@ from megatron_apt.evaluation.study_report import START, StudyReport, row_name, s
 WORSE = frozenset({"higher", "collapsed"})
 
 
-def _row(fd, half_width=10.0):
+def _row(fd, half_width=10.0, n=2048):
     return {
+        "num_samples": n,
         "fd": fd,
         "fd_ci": [fd - half_width, fd + half_width],
         "background_noise": 1.0,
@@ -31,7 +32,7 @@ def test_seed_verdict_needs_disjoint_intervals():
 
 def _report():
     fds = {"apt": (100, 105, 95), "no-r1": (500, 160, 98), "adam": (104, 99, 150)}
-    rows = {START: _row(200.0)}
+    rows = {START: _row(200.0), "teacher": _row(30.0, n=256), "through the VAE": _row(5.0)}
     rows |= {row_name(a, s): _row(fd) for a, v in fds.items() for s, fd in zip((1, 2, 3), v)}
     health = {
         (a, s): {"events": [], "d_acc_real": 0.7, "d_acc_fake": 0.8, "loss_d": 1.1}
@@ -47,6 +48,7 @@ def _report():
         seeds=[1, 2, 3],
         results={"real": _row(9.0), "rows": rows},
         health=health,
+        references=["through the VAE", "teacher"],
     )
 
 
@@ -69,3 +71,12 @@ def test_markdown_has_every_arm_seed_and_claim():
     for text in ("| APT |", "| no R1 |", "| Adam |", "500.0 [490.0, 510.0]", "partly (2/3)"):
         assert text in md, text
     assert "vs start: lower 3/3" in md and "collapsed 1/3" in md
+    # the reference rows, after real data and before the start, the teacher's N marked
+    lines = [x.split(" |")[0] for x in md.splitlines() if x.startswith("| ")]
+    i = lines.index("| real data (floor)")
+    assert lines[i + 1 : i + 4] == [
+        "| through the VAE",
+        "| teacher (256 samples: FD not comparable)",
+        f"| {START}",
+    ], lines
+    assert "2048 samples per row" in md  # the references' N does not enter the footnote
