@@ -44,7 +44,7 @@ WORSE = frozenset({"higher", "collapsed"})
 TEACHER_ROW = "teacher: diffusion 25 steps (CFG)"
 REFERENCE_ROWS = {
     RECON_ROW: (RECON_FOLDER, None),
-    TEACHER_ROW: (ROWS["diffusion 25 steps (CFG)"][0], "diffusion"),
+    TEACHER_ROW: ROWS["diffusion 25 steps (CFG)"],  # ("diffusion-25", "diffusion")
 }
 
 
