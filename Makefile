@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~20 min)"
 	@echo "                     (another seed: make demo DEMO_ARGS=\"--seed 3\")"
-	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h)"
+	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h 15 min)"
 	@echo "make test            create/update .venv, install, run the whole test suite"
 	@echo "make test-unit       single-process tests only"
 	@echo "make install-gpu     the dev install plus Transformer Engine and flash-attn (CUDA machines)"

@@ -2,20 +2,23 @@
 """The paper's ablations at toy scale (`make study`): every arm over several seeds, from one
 shared diffusion + consistency pair, scored against one reference set; writes docs/study.md.
 
-    python examples/apt_study.py                     # runs/study, seeds 1 2 3; ~2 h on 2 cores
+    python examples/apt_study.py                     # runs/study, seeds 1 2 3; ~2 h 15 min, 2 cores
     python examples/apt_study.py --seeds 1 2 3 4     # more seeds (finished runs are kept)
     python examples/apt_study.py --arms apt no-r1    # a subset of the arms
     python examples/apt_study.py --quick             # a few steps of everything (the test)
     python examples/apt_study.py --base runs/demo-seed0   # reuse a finished `make demo`
+    python examples/apt_study.py --report-only       # re-write docs/study.md, run nothing
 
 It reuses examples/demo.py's stages: data, vae, preprocess, diffusion and consistency once (in
 --base, a demo of seed --base-seed: a finished demo there is reused as it is), then per arm
 and seed one training run (`pretrain_apt.py --recipe demo-apt` plus the arm's flags, or
-more consistency updates for that control), 1-step samples of its EMA generator on the
-held-out prompts, and one tools/evaluate.py call over every run (FD with 95 % bootstrap
-intervals, background noise, sharpness and saturation against real data, caption
-accuracy). Resumable: finished runs are recorded in OUT/progress.json, an interrupted
-training run resumes from its checkpoint. The report (tables, verdicts, health curves,
+more consistency updates for that control; the "-long" arms continue the run of APT / of no
+R1 from its last checkpoint to twice the updates), 1-step samples of its EMA generator on
+the held-out prompts (and of the raw generator for the arms whose report has a raw row),
+and one tools/evaluate.py call over every run (FD with 95 % bootstrap intervals, background
+noise, sharpness and saturation against real data, caption accuracy). Resumable: finished
+runs are recorded in OUT/progress.json, an interrupted training run resumes from its
+checkpoint. The report (tables, verdicts, health curves,
 sample grids) goes to --report (docs/study.md, pictures in docs/study/).
 """
 
@@ -32,10 +35,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo import RECON_FOLDER, RECON_ROW, ROOT, ROWS, Demo  # noqa: E402  (puts ROOT on sys.path)
+from demo import LATEST, RECON_FOLDER, RECON_ROW, ROOT, ROWS, Demo  # noqa: E402  (puts ROOT on sys.path)
 
 from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
+from megatron_apt.evaluation.study_report import (  # noqa: E402
+    START,
+    ReportArm,
+    StudyReport,
+    raw_key,
+    row_name,
+)
 
 WORSE = frozenset({"higher", "collapsed"})
 # Reference rows beside the arms (the floors the demo's table has too): results-table row ->
@@ -55,8 +65,15 @@ class Arm:
     paper: str = ""  # what the paper says about it
     stage: str = "apt"  # "consistency": the control that trains the distilled model on
     batch: float = 1.0  # global batch relative to the demo recipe's
-    # the verdicts (vs APT of the same seed; APT itself: vs its start) the paper predicts
+    # the verdicts (vs the reference arm of the same seed) the paper predicts
     expect: frozenset = field(default_factory=lambda: WORSE)
+    reference: str | None = "apt"  # the arm it is judged against; None: the start
+    length: int = 1  # updates, in multiples of the recipe's
+    # the arm whose finished run (same seed) this one continues from its last checkpoint to
+    # `length` x the recipe's updates: the same run as one of that length from the start (the
+    # APT learning rate is constant; resume is exact), for the cost of the extra updates only
+    continues: str | None = None
+    raw: bool = False  # also sample the raw generator (not only its EMA): the second table
 
 
 ARMS: dict[str, Arm] = {
@@ -64,6 +81,8 @@ ARMS: dict[str, Arm] = {
         "APT (demo recipe)",
         paper="one-step model closer to real data than its init (sec. 4, 5.3)",
         expect=frozenset({"lower"}),
+        reference=None,
+        raw=True,
     ),
     "d-frozen": Arm(
         "control: D frozen",
@@ -79,19 +98,22 @@ ARMS: dict[str, Arm] = {
         "no approximated R1 (lambda 0)",
         ("--r1-lambda", "0"),
         "sec. 5.1, fig. 5: loss_D -> 0 and collapse",
+        raw=True,
     ),
     "d-t0": Arm(
         "D at t = 0 only",
         ("--d-timesteps", "zero"),
         "sec. 3.3: t = 0 leads to collapse; the timestep ensemble avoids it",
+        raw=True,
     ),
     "one-head": Arm(
         "one head, last layer",
         ("--d-head-layers", "last"),
         "sec. 5.2, fig. 7: multi-layer heads improve structure",
+        raw=True,
     ),
     "batch-small": Arm(
-        "small batch (1/4)", batch=0.25, paper="app. E: small batches mode-collapse"
+        "small batch (1/4)", batch=0.25, paper="app. E: small batches mode-collapse", raw=True
     ),
     "batch-large": Arm(
         "large batch (2x)",
@@ -111,7 +133,38 @@ ARMS: dict[str, Arm] = {
         "sec. 3.5: RMSprop(alpha 0.9) 'is equivalent to' Adam(0, 0.9)",
         expect=frozenset({"overlap"}),
     ),
+    # the R1 ablation again, twice as long: at the recipe's length D without R1 heads for
+    # saturation but the generator has not degraded yet (docs/study.md)
+    "apt-long": Arm(
+        "APT, 2x updates",
+        paper="app. D: quality peaks (EMA, 350 G updates); training longer degrades it",
+        expect=frozenset({"higher"}),
+        length=2,
+        continues="apt",
+        raw=True,
+    ),
+    "no-r1-long": Arm(
+        "no approximated R1, 2x updates",
+        ("--r1-lambda", "0"),
+        "sec. 5.1, fig. 5: loss_D -> 0 and collapse",
+        reference="apt-long",
+        length=2,
+        continues="no-r1",
+        raw=True,
+    ),
 }
+
+
+def with_dependencies(keys) -> dict[str, Arm]:
+    """The chosen arms plus APT (the reference of every verdict) and the arms they are judged
+    against or continue, in the order of ARMS (an arm after those it needs)."""
+    need, todo = set(), ["apt", *keys]
+    while todo:
+        k = todo.pop()
+        if k is not None and k not in need:
+            need.add(k)
+            todo += [ARMS[k].reference, ARMS[k].continues]
+    return {k: a for k, a in ARMS.items() if k in need}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +184,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--base-seed", type=int, default=0, help="seed of the shared runs (default 0)")
     p.add_argument("--verbose", action="store_true", help="show every line of the children")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-write the report from OUT's finished runs and evaluation, running nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -139,9 +197,7 @@ class Study:
         self.args = args
         self.out = Path(args.out).resolve()
         self.report = Path(args.report).resolve()
-        self.arms = {k: ARMS[k] for k in (args.arms or ARMS)}
-        if "apt" not in self.arms:
-            self.arms = {"apt": ARMS["apt"], **self.arms}  # the reference of every verdict
+        self.arms = with_dependencies(args.arms or ARMS)
         # the shared pre-stages and every run: a demo of seed --base-seed
         demo_args = argparse.Namespace(
             out=str(args.base or self.out / "base"), quick=args.quick, nproc=args.nproc,
@@ -181,6 +237,7 @@ class Study:
             self.demo.generate(out, prompts, self.args.base_seed, args, "study-generate")
 
     def samples_dir(self, arm: str, seed: int) -> Path:
+        """1-step samples of a run (``raw_key(arm)``: of its raw generator)."""
         return self.out / "samples" / f"{arm}-seed{seed}"
 
     def _batch_flags(self, arm: Arm) -> list[str]:
@@ -212,23 +269,47 @@ class Study:
             "--init-discriminator", base("diffusion", "diffusion_ema.safetensors"),
             *arm.flags, *self._batch_flags(arm),
         ]  # fmt: skip
-        self.demo.train("apt", extra, d, seed, log)
+        load = None
+        if arm.length != 1:
+            extra += ["--train-iters", str(arm.length * self.iters)]
+        if arm.continues is not None:
+            # resume the shorter run (its flags are this arm's) into this folder, its metrics
+            # first so that the health curves and the second-half means cover the whole run
+            load = self.run_dir(arm.continues, seed)
+            if not (d / LATEST).is_file():
+                d.mkdir(exist_ok=True)
+                shutil.copy(load / "metrics.jsonl", d / "metrics.jsonl")
+        self.demo.train("apt", extra, d, seed, log, load=load)
 
-    def sample(self, key: str, seed: int) -> None:
+    def sample(self, key: str, seed: int, raw: bool = False) -> None:
         d = self.run_dir(key, seed)
         ema = "consistency_ema" if self.arms[key].stage == "consistency" else "generator_ema"
-        args = ["--checkpoint", d / f"{ema}.safetensors"]
-        self.demo.generate(self.samples_dir(key, seed), "one_step", seed, args, "study-generate")
+        args = ["--checkpoint", d / f"{'generator' if raw else ema}.safetensors"]
+        out = self.samples_dir(raw_key(key) if raw else key, seed)
+        self.demo.generate(out, "one_step", seed, args, "study-generate")
 
-    def evaluate(self) -> dict:
-        base = self.demo.p
+    def report_arms(self) -> dict[str, ReportArm]:
+        """The report's arms: every arm, then the raw-generator rows of those that have them."""
+        out = {k: ReportArm(a.title, a.paper, a.expect, a.reference) for k, a in self.arms.items()}
+        for k, a in self.arms.items():
+            if a.raw:
+                ref = None if a.reference is None else raw_key(a.reference)
+                out[raw_key(k)] = ReportArm(a.title, a.paper, a.expect, ref, raw=True)
+        return out
+
+    def rows(self) -> dict[str, Path]:
+        """The evaluation's rows: name -> sample folder."""
         rows = {row: self.reference_samples(row) for row in REFERENCE_ROWS}
-        rows["consistency 1 step (start)"] = self.start_samples()
+        rows[START] = self.start_samples()
         rows |= {
-            f"{key} / seed {seed}": self.samples_dir(key, seed)
-            for key in self.arms
+            row_name(key, seed): self.samples_dir(key, seed)
+            for key in self.report_arms()
             for seed in self.args.seeds
         }
+        return rows
+
+    def evaluate(self) -> dict:
+        base, rows = self.demo.p, self.rows()
         self.demo.run("study-evaluate", [
             self.demo.py, ROOT / "tools" / "evaluate.py", "--real", base("data", "real"),
             *[a for name, folder in rows.items() for a in ("--row", f"{name}={folder}")],
@@ -263,6 +344,44 @@ class Study:
             d.progress_file.write_text(json.dumps(d.progress, indent=1))
         print(f"[study] {name}: {self.progress[name]:.0f} s", flush=True)
 
+    def steps(self) -> list[tuple]:
+        """Every step of the study in order: (name in progress.json, function, *arguments)."""
+        d = self.demo
+        # the shared pair: data, shards, diffusion and consistency, its 1-step row, the floors
+        out = [(f"base/{stage}", getattr(d, f"stage_{stage}"))
+               for stage in ("data", "vae", "preprocess", "diffusion", "consistency")]  # fmt: skip
+        cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
+        seed = self.args.base_seed
+        out.append(
+            ("start/sample", d.generate, self.start_samples(), "one_step", seed, cons,
+             "study-generate")
+        )  # fmt: skip
+        out += [(f"reference/{f}", self.make_reference, r) for r, (f, _) in REFERENCE_ROWS.items()]
+        for seed in self.args.seeds:
+            for key, arm in self.arms.items():
+                out.append((f"{key}/seed{seed}/train", self.train, key, seed))
+                out.append((f"{key}/seed{seed}/sample", self.sample, key, seed))
+                if arm.raw:
+                    out.append((f"{key}/seed{seed}/sample-raw", self.sample, key, seed, True))
+        return out
+
+    def finished_results(self, steps: list[tuple]) -> dict:
+        """--report-only: the evaluation of a finished study, checked to cover every step and
+        row of this one (same arms and seeds)."""
+        done = set(self.progress) | {f"base/{k}" for k in self.demo.progress}
+        missing = [name for name, *_ in steps if name not in done]
+        path = self.out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+        missing += [f"row {r!r} of {path}" for r in self.rows() if r not in results["rows"]]
+        if missing:
+            raise SystemExit(
+                f"study: --report-only needs a finished, evaluated study in {self.out}; "
+                f"missing {len(missing)}: {', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''} (run it without --report-only)"
+            )
+        print(f"[study] report from {path} (nothing run)", flush=True)
+        return results
+
     def main(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         d = self.demo
@@ -275,19 +394,13 @@ class Study:
                 f"(quick: {d.progress.get('_quick')}); pass --base-seed "
                 f"{d.progress.get('_seed')} or another --base"
             )
-        # the shared pair: data, shards, diffusion and consistency of seed 0, its 1-step row
-        for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
-            self.step(f"base/{stage}", getattr(d, f"stage_{stage}"))
-        cons = ["--checkpoint", d.p("consistency", "consistency_ema.safetensors")]
-        out, seed = self.start_samples(), self.args.base_seed
-        self.step("start/sample", d.generate, out, "one_step", seed, cons, "study-generate")
-        for row, (folder, _) in REFERENCE_ROWS.items():
-            self.step(f"reference/{folder}", self.make_reference, row)
-        for seed in self.args.seeds:
-            for key in self.arms:
-                self.step(f"{key}/seed{seed}/train", self.train, key, seed)
-                self.step(f"{key}/seed{seed}/sample", self.sample, key, seed)
-        results = self.evaluate()
+        steps = self.steps()
+        if self.args.report_only:
+            results = self.finished_results(steps)
+        else:
+            for name, fn, *a in steps:
+                self.step(name, fn, *a)
+            results = self.evaluate()
         self.write_report(results)
         print(f"[study] report: {self.report}")
         return 0
@@ -310,14 +423,13 @@ class Study:
         }
 
     def write_report(self, results: dict) -> None:
-        from megatron_apt.evaluation.study_report import StudyReport
-
         figures = self.report.parent / self.report.stem
         figures.mkdir(parents=True, exist_ok=True)
         self._figures(figures)
         health = {(k, s): self._health(k, s) for k in self.arms for s in self.args.seeds}
+        health |= {(raw_key(k), s): health[(k, s)] for k, s in list(health) if self.arms[k].raw}
         report = StudyReport(
-            arms={k: (a.title, a.paper, a.expect) for k, a in self.arms.items()},
+            arms=self.report_arms(),
             seeds=self.args.seeds,
             results=results,
             health=health,

@@ -2,6 +2,9 @@
 evaluation row (FD with its 95 % interval, background noise, sharpness, saturation, caption
 accuracy) and the APT run's health, and a verdict per arm against the demo recipe's APT run
 of the same seed, decided by disjoint FD intervals only (never by a point estimate).
+An arm may name another reference (the longer runs: APT of the same length) or none (APT
+itself: against the consistency model it starts from). Rows of the raw generators (the
+weights D trains against, beside the EMA the demo ships) form a second table.
 
 Verdict words, per seed: ``lower`` / ``higher`` (FD intervals disjoint), ``overlap``
 (within the noise of the measurement), ``collapsed`` (a collapse event, or FD more than twice
@@ -31,6 +34,24 @@ def row_name(arm: str, seed: int) -> str:
     return f"{arm} / seed {seed}"
 
 
+def raw_key(arm: str) -> str:
+    """The report's key of an arm's raw-generator rows."""
+    return f"{arm}-raw"
+
+
+@dataclass(frozen=True)
+class ReportArm:
+    """One arm of the report: its title, the paper's claim, the verdicts the paper predicts,
+    the arm it is compared against (None: the starting consistency model) and whether its
+    rows are raw-generator rows (the second table)."""
+
+    title: str
+    paper: str = ""
+    expect: frozenset = frozenset()
+    reference: str | None = REFERENCE
+    raw: bool = False
+
+
 def seed_verdict(row: Mapping, ref: Mapping, start: Mapping, events: Sequence[str]) -> str:
     """One arm-seed row against the reference row of the same seed (see module docstring)."""
     if any(e.startswith("collapse") for e in events) or row["fd"] > COLLAPSE_FACTOR * start["fd"]:
@@ -53,7 +74,7 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 @dataclass
 class StudyReport:
-    arms: Mapping[str, tuple[str, str, frozenset]]  # key -> (title, paper's claim, expect)
+    arms: Mapping[str, ReportArm]
     seeds: Sequence[int]
     results: Mapping  # tools/evaluate.py JSON
     health: Mapping[tuple[str, int], Mapping]  # (arm, seed) -> events, d_acc_real/fake, loss_d
@@ -70,11 +91,11 @@ class StudyReport:
         return self.results["rows"][row_name(arm, seed)]
 
     def verdicts(self, arm: str) -> list[str]:
-        """Per seed: the arm against APT of the same seed (APT itself: against the start)."""
-        start = self.results["rows"][START]
+        """Per seed: the arm against its reference arm of the same seed (APT: the start)."""
+        start, ref_arm = self.results["rows"][START], self.arms[arm].reference
         out = []
         for s in self.seeds:
-            ref = start if arm == REFERENCE else self.row(REFERENCE, s)
+            ref = start if ref_arm is None else self.row(ref_arm, s)
             out.append(seed_verdict(self.row(arm, s), ref, start, self.health[(arm, s)]["events"]))
         return out
 
@@ -100,7 +121,15 @@ class StudyReport:
         words = ("lower", "overlap", "higher", "collapsed")
         return ", ".join(f"{w} {v.count(w)}/{len(v)}" for w in words if v.count(w))
 
-    def _table(self) -> list[str]:
+    def _vs(self, arm: str) -> str:
+        ref = self.arms[arm].reference
+        if ref is None:
+            return "vs start: " + self._count(arm)
+        if ref == REFERENCE or self.arms[arm].raw and ref == raw_key(REFERENCE):
+            return self._count(arm)
+        return f"vs {self.arms[ref].title}: " + self._count(arm)
+
+    def _table(self, raw: bool = False) -> list[str]:
         lines = [
             "| arm | FD ↓ per seed [95 % CI] | mean FD | background noise | sharpness ratio | "
             "saturation distance | caption all | D acc real / fake (2nd half) | events | "
@@ -115,7 +144,7 @@ class StudyReport:
             if n is not None and n != start.get("num_samples"):
                 name += f" ({n} samples: FD not comparable)"
             fixed.append((name, row))
-        for name, row in (*fixed, (START, start)):
+        for name, row in (*(() if raw else fixed), (START, start)):
             lines.append(
                 f"| {name} | {row['fd']:.1f} [{row['fd_ci'][0]:.1f}, {row['fd_ci'][1]:.1f}] | "
                 f"{row['fd']:.1f} | {_fmt(row.get('background_noise'), '.3f')} | "
@@ -123,7 +152,9 @@ class StudyReport:
                 f"{_fmt(row.get('saturation_distance'), '.3f')} | {row['caption_all']:.2f} | "
                 "– | – | – |"
             )
-        for arm, (title, *_) in self.arms.items():
+        for arm, spec in self.arms.items():
+            if spec.raw != raw:
+                continue
             rows = [self.row(arm, s) for s in self.seeds]
             hs = [self.health[(arm, s)] for s in self.seeds]
             fds = "<br>".join(
@@ -134,20 +165,20 @@ class StudyReport:
                 f"{_fmt(_mean([h['d_acc_real'] for h in hs]))} / "
                 f"{_fmt(_mean([h['d_acc_fake'] for h in hs]))}"
             )
-            vs = "vs start: " + self._count(arm) if arm == REFERENCE else self._count(arm)
             lines.append(
-                f"| {title} | {fds} | {_mean([r['fd'] for r in rows]):.1f} | "
+                f"| {spec.title} | {fds} | {_mean([r['fd'] for r in rows]):.1f} | "
                 f"{_fmt(_mean([r.get('background_noise') for r in rows]), '.3f')} | "
                 f"{_fmt(_mean([r.get('sharpness_ratio') for r in rows]))} | "
                 f"{_fmt(_mean([r.get('saturation_distance') for r in rows]), '.3f')} | "
-                f"{_mean([r['caption_all'] for r in rows]):.2f} | {acc} | {events} | {vs} |"
+                f"{_mean([r['caption_all'] for r in rows]):.2f} | {acc} | {events} | "
+                f"{self._vs(arm)} |"
             )
         return lines
 
     def reproduced(self, arm: str) -> str:
         """``yes`` / ``partly (k/n)`` / ``no`` / ``–`` (no prediction): the seeds whose verdict
         is one the paper predicts."""
-        expect = self.arms[arm][2]
+        expect = self.arms[arm].expect
         if not expect:
             return "–"
         v = self.verdicts(arm)
@@ -159,13 +190,31 @@ class StudyReport:
             "| arm | the paper | predicts | measured here (per seed) | reproduced? |",
             "|---|---|---|---|---|",
         ]
-        for arm, (title, paper, expect) in self.arms.items():
-            pred = " or ".join(sorted(expect)) or "–"
+        for arm, spec in self.arms.items():
+            pred = " or ".join(sorted(spec.expect)) or "–"
+            title = f"{spec.title} (raw generator)" if spec.raw else spec.title
             lines.append(
-                f"| {title} | {paper} | {pred} | {', '.join(self.verdicts(arm))} | "
+                f"| {title} | {spec.paper} | {pred} | {', '.join(self.verdicts(arm))} | "
                 f"{self.reproduced(arm)} |"
             )
         return lines
+
+    def _raw_section(self) -> list[str]:
+        if not any(a.raw for a in self.arms.values()):
+            return []
+        decay = f" (decay {self.recipe.ema_decay:g})" if self.recipe is not None else ""
+        return [
+            "### Raw generators",
+            "",
+            "The same runs, sampled from the generator's current weights (what D is training "
+            f"against) instead of its EMA{decay}. The EMA is what the demo ships, but with a "
+            "decay near 1 it still holds part of the consistency weights it started from and "
+            "lags behind the adversarial game; a run that degrades shows it here first. "
+            "Verdicts: against the raw generator of the reference arm, same seed.",
+            "",
+            *self._table(raw=True),
+            "",
+        ]
 
     def markdown(self, relative_to: Path | None = None) -> str:
         rel = lambda p: Path(p).relative_to(relative_to) if relative_to else Path(p)  # noqa: E731
@@ -176,8 +225,10 @@ class StudyReport:
             "Produced by `make study` (`examples/apt_study.py`); every number below is read off "
             "its runs. One shared diffusion + consistency pair (the demo's recipes, seed "
             f"{self.base_seed}); per arm one APT run per seed "
-            f"({', '.join(map(str, self.seeds))}) from it; 1-step samples of each run's EMA "
-            "generator on the held-out prompts, all scored in one `tools/evaluate.py` call "
+            f"({', '.join(map(str, self.seeds))}) from it (the longer arms continue the "
+            "shorter ones' runs from their last checkpoint); 1-step samples of each run's EMA "
+            "generator (and, for the arms of the second table, its raw generator) on the "
+            "held-out prompts, all scored in one `tools/evaluate.py` call "
             f"against the same {self.results.get('reference', {}).get('num_samples', '?')} "
             "real clips.",
             "",
@@ -190,7 +241,8 @@ class StudyReport:
                 f"warm-up), global batch {r.global_batch_size}, lr G {r.optim.lr:g} / D "
                 f"{r.optim.lr_d or r.optim.lr:g} ({r.optim.name}), sigma {r.r1_sigma:g} "
                 f"({r.r1_noise_std}), lambda {r.r1_lambda:g}, EMA {r.ema_decay:g}. "
-                f"Wall time of the study: {self.seconds / 60:.0f} min on this machine.",
+                "Time of its runs and samples (the sum of its steps; the evaluation comes on "
+                f"top): {self.seconds / 60:.0f} min on this machine.",
                 "",
             ]
         rows = self.results["rows"]
@@ -211,6 +263,7 @@ class StudyReport:
             "real data 0). D accuracy: share of real (fake) samples on the right side of 0, "
             "mean over the second half of the run and over seeds.",
             "",
+            *self._raw_section(),
             "## The paper's claims against these runs",
             "",
             *self._claims(),

@@ -1,6 +1,7 @@
-"""`make study`, shortened: examples/apt_study.py --quick runs the shared pre-stages, two arms
-(APT and one ablation) for one seed through the real launcher, one evaluation and the report
-with its pictures; a second run skips every finished step."""
+"""`make study`, shortened: examples/apt_study.py --quick runs the shared pre-stages, the arms
+(APT, one ablation, the consistency control and the twice-as-long pair that continues APT's and
+the ablation's runs) for one seed through the real launcher, EMA and raw-generator samples, one
+evaluation and the report with its pictures; a second run skips every finished step."""
 
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ def _study(out, report, *extra):
 
 def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     out, report = tmp_path / "study", tmp_path / "docs" / "study.md"
-    proc = _study(out, report, "--arms", "no-r1", "consistency-more")
+    arms = ("--arms", "no-r1-long", "consistency-more")  # + apt, no-r1, apt-long (needed)
+    proc = _study(out, report, *arms)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     rows = set(results["rows"])
-    assert {"apt / seed 5", "no-r1 / seed 5", "consistency-more / seed 5"} <= rows, rows
+    keys = ("apt", "no-r1", "apt-long", "no-r1-long")
+    want = {f"{k} / seed 5" for k in (*keys, "consistency-more")}
+    want |= {f"{k}-raw / seed 5" for k in keys}  # raw generators beside the EMA
+    assert want <= rows, want - rows
+    assert "consistency-more-raw / seed 5" not in rows
     # the floors beside the arms, made by the study (its base ran no demo generate stage)
     refs = {"real data through the VAE", "teacher: diffusion 25 steps (CFG)"}
     assert refs <= rows, rows
@@ -42,6 +48,16 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
         ).read_text()
     )
     assert cons["stage"] == "consistency" and cons["step"] == 6  # 3 shared + 3 more
+    # the long ablation continued the short one's run (not a fresh start) to twice its updates,
+    # with its flags, and its metrics cover the whole run
+    long = out / "runs" / "no-r1-long" / "seed5"
+    state = json.loads((long / "iter_0000006" / "trainer_state.json").read_text())
+    assert state["config"]["r1_lambda"] == 0.0 and state["step"] == 6
+    assert not (long / "iter_0000003").exists()  # its first 3 updates are no-r1's
+    log = (out / "base" / "logs" / "study-no-r1-long-seed5.log").read_text()
+    assert f"resumed from {out / 'runs' / 'no-r1' / 'seed5' / 'iter_0000003'}" in log
+    steps = {json.loads(x)["step"] for x in (long / "metrics.jsonl").read_text().splitlines() if x}
+    assert {1, 3, 4, 6} <= steps, steps
     text = report.read_text()
     for needle in (
         "| APT (demo recipe) |",
@@ -50,16 +66,28 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
         "Quick run",
         "| real data through the VAE |",
         "| teacher: diffusion 25 steps (CFG)",
+        "### Raw generators",
+        "| no approximated R1, 2x updates |",
+        "vs APT, 2x updates: ",
     ):
         assert needle in text, needle
     for png in ("health.png", "samples.png"):
         assert (report.parent / "study" / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"apt", "no-r1", "consistency-more"}
+    assert set(summary) == {*keys, "consistency-more", *(f"{k}-raw" for k in keys)}
     # resumable: a second run only re-evaluates and re-writes the report
-    again = _study(out, report, "--arms", "no-r1", "consistency-more")
+    again = _study(out, report, *arms)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "/train ..." not in again.stdout, again.stdout[-3000:]
+    # --report-only re-writes the report from the finished runs, and refuses an unfinished one
+    report.unlink()
+    evaluated = (out / "results.json").stat().st_mtime_ns
+    only = _study(out, report, *arms, "--report-only")
+    assert only.returncode == 0 and "(nothing run)" in only.stdout, only.stderr[-3000:]
+    assert (out / "results.json").stat().st_mtime_ns == evaluated  # not evaluated again
+    assert "| no approximated R1, 2x updates |" in report.read_text()
+    more = _study(out, report, *arms, "--report-only", "--seeds", "5", "6")
+    assert more.returncode != 0 and "apt/seed6/train" in more.stderr, more.stderr[-2000:]
     # a study on a finished base reuses its stages (one arm is enough to show it); one with
     # another seed is refused
     other = _study(tmp_path / "study2", report, "--base", str(out / "base"), "--arms", "no-r1")

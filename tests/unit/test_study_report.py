@@ -3,7 +3,14 @@ evaluation rows: decided by disjoint FD intervals, collapse by events or FD, per
 
 from __future__ import annotations
 
-from megatron_apt.evaluation.study_report import START, StudyReport, row_name, seed_verdict
+from megatron_apt.evaluation.study_report import (
+    START,
+    ReportArm,
+    StudyReport,
+    raw_key,
+    row_name,
+    seed_verdict,
+)
 
 WORSE = frozenset({"higher", "collapsed"})
 
@@ -41,9 +48,9 @@ def _report():
     }
     return StudyReport(
         arms={
-            "apt": ("APT", "better than its init", frozenset({"lower"})),
-            "no-r1": ("no R1", "collapse", WORSE),
-            "adam": ("Adam", "equivalent", frozenset({"overlap"})),
+            "apt": ReportArm("APT", "better than its init", frozenset({"lower"}), None),
+            "no-r1": ReportArm("no R1", "collapse", WORSE),
+            "adam": ReportArm("Adam", "equivalent", frozenset({"overlap"})),
         },
         seeds=[1, 2, 3],
         results={"real": _row(9.0), "rows": rows},
@@ -80,3 +87,47 @@ def test_markdown_has_every_arm_seed_and_claim():
         f"| {START}",
     ], lines
     assert "2048 samples per row" in md  # the references' N does not enter the footnote
+
+
+def test_reference_arms_and_the_raw_table():
+    """A long arm is judged against the long APT run, raw rows against the raw rows of their
+    reference, and the raw rows go to their own table."""
+    fds = {
+        "apt": (100, 100, 100),
+        "apt-long": (100, 100, 100),
+        "no-r1-long": (130, 90, 100),
+        raw_key("apt-long"): (150, 150, 150),
+        raw_key("no-r1-long"): (300, 150, 450),  # 450 > 2x the start's 200: collapsed
+    }
+    rows = {START: _row(200.0)} | {
+        row_name(a, s): _row(fd) for a, v in fds.items() for s, fd in zip((1, 2, 3), v)
+    }
+    health = {(a, s): {"events": [], "d_acc_real": 0.9, "d_acc_fake": 0.9} for a in fds
+              for s in (1, 2, 3)}  # fmt: skip
+    r = StudyReport(
+        arms={
+            "apt": ReportArm("APT", "", frozenset({"lower"}), None),
+            "apt-long": ReportArm("APT long", "", frozenset({"lower"}), None),
+            "no-r1-long": ReportArm("no R1 long", "collapse", WORSE, "apt-long"),
+            raw_key("apt-long"): ReportArm("APT long", "", frozenset({"lower"}), None, raw=True),
+            raw_key("no-r1-long"): ReportArm(
+                "no R1 long", "collapse", WORSE, raw_key("apt-long"), raw=True
+            ),
+        },
+        seeds=[1, 2, 3],
+        results={"real": _row(9.0), "rows": rows},
+        health=health,
+    )
+    assert r.verdicts("apt-long") == ["lower"] * 3  # 100 vs the start's 200
+    assert r.verdicts("no-r1-long") == ["higher", "overlap", "overlap"]  # vs apt-long (100)
+    assert r.verdicts(raw_key("no-r1-long")) == ["higher", "overlap", "collapsed"]  # vs 150
+    assert r.reproduced(raw_key("no-r1-long")) == "partly (2/3)"
+    md = r.markdown()
+    main, raw = md.split("### Raw generators")
+    assert "| no R1 long | 130.0" in main and "| no R1 long | 300.0" not in main
+    assert "| no R1 long | 300.0 [290.0, 310.0]" in raw.split("## The paper's")[0]
+    assert "vs APT long: overlap 2/3, higher 1/3" in main
+    assert "vs APT long: overlap 1/3, higher 1/3, collapsed 1/3" in raw
+    assert "| no R1 long (raw generator) | collapse |" in md  # the claims table tells them apart
+    # the start is in both tables, the floors (real data) only in the first
+    assert f"| {START} |" in raw and "real data (floor)" not in raw.split("## The paper's")[0]
