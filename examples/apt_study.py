@@ -18,8 +18,8 @@ the held-out prompts (and of the raw generator for the arms whose report has a r
 and one tools/evaluate.py call over every run (FD with 95 % bootstrap intervals, background
 noise, sharpness and saturation against real data, caption accuracy). Resumable: finished
 runs are recorded in OUT/progress.json, an interrupted training run resumes from its
-checkpoint. The report (tables, verdicts, health curves,
-sample grids) goes to --report (docs/study.md, pictures in docs/study/).
+checkpoint. The report (tables, verdicts, health curves, sample grids) goes to --report
+(docs/study.md, pictures in docs/study/).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ ARMS: dict[str, Arm] = {
         "sec. 3.5: RMSprop(alpha 0.9) 'is equivalent to' Adam(0, 0.9)",
         expect=frozenset({"overlap"}),
     ),
-    # the R1 ablation again, twice as long: at the recipe's length D without R1 heads for
-    # saturation but the generator has not degraded yet (docs/study.md)
+    # twice as long: APT (the paper's app. D: longer training degrades) and the R1 ablation
+    # (at the recipe's length D without R1 only heads for saturation: docs/study.md)
     "apt-long": Arm(
         "APT, 2x updates",
         paper="app. D: quality peaks (EMA, 350 G updates); training longer degrades it",

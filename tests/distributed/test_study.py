@@ -90,7 +90,7 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     assert more.returncode != 0 and "apt/seed6/train" in more.stderr, more.stderr[-2000:]
     # a study on a finished base reuses its stages (one arm is enough to show it); one with
     # another seed is refused
-    other = _study(tmp_path / "study2", report, "--base", str(out / "base"), "--arms", "no-r1")
+    other = _study(tmp_path / "study2", report, "--base", str(out / "base"), "--arms", "apt")
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
     for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
         assert f"[study] base/{stage}: done earlier in" in other.stdout, stage
