@@ -40,6 +40,7 @@ from demo import LATEST, RECON_FOLDER, RECON_ROW, ROOT, ROWS, Demo  # noqa: E402
 from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
 from megatron_apt.evaluation.study_report import (  # noqa: E402
+    REFERENCE,
     START,
     ReportArm,
     StudyReport,
@@ -67,7 +68,7 @@ class Arm:
     batch: float = 1.0  # global batch relative to the demo recipe's
     # the verdicts (vs the reference arm of the same seed) the paper predicts
     expect: frozenset = field(default_factory=lambda: WORSE)
-    reference: str | None = "apt"  # the arm it is judged against; None: the start
+    reference: str | None = REFERENCE  # the arm it is judged against; None: the start
     length: int = 1  # updates, in multiples of the recipe's
     # the arm whose finished run (same seed) this one continues from its last checkpoint to
     # `length` x the recipe's updates: the same run as one of that length from the start (the

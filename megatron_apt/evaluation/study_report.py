@@ -125,7 +125,7 @@ class StudyReport:
         ref = self.arms[arm].reference
         if ref is None:
             return "vs start: " + self._count(arm)
-        if ref == REFERENCE or self.arms[arm].raw and ref == raw_key(REFERENCE):
+        if ref in (REFERENCE, raw_key(REFERENCE)):  # the column's header says it
             return self._count(arm)
         return f"vs {self.arms[ref].title}: " + self._count(arm)
 
