@@ -9,6 +9,7 @@ import torch
 from megatron_apt.config.training import BatchPlan, OptimConfig, TrainConfig, lr_factor
 from megatron_apt.engine.ds_config import build_deepspeed_config
 from megatron_apt.engine.mpu import DeepSpeedMPU
+from megatron_apt.engine.rmsprop import ChunkedRMSprop
 from megatron_apt.engine.safe_checkpoint import install as install_safe_checkpoint
 from megatron_apt.parallel.state import ParallelState
 
@@ -38,7 +39,9 @@ def build_optimizer(params: list, optim: OptimConfig, lr: float) -> torch.optim.
             weight_decay=optim.weight_decay,
         )
     if optim.name == "rmsprop":
-        return torch.optim.RMSprop(
+        # torch's RMSprop, stepped slice by slice on CPU (bit-identical, no per-step temporary
+        # of the flat ZeRO partition's size): megatron_apt/engine/rmsprop.py
+        return ChunkedRMSprop(
             params, lr=lr, alpha=optim.rmsprop_alpha, eps=optim.eps, weight_decay=optim.weight_decay
         )
     raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop', 'adam' or 'adamw'")
