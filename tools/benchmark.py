@@ -45,6 +45,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -182,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="trainer-apt: micro-batches of --batch per optimizer step (default 1)",
     )
     ap.add_argument(
+        "--deepspeed-config",
+        type=Path,
+        default=None,
+        help="trainer-apt: a DeepSpeed JSON merged over both engines' configs, as "
+        "pretrain_apt.py's --deepspeed-config-{g,d} (e.g. ZeRO bucket sizes)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="trainer-apt: cProfile both updates, print the top"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -213,6 +221,13 @@ def resolve(args: argparse.Namespace):
     unknown = [p for p in phases if p not in PHASES]
     if unknown or not phases:
         raise UsageError(f"--phases {args.phases!r}: use a comma list of {', '.join(PHASES)}")
+    if args.deepspeed_config is not None:
+        if "trainer-apt" not in phases:
+            raise UsageError("--deepspeed-config applies to --phases trainer-apt only")
+        try:
+            json.loads(args.deepspeed_config.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--deepspeed-config {args.deepspeed_config}: {e}") from None
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -324,10 +339,12 @@ def _compare(entry: dict, a: str, b: str) -> None:
 
 
 def _time_phase(args, fns: dict, flops: float, counts, ref, device) -> dict:
-    times = time_interleaved(fns, args.warmup, args.repeats, device)
+    faults: dict[str, list[int]] = {}
+    times = time_interleaved(fns, args.warmup, args.repeats, device, faults)
     entry = {}
     for who, fn in fns.items():
         entry[who] = phase_stats(times[who], flops, *counts, ref)
+        entry[who]["minor_page_faults"] = statistics.median(faults[who])
         entry[who]["memory"] = measure_peak_memory(fn, device)
     return entry
 
@@ -392,6 +409,7 @@ def _time_trainer(args, cfg, spec, result, counts, device, dtype) -> None:
             compile=compiled,
             layer_spec=args.layer_spec,
             seed=args.seed,
+            deepspeed_config=args.deepspeed_config,
         )
         try:
             calls = trainer_apt_calls(tc, device)
@@ -406,7 +424,11 @@ def _time_trainer(args, cfg, spec, result, counts, device, dtype) -> None:
     if args.profile:
         entry["profile"] = profile_calls(fns, args.repeats)
     result["phases"]["trainer_apt_update"] = entry
-    result["trainer"] = {"zero_stage": args.zero_stage, "accumulation": args.accumulation}
+    result["trainer"] = {
+        "zero_stage": args.zero_stage,
+        "accumulation": args.accumulation,
+        "deepspeed_config": None if args.deepspeed_config is None else str(args.deepspeed_config),
+    }
 
 
 def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:

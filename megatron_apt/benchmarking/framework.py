@@ -17,6 +17,7 @@ The ratio ``trainer / plain`` is what the framework costs per update at this siz
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -42,9 +43,12 @@ def trainer_config(
     compile: bool = False,
     layer_spec: str = "local",
     seed: int = 0,
+    deepspeed_config: str | os.PathLike | None = None,
 ) -> TrainConfig:
     """An APT run of ``model`` on synthetic latents of shape ``latent`` (T, H, W in latent
-    units), one process: the benchmark's workload through the trainer."""
+    units), one process: the benchmark's workload through the trainer. ``deepspeed_config``:
+    a JSON merged over both engines' DeepSpeed configs (``--deepspeed-config-{g,d}``)."""
+    ds_json = None if deepspeed_config is None else str(deepspeed_config)
     t, h, w = latent
     return TrainConfig(
         recipe="benchmark-apt",
@@ -62,6 +66,8 @@ def trainer_config(
         ema_decay=0.99,
         data=DataConfig(frames=t, height=h, width=w, text_len=text_len, num_samples=4096),
         seed=seed,
+        deepspeed_config_g=ds_json,
+        deepspeed_config_d=ds_json,
         exit_signal_handler=False,
         log_interval=10**9,
     )

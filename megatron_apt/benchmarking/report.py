@@ -139,8 +139,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| phase | model | median ms | tokens/s | TFLOP/s | util vs matmul | util vs peak "
-        "| peak mem MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| peak mem MiB | page faults |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     comparisons = []
     for phase, entry in result["phases"].items():
@@ -153,7 +153,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {phase} | {who} | {s['median_s'] * 1e3:.1f} | {s['tokens_per_s']:.4g} "
                 f"| {s['tflops']:.3g} | {_fmt(s['utilization_vs_matmul'], '.1%')} "
-                f"| {_fmt(s['utilization_vs_peak'], '.1%')} | {mem_text} |"
+                f"| {_fmt(s['utilization_vs_peak'], '.1%')} | {mem_text} "
+                f"| {_fmt(s.get('minor_page_faults'), '.0f')} |"
             )
         comparisons += [(phase, k, v) for k, v in entry.get("comparisons", {}).items()]
     if comparisons:
@@ -176,7 +177,9 @@ def markdown(result: dict) -> str:
                 "; in parentheses the rise during the call."
                 if dev["type"] == "cuda"
                 else " (every model's weights and the allocator's cached pages included)."
-            ),
+            )
+            + " Page faults: the process's minor page faults per call (median; pages mapped "
+            "in afresh, e.g. for buffers allocated anew each call).",
         ]
     for phase, entry in result["phases"].items():
         for who, prof in entry.get("profile", {}).items():

@@ -21,23 +21,35 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+    fns: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function. Warm-up calls first; then each repeat calls every
-    function once, alternating the order, so that a drift in machine load hits all alike."""
+    function once, alternating the order, so that a drift in machine load hits all alike.
+    ``faults``, if given, receives the process's minor page faults during each timed call
+    (``getrusage`` ``ru_minflt``: pages the kernel mapped in afresh, e.g. for a large buffer
+    allocated anew per call)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    if faults is not None:
+        faults.update({k: [] for k in fns})
     for r in range(repeats):
         order = list(fns) if r % 2 == 0 else list(reversed(fns))
         for key in order:
             sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fns[key]()
             sync(device)
             times[key].append(time.perf_counter() - t0)
+            if faults is not None:
+                faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return times
 
 

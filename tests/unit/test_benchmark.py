@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_apt.config import get_preset
 from megatron_apt.config.flops import forward_flops
@@ -71,6 +72,7 @@ def _check_stats(entry: dict, models, flops: float, repeats: int) -> None:
         assert s["tflops"] == pytest.approx(flops / s["median_s"] / 1e12)
         assert _positive(s["utilization_vs_matmul"]) and s["utilization_vs_peak"] is None
         assert _positive(s["memory"]["peak_mib"]) and s["memory"]["method"]
+        assert s["minor_page_faults"] >= 0
 
 
 def _check_ratio(entry: dict, a: str, b: str) -> None:
@@ -116,15 +118,22 @@ def test_trainer_apt_against_plain_torch(tmp_path):
     torch's, interleaved, with their ratio and a profile of each. In a subprocess: the trainer
     starts torch.distributed (a world of one)."""
     out = tmp_path / "trainer.json"
+    ds_json = tmp_path / "ds.json"  # merged over both engines' configs
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 10**6}}))
     proc = run_tool(
         "--preset", "tiny", "--latent", "1x8x8", "--text-len", "8", "--batch", "2",
         "--accumulation", "2", "--zero-stage", "0", "--warmup", "1", "--repeats", "2",
         "--device", "cpu", "--phases", "trainer-apt", "--profile", "--json-out", str(out),
+        "--deepspeed-config", str(ds_json),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     entry = r["phases"]["trainer_apt_update"]
-    assert r["trainer"] == {"zero_stage": 0, "accumulation": 2}
+    assert r["trainer"] == {
+        "zero_stage": 0,
+        "accumulation": 2,
+        "deepspeed_config": str(ds_json),
+    }
     assert benchmark.contenders(entry) == ["trainer", "plain"]
     # two micro-batches of 2 per update: twice one update's FLOPs and tokens
     _check_stats(entry, ["trainer", "plain"], 2 * r["flops"]["apt_update"], repeats=2)
@@ -174,3 +183,28 @@ def test_bad_phase_and_spec_exit_2():
     assert proc.returncode == 2 and "--phases" in proc.stderr
     proc = run_tool("--preset", "tiny", "--latent", "1x8x8", "--layer-spec", "nope")
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_bad_deepspeed_config_exits_2_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    common = ("--preset", "tiny", "--latent", "1x8x8", "--deepspeed-config", str(bad))
+    proc = run_tool(*common, "--phases", "trainer-apt")
+    assert proc.returncode == 2 and "broken.json" in proc.stderr, proc.stderr
+    proc = run_tool(*common, "--phases", "forward")  # the engines are in trainer-apt only
+    assert proc.returncode == 2 and "trainer-apt only" in proc.stderr, proc.stderr
+
+
+def test_page_faults_count_the_pages_a_call_maps_afresh():
+    """time_interleaved's fault count: a call that writes a fresh 64 MiB buffer (glibc maps
+    blocks this large anew each time) faults ~16k pages of 4 KiB; one that reuses a buffer
+    does not."""
+    from megatron_apt.benchmarking.timing import time_interleaved
+
+    kept = torch.empty(16 * 2**20)
+    fns = {"fresh": lambda: torch.ones(16 * 2**20), "reused": lambda: kept.fill_(1.0)}
+    faults: dict = {}
+    times = time_interleaved(fns, 1, 3, torch.device("cpu"), faults)
+    assert set(times) == set(faults) == {"fresh", "reused"}
+    assert len(faults["fresh"]) == 3 and min(faults["fresh"]) > 8000, faults
+    assert max(faults["reused"]) < 1000, faults
