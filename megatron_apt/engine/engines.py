@@ -47,6 +47,22 @@ def build_optimizer(params: list, optim: OptimConfig, lr: float) -> torch.optim.
     raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop', 'adam' or 'adamw'")
 
 
+def idle_zero_notice(zero_stage: int, dp_cp_size: int) -> str | None:
+    """A one-line notice when ZeRO-1/2 has nothing to shard: over a data-parallel (x context-
+    parallel) group of one rank, DeepSpeed still copies every gradient into its reduction bucket
+    during the backward and flattens the partition at each step (deepspeed 0.19.8
+    ``runtime/zero/stage_1_and_2.py``), work ZeRO-0 does not do; docs/performance.md measures it.
+    ZeRO-3 is left alone: its partitioned build (``zero.Init``) is what a user may want even on
+    one rank, to build a model larger than one device's memory with CPU offload."""
+    if zero_stage in (1, 2) and dp_cp_size == 1:
+        return (
+            f"note: ZeRO-{zero_stage} over one data-parallel rank shards nothing but still copies "
+            "gradients into buckets and flat partitions every update; --zero-stage 0 trains the "
+            "same model without those copies (docs/performance.md)"
+        )
+    return None
+
+
 def create_engine(
     module: torch.nn.Module,
     cfg: TrainConfig,

@@ -40,7 +40,7 @@ from megatron_apt.engine.checkpointing import (
 )
 from megatron_apt.engine.data import build_stream, load_negative_prompt
 from megatron_apt.engine.ema import EngineEMA, TargetEMA, gathered_module_state
-from megatron_apt.engine.engines import create_engine
+from megatron_apt.engine.engines import create_engine, idle_zero_notice
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.engine.preemption import ExitGuard
 from megatron_apt.engine.recovery import CollapseGuard, TrainingStopped
@@ -120,6 +120,9 @@ class Trainer:
                     f"over {self.ps.dp_cp_size} ranks: no rank held a whole copy",
                     flush=True,
                 )
+            notice = idle_zero_notice(cfg.zero_stage, self.ps.dp_cp_size)
+            if notice:
+                print(notice, flush=True)
         error = None
         try:
             if cfg.load:  # before the logger exists: a refused --load writes nothing

@@ -73,6 +73,13 @@ def train(root: Path, name: str, nproc: int, *flags, recipe: str = "tiny-apt", l
     stage = recipe.removeprefix("tiny-")
     done = re.findall(r"TRAINING-DONE\b.*", proc.stdout)
     assert done and all(f"stage={stage}" in d and "skipped=0" in d for d in done), proc.stdout
+    # ZeRO-1/2 over a data-parallel group of one (one rank, or every rank in one TP group) is
+    # named once by rank 0; never where ZeRO has ranks to shard over, nor at ZeRO-0/3
+    opt = dict(zip(map(str, flags), map(str, flags[1:])))
+    tp = int(opt.get("--tensor-model-parallel-size", 1))
+    idle = opt.get("--zero-stage") in ("1", "2") and nproc // tp == 1
+    notices = proc.stdout.count("over one data-parallel rank shards nothing")
+    assert notices == int(idle), (name, notices, proc.stdout[-2000:])
     return save
 
 
