@@ -2,7 +2,7 @@
 # The GPU check (docs/performance.md): one prepared run of what a CUDA machine can show, with a
 # JSON + Markdown report in OUT. See tools/gpu_check.py for the steps.
 #
-#   tools/gpu_check.sh OUT              # one CUDA GPU; <= 8 minutes on an H200
+#   tools/gpu_check.sh OUT              # one CUDA GPU; <= 9 minutes (--budget-s 540)
 #   tools/gpu_check.sh --dry-run OUT    # the same steps on CPU (gloo, fp32, small presets)
 #
 # Set PYTHON to the interpreter that has torch (default: .venv/bin/python, else python3).

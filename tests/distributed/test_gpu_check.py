@@ -1,7 +1,8 @@
 """tools/gpu_check.sh --dry-run: the GPU check's own steps on CPU (issue 14), so that the rare
 GPU minutes go to measuring, not to debugging the script: environment probe, tests/gpu, a
 deepspeed-launched tiny APT run with save and resume (bit-exact in fp32 on CPU), and the two
-benchmarks; the JSON and Markdown report."""
+benchmarks (the 8B forward, the APT update, ours against diffusers eager and compiled); the JSON
+and Markdown report; the time budget that keeps the check inside one device command."""
 
 from __future__ import annotations
 
@@ -25,8 +26,14 @@ def test_gpu_check_dry_run(tmp_path):
     steps = {s["step"]: s for s in report["steps"]}
     assert set(steps) == {
         "environment", "gpu-tests", "train", "train-first-half", "resume", "bench-forward",
-        "bench-apt",
+        "bench-apt", "bench-compile",
     }  # fmt: skip
+    assert report["complete"]
+    compiled = steps["bench-compile"]
+    assert compiled["compile_status"] == {"ours": "off", "ours compiled": "on"}
+    assert compiled["diffusers"] == "timed" and compiled["compiled_ratio"] > 0
+    assert compiled["eager_ratio"] > 0 and compiled["compiled_over_eager"] > 0
+    assert "meets_goal" not in compiled  # a goal for GPUs, not judged on a CPU dry run
     assert steps["resume"]["resume_exact"] and steps["resume"]["resume_max_abs_diff"] == 0.0
     assert set(steps["resume"]["losses_full"]) == {"3", "4"}
     assert steps["environment"]["env"]["cuda_available"] is False
@@ -46,3 +53,23 @@ def test_gpu_check_refuses_a_cpu_machine_without_dry_run(tmp_path):
     assert proc.returncode == 1
     (step,) = json.loads((tmp_path / "r" / "gpu_check.json").read_text())["steps"]
     assert step["status"] == "fail" and "no CUDA device" in step["problem"]
+
+
+def test_gpu_check_time_budget_skips_steps_and_still_reports(tmp_path):
+    """--budget-s: a step with less than 20 s of the budget left is not started but recorded as
+    skipped (with the reason), the report is complete and says so, and the check fails."""
+    out = tmp_path / "r"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "gpu_check.py"), str(out), "--dry-run",
+         "--only", "environment", "gpu-tests", "--budget-s", "21"],
+        cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["complete"] and not report["passed"]
+    steps = {s["step"]: s for s in report["steps"]}
+    assert set(steps) == {"environment", "gpu-tests"}  # the environment step ran (>= 1 s)
+    assert steps["gpu-tests"]["status"] == "skipped"
+    assert "time budget" in steps["gpu-tests"]["problem"]
+    md = (out / "gpu_check.md").read_text()
+    assert "FAILED or skipped" in md and "| gpu-tests | skipped |" in md
