@@ -333,6 +333,7 @@ class Check:
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
             "python": platform.python_version(),
+            "pythonpath": self.env["PYTHONPATH"],
             "passed": ok,
             "complete": self.finished,
             "steps": self.steps,

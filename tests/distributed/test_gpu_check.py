@@ -7,8 +7,11 @@ and Markdown report; the time budget that keeps the check inside one device comm
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 from megatron_apt.testing.launch import REPO_ROOT, launcher_env
 
@@ -73,3 +76,56 @@ def test_gpu_check_time_budget_skips_steps_and_still_reports(tmp_path):
     assert "time budget" in steps["gpu-tests"]["problem"]
     md = (out / "gpu_check.md").read_text()
     assert "FAILED or skipped" in md and "| gpu-tests | skipped |" in md
+
+
+def _probe_wheel(folder) -> None:
+    """A minimal pure-Python wheel, standing in for the carried deepspeed / megatron-core ones."""
+    folder.mkdir()
+    files = {
+        "gpu_lease_probe/__init__.py": "VALUE = 1\n",
+        "gpu_lease_probe-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: gpu-lease-probe\n"
+        "Version: 0.1\n",
+        "gpu_lease_probe-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+        "Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "gpu_lease_probe-0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(folder / "gpu_lease_probe-0.1-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr("gpu_lease_probe-0.1.dist-info/RECORD", record)
+
+
+def test_gpu_lease_run_installs_the_wheels_and_returns_the_report(tmp_path):
+    """tools/gpu_lease.sh run: the carried wheels installed into a folder on PYTHONPATH, the
+    check run, and only the report copied into OUT, within what the device returns (at most 8
+    files, plain names)."""
+    _probe_wheel(tmp_path / "whl")
+    out, site = tmp_path / "out", tmp_path / "site"
+    env = launcher_env({
+        "OUT": str(out), "GPU_CHECK_DIR": str(tmp_path / "work"), "GPU_LEASE_SITE": str(site),
+        "PYTHON": sys.executable,
+    })  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "gpu_lease.sh"), "run", str(tmp_path / "whl"),
+         "--dry-run", "--only", "environment"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (site / "gpu_lease_probe" / "__init__.py").is_file()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["gpu_check.json", "gpu_check.md", "logs.tgz"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names) and len(names) <= 8
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["passed"] and str(site) in report["pythonpath"].split(":")
+    with tarfile.open(out / "logs.tgz") as t:
+        assert "logs/environment.log" in t.getnames()
+
+
+def test_gpu_lease_run_without_out_says_so(tmp_path):
+    env = launcher_env({"PYTHON": sys.executable})
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "gpu_lease.sh"), "run", str(tmp_path / "none")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "OUT is not set" in proc.stderr
