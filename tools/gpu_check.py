@@ -249,35 +249,32 @@ class Check:
             "losses_full": {str(s): a[s] for s in (3, 4)},
         }
 
-    def benchmarks(self) -> None:
+    def _bench_args(self, size: str) -> list[str]:
+        """``tools/benchmark.py`` arguments: on the GPU the paper's 8B model at its video shape
+        (``big``) or ``mid`` in bf16; in a dry run the ``tiny`` model in fp32 on CPU for both."""
         if self.dry:
-            big = ["--preset", "tiny", "--latent", "1x16x16", "--text-len", "16", "--dtype",
-                   "fp32", "--device", "cpu", "--repeats", "2", "--warmup", "1"]  # fmt: skip
-            mid = big
-        else:
-            big = ["--preset", "mmdit-8b", "--latent", "13x90x160", "--dtype", "bf16",
-                   "--device", "cuda", "--repeats", "5", "--warmup", "2"]  # fmt: skip
-            mid = ["--preset", "mid", "--latent", "1x64x64", "--dtype", "bf16", "--device",
-                   "cuda", "--repeats", "5", "--warmup", "2"]  # fmt: skip
+            return ["--preset", "tiny", "--latent", "1x16x16", "--text-len", "16", "--dtype",
+                    "fp32", "--device", "cpu", "--repeats", "2", "--warmup", "1"]  # fmt: skip
+        shape = {"big": ["mmdit-8b", "13x90x160"], "mid": ["mid", "1x64x64"]}[size]
+        return ["--preset", shape[0], "--latent", shape[1], "--dtype", "bf16", "--device", "cuda",
+                "--repeats", "5", "--warmup", "2"]  # fmt: skip
+
+    def benchmarks(self) -> None:
         tool = ROOT / "tools" / "benchmark.py"
-        for name, args, phases in (("bench-forward", big, "forward"), ("bench-apt", mid, "apt")):
+        steps = (("bench-forward", "big", "forward"), ("bench-apt", "mid", "apt"))
+        for name, size, phases in steps:
             js = self.out / f"{name}.json"
-            cmd = self.py(tool, *args, "--phases", phases, "--layer-spec", "local",
-                          "--skip-diffusers", "--json-out", js)  # fmt: skip
+            cmd = self.py(tool, *self._bench_args(size), "--phases", phases, "--layer-spec",
+                          "local", "--skip-diffusers", "--json-out", js)  # fmt: skip
             self.run(name, cmd, 420, check=lambda js=js, phases=phases: self._bench(js, phases))
 
     def bench_compile(self) -> None:
         """Issue 17 on the GPU: ours against diffusers' SD3 transformer of the same size, eager
         and compiled per block (``--compile both``), forward + backward, in one run."""
-        if self.dry:
-            args = ["--preset", "tiny", "--latent", "1x16x16", "--text-len", "16", "--dtype",
-                    "fp32", "--device", "cpu", "--repeats", "2", "--warmup", "1"]  # fmt: skip
-        else:
-            args = ["--preset", "mid", "--latent", "1x64x64", "--dtype", "bf16", "--device",
-                    "cuda", "--repeats", "5", "--warmup", "2"]  # fmt: skip
         js = self.out / "bench-compile.json"
-        cmd = self.py(ROOT / "tools" / "benchmark.py", *args, "--phases", "fwd-bwd", "--compile",
-                      "both", "--layer-spec", "local", "--json-out", js)  # fmt: skip
+        cmd = self.py(ROOT / "tools" / "benchmark.py", *self._bench_args("mid"), "--phases",
+                      "fwd-bwd", "--compile", "both", "--layer-spec", "local", "--json-out",
+                      js)  # fmt: skip
         self.run("bench-compile", cmd, 360, check=lambda: self._compiled(js))
 
     def _compiled(self, path: Path) -> dict:

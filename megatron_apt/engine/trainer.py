@@ -120,8 +120,7 @@ class Trainer:
                     f"over {self.ps.dp_cp_size} ranks: no rank held a whole copy",
                     flush=True,
                 )
-            notice = idle_zero_notice(cfg.zero_stage, self.ps.dp_cp_size)
-            if notice:
+            if notice := idle_zero_notice(cfg.zero_stage, self.ps.dp_cp_size):
                 print(notice, flush=True)
         error = None
         try:
