@@ -55,7 +55,7 @@ test-distributed: $(STAMP)
 # TE and flash-attn compile against the installed torch: torch first, then them without build
 # isolation (pip would otherwise build them against a fresh torch in a temporary environment)
 GPU_STAMP := $(VENV)/.installed-gpu
-GPU_PKGS := "transformer-engine[pytorch]>=2.9,<2.12" "flash-attn>=2.7,<2.9"
+GPU_PKGS := "transformer-engine[pytorch]>=2.9,<2.12" "flash-attn>=2.7.3,<=2.8.1"
 $(GPU_STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip

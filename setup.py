@@ -29,11 +29,14 @@ INSTALL_REQUIRES = [
 ]
 EXTRAS = {
     # CUDA machines only: Transformer Engine kernels (BF16/FP8) and flash-attn. megatron-core
-    # 0.16.1 declares transformer-engine>=2.9.0a0,<2.12.0 (its METADATA); flash-attn 2.8 is the
-    # version the flash path follows. Both compile against the installed torch: install them
-    # with `make install-gpu` (a second pip step with --no-build-isolation), not `pip install
-    # .[gpu]` in one step.
-    "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.7,<2.9"],
+    # 0.16.1 declares transformer-engine>=2.9.0a0,<2.12.0 (its METADATA). flash-attn: what every
+    # TE of that range accepts; outside [version_required, max_version] TE turns its flash
+    # backend off (TE 2.9: 2.1.1-2.8.1, 2.7.3 on Blackwell; TE 2.10/2.11: up to 2.8.3;
+    # attention/dot_product_attention/utils.py:116-118, backends.py:83-87 / :96-100; the table
+    # is in tests/unit/test_fp8_amax_and_kernel_pins.py). Both compile against the installed
+    # torch: install them with `make install-gpu` (a second pip step with
+    # --no-build-isolation), not `pip install .[gpu]` in one step.
+    "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.7.3,<=2.8.1"],
     # mpirun launches: mpi4py plus an MPI library from a wheel.
     "mpi": ["mpi4py==4.1.2", "mpich"],
     "dev": [

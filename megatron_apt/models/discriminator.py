@@ -150,7 +150,9 @@ class Discriminator(nn.Module):
         text_mask: torch.Tensor | None = None,
         pooled_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B]`` (float32) of clean latents ``[B, C, T, H, W]`` at timesteps ``[B]``."""
+        """Logits ``[B]`` (float32) of clean latents ``[B, C, T, H, W]`` at timesteps ``[B]``;
+        ``text_mask`` is passed through as it is: keep it on the host (``models/inputs.py``),
+        and concatenate the masks of a ``[real; fake; perturbed]`` batch there too."""
         feats = self.backbone(
             latents,
             timesteps,

@@ -34,7 +34,8 @@ class Generator(nn.Module):
         text_mask: torch.Tensor | None = None,
         pooled_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One-step sample ``[B, C, T, H, W]`` from noise ``z`` of the same shape."""
+        """One-step sample ``[B, C, T, H, W]`` from noise ``z`` of the same shape
+        (``text_mask`` on the host, as for the MMDiT: ``models/inputs.py``)."""
         t = torch.full((noise.shape[0],), self.final_t, device=noise.device, dtype=torch.float32)
         v = self.model(noise, t, text, text_mask, pooled_text)
         return noise - self.final_t * v.to(noise.dtype)

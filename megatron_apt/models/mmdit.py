@@ -13,6 +13,10 @@ Parallel layout inside the blocks (megatron's ``[s, b, h]``):
 * tensor-parallel region (attention): ``[s, b, heads/tp, hd]``; the fused QKV weight is laid
   out per head as ``[heads, (q, k, v), hd]`` so a contiguous TP split keeps whole heads.
 
+Padded text tokens (``text_mask``, given on the host: :mod:`megatron_apt.models.inputs`) are
+masked out as keys, and their query rows' attention outputs and q/k/v gradients are set to
+exactly zero whatever the kernel leaves there (:mod:`megatron_apt.models.masks`).
+
 Embeddings and the final layer run replicated on the full sequence outside the blocks, so
 their gradients are complete on every TP rank. Tensors identical on all TP ranks whose
 consumers see only part of the tokens or heads (modulation vectors, QK-norm weights, biases
@@ -45,7 +49,6 @@ from megatron_apt.models.build_options import build_options, gathered
 from megatron_apt.models.compile import run_compiled
 from megatron_apt.models.embeddings import (
     apply_rotation,
-    check_latent_shape,
     crop_sincos_2d,
     patchify,
     rope_3d,
@@ -54,9 +57,12 @@ from megatron_apt.models.embeddings import (
     timestep_features,
     unpatchify,
 )
+from megatron_apt.models.inputs import TimestepRangeCheck, check_input_shapes
+from megatron_apt.models.masks import guard_padded_rows, zero_padded_rows
 from megatron_apt.models.specs import (
     KeyMask,
     LayerSpec,
+    as_key_mask,
     ensure_tp_attributes,
     get_spec,
     local_spec,
@@ -74,6 +80,7 @@ from megatron_apt.parallel.tensor_parallel import (
     reduce_grad_over_tp,
     scatter_to_sequence_parallel,
 )
+from megatron_apt.utils.transfer import to_device
 
 
 def megatron_config(
@@ -248,8 +255,9 @@ class MMDiTBlock(nn.Module):
     def forward(self, x, c, cond, rope=None, key_mask=None):
         """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; cond: ``[b, h]``;
         rope: the rotation of the visual tokens (:func:`rope_rotation`, ``[N, 1, 1, hd/2]``
-        complex); key_mask: ``[b, N+L]`` bool or None.
+        complex); key_mask: ``[b, N+L]`` bool (a :class:`KeyMask` or a tensor) or None.
         Returns (x, c) with c None after a context-pre-only block."""
+        key_mask = as_key_mask(key_mask)
         mx = self.visual.modulation(cond)
         mc = self.text.modulation(cond)
         qx, kx, vx = self.visual.qkv_heads(x, mx[0], mx[1])  # [N, b, nh/tp, hd]
@@ -263,7 +271,11 @@ class MMDiTBlock(nn.Module):
         q, k, v = torch.cat([qx, qc]), torch.cat([kx, kc]), torch.cat([vx, vc])
         if self.ps.cp_size > 1:  # Ulysses: [S/cp, b, 3, nh/tp, hd] -> [S, b, 3, nh/tp/cp, hd]
             q, k, v = sequence_to_heads(torch.stack([q, k, v], dim=2), self.ps, 3).unbind(2)
+        if key_mask is not None:  # padded rows: no stale kernel memory in any gradient
+            q, k, v = guard_padded_rows(q, k, v, key_mask.valid_rows)  # (models/masks.py)
         out = self.attention(q, k, v, key_mask)  # [N+L, b, h/tp] (CP: [S, b, h/tp/cp])
+        if key_mask is not None:  # padded query rows exactly zero, whatever the kernel
+            out = zero_padded_rows(out, key_mask.valid_rows)
         if self.ps.cp_size > 1:
             s, b = out.shape[:2]
             out = heads_to_sequence(out.view(s, b, -1, q.shape[-1]), self.ps, 2).flatten(2)
@@ -347,6 +359,7 @@ class MMDiT(nn.Module):
             ensure_tp_attributes(self)  # megatron sets them in its (skipped) init only
         self.to(dtype=params_dtype)
         self.recompute_layers: tuple[int, ...] = ()
+        self._timestep_range = TimestepRangeCheck()  # see models/inputs.py
 
     def set_recompute(self, layers: str | int | Sequence[int] | None) -> tuple[int, ...]:
         """Recompute the given blocks in backward instead of keeping their activations.
@@ -419,35 +432,8 @@ class MMDiT(nn.Module):
         return t // pt, h // ph, w // pw
 
     def _check_inputs(self, latents, timesteps, text, text_mask, pooled_text):
-        cfg = self.cfg
-        check_latent_shape(latents, cfg.in_channels, cfg.patch_size)
-        b = latents.shape[0]
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps must be [B]={b}, got shape {tuple(timesteps.shape)}")
-        lo, hi = timesteps.min().item(), timesteps.max().item()
-        if lo < 0.0 or hi > 1.0:  # the classic slip: passing SD3's sigma * 1000
-            raise ValueError(
-                f"timesteps must lie in [0, 1] (0 = data, 1 = noise), got [{lo:g}, {hi:g}]; "
-                f"the model scales them by timestep_scale={self.cfg.timestep_scale:g} itself"
-            )
-        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
-            raise ValueError(
-                f"text must be [B={b}, L, text_dim={cfg.text_dim}], got {tuple(text.shape)}"
-            )
-        if text_mask is not None and text_mask.shape != text.shape[:2]:
-            raise ValueError(
-                f"text_mask must be [B, L]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
-            )
-        if (pooled_text is None) != (cfg.pooled_text_dim is None):
-            raise ValueError(
-                f"pooled_text is {'missing' if pooled_text is None else 'given'} but the model "
-                f"has pooled_text_dim={cfg.pooled_text_dim}"
-            )
-        if pooled_text is not None and pooled_text.shape != (b, cfg.pooled_text_dim):
-            raise ValueError(
-                f"pooled_text must be [B={b}, {cfg.pooled_text_dim}], got "
-                f"{tuple(pooled_text.shape)}"
-            )
+        check_input_shapes(self.cfg, latents, timesteps, text, text_mask, pooled_text)
+        self._timestep_range(timesteps, self.cfg.timestep_scale)  # once on the device
 
     def embed(self, latents, timesteps, text, text_mask, pooled_text):
         """Replicated embeddings: visual ``[B, N/cp, h]`` and text ``[B, L/cp, h]`` (this CP
@@ -491,19 +477,22 @@ class MMDiT(nn.Module):
         if c.shape[1] % align:  # pad text with masked tokens
             pad = align - c.shape[1] % align
             c = F.pad(c, (0, 0, 0, pad))
-            if text_mask is None:
-                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            if text_mask is None:  # made on the host (models/inputs.py: no device reads)
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool)
             text_mask = F.pad(text_mask, (0, pad), value=False)
         c = split_for_cp(c, ps, dim=1)
         key_mask = None
+        # read on the host for a host mask (the contract); a device mask costs a sync here
         if text_mask is not None and not bool(text_mask.all()):
+            text_mask = text_mask.bool()  # built where the mask lives, then moved once
             if ps.cp_size > 1:  # the order of the all-to-all's sequence: [x_0; c_0; x_1; ...]
                 key_mask = cp_key_mask(n, text_mask, ps)
             else:
-                vis = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-                key_mask = torch.cat([vis, text_mask.bool()], dim=1)  # [B, N+L]
-            # one object for every layer: the kernels' host-side mask analysis runs once
-            key_mask = KeyMask(key_mask)
+                vis = text_mask.new_ones(text_mask.shape[0], x.shape[1])  # [B, N]
+                key_mask = torch.cat([vis, text_mask], dim=1)  # [B, N+L]
+            # one object for every layer: the kernels' mask analysis runs once, on the host
+            key_mask = KeyMask(key_mask, device=x.device)
+        timesteps = to_device(timesteps, x.device)
         t_feat = timestep_features(timesteps * cfg.timestep_scale, cfg.timestep_freq_dim)
         cond = self.time_embed(t_feat.to(x.dtype))
         if self.pooled_embed is not None:
@@ -525,9 +514,13 @@ class MMDiT(nn.Module):
         Args:
             latents: ``[B, C, T, H, W]`` noisy latents x_t.
             timesteps: ``[B]`` on [0, 1] (0 = data, 1 = noise); scaled by
-                ``cfg.timestep_scale`` inside.
+                ``cfg.timestep_scale`` inside. The range is checked on every call with host
+                timesteps and on the first call with device ones (one synchronization).
             text: ``[B, L, text_dim]`` text-encoder token embeddings.
-            text_mask: ``[B, L]`` bool, True for real tokens; None = all real.
+            text_mask: ``[B, L]`` bool, True for real tokens; None = all real. On the host
+                (a CPU tensor) even when the model runs on CUDA: then the forward makes no host
+                synchronization (``models/inputs.py``); a mask on the device works, with one
+                to four synchronizations per forward.
             pooled_text: ``[B, pooled_text_dim]`` when the config has a pooled projection.
             return_layers: 1-based block indices whose visual tokens to return as well.
             features_only: return only the features of ``return_layers``, skipping the blocks
@@ -545,8 +538,8 @@ class MMDiT(nn.Module):
             if not 1 <= k <= self.cfg.num_layers:
                 raise ValueError(f"return_layers entry {k} outside 1..{self.cfg.num_layers}")
         ps, grid = self.ps, self.grid(latents.shape)
-        # FP8 amaxes reduced over every rank that holds part of the same activations
-        with self.spec.autocast(ps.model_group):
+        # FP8 amaxes reduced over TP x DP x CP, as megatron does (ParallelState.amax_group)
+        with self.spec.autocast(ps.amax_group):
             x, c, key_mask, cond = self.embed(latents, timesteps, text, text_mask, pooled_text)
             rope = None
             if self.cfg.pos_embed == "rope3d":

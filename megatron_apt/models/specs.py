@@ -3,8 +3,9 @@
 * ``local``: megatron-core ``ColumnParallelLinear``/``RowParallelLinear`` and torch
   ``scaled_dot_product_attention``. Runs everywhere (CPU with gloo included).
 * ``te``: Transformer Engine linears through megatron-core's TE wrappers and TE's fused
-  attention; BF16, or FP8 with ``fp8=True`` (TE ``fp8_autocast`` with delayed scaling, amax
-  reduced over the group the model passes: TP, or TP x CP under context parallelism).
+  attention; BF16, or FP8 with ``fp8=True`` (TE's ``autocast``, ``fp8_autocast`` before TE
+  2.9, with delayed scaling, amaxes reduced over the group the model passes: TP x DP x CP,
+  megatron's amax reduction group).
 * ``te-flash``: TE linears with flash-attn as the attention core.
 
 Transformer Engine and flash-attn are imported only when their spec is requested, so a CPU
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_pg_size
 from torch import nn
+
+from megatron_apt.utils.transfer import to_device
 
 
 class SDPAttention(nn.Module):
@@ -43,16 +46,16 @@ class SDPAttention(nn.Module):
 
 
 def _right_padded_lengths(key_mask: torch.Tensor) -> torch.Tensor | None:
-    """Per-sample key counts when every mask row is a prefix of Trues, else None (a host
-    sync: ``torch.equal``)."""
-    lengths = key_mask.sum(dim=1)
-    prefix = torch.arange(key_mask.shape[1], device=key_mask.device)[None] < lengths[:, None]
-    return lengths if torch.equal(prefix, key_mask) else None
+    """Per-sample key counts when every mask row is a prefix of Trues (the valid keys first,
+    as the per-sequence lengths of TE and flash-attn describe them), else None. Reads the
+    mask's values: free for a host mask, a host synchronization for a device mask."""
+    holes = key_mask[:, 1:] & ~key_mask[:, :-1]  # [b, S-1]: a valid key after a padded one
+    return None if bool(holes.any()) else key_mask.sum(dim=1)
 
 
 @dataclass(frozen=True)
 class VarlenKeys:
-    """A right-padded key mask as the varlen kernels take it."""
+    """A right-padded key mask as the varlen kernels take it (tensors on the compute device)."""
 
     lengths: torch.Tensor  # [b] valid keys per sample
     cu_seqlens: torch.Tensor  # [b + 1] int32, cumulative
@@ -61,29 +64,40 @@ class VarlenKeys:
 
 
 class KeyMask:
-    """A ``[b, S]`` key mask (True = attend) with what the attention kernels derive from it,
-    computed on first use and shared by every layer of one forward. Whether each row is a
-    prefix (TE and flash-attn take per-sequence lengths), the longest row and the valid keys'
-    positions need the host: done per layer, that was a host sync in each of the model's
-    layers (38 in the 8B, twice more in backward with recompute); now one per forward."""
+    """A ``[b, S]`` key mask of the joint sequence (True = attend) with what the attention
+    kernels derive from it, made once per forward and shared by every layer (recomputed
+    blocks included).
 
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask.bool()
+    ``mask`` may live on the host (a CPU tensor; the model's contract for ``text_mask``, see
+    :mod:`megatron_apt.models.masks`) or on the compute ``device`` (default: the mask's).
+    :attr:`mask` and :attr:`valid_rows` are on ``device``; :meth:`varlen` reads the host copy
+    when there is one, so that it needs no host synchronization; from a device mask it makes
+    three (``any``, ``max``, ``nonzero``), once per forward rather than once per layer."""
+
+    def __init__(self, mask: torch.Tensor, device: torch.device | str | None = None):
+        mask = mask.bool()
+        self.device = mask.device if device is None else torch.device(device)
+        self.host = mask if mask.device.type == "cpu" else None
+        self.mask = to_device(mask, self.device)  # [b, S]
+        # joint self-attention: the key mask is the query mask too
+        self.valid_rows = self.mask.t()  # [S, b]
         self._varlen: VarlenKeys | None | bool = False  # False: not computed yet
 
     def varlen(self) -> VarlenKeys | None:
         """The varlen form when every row is a prefix of Trues, else None (then use SDPA)."""
         if self._varlen is False:
-            lengths = _right_padded_lengths(self.mask)
+            src = self.host if self.host is not None else self.mask
+            lengths = _right_padded_lengths(src)
             if lengths is None:
                 self._varlen = None
             else:
-                lens32 = lengths.to(torch.int32)
+                cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # [b + 1]
+                index = torch.nonzero(src.reshape(-1)).squeeze(1)  # [sum(lengths)]
                 self._varlen = VarlenKeys(
-                    lengths=lengths,
-                    cu_seqlens=F.pad(torch.cumsum(lens32, 0, dtype=torch.int32), (1, 0)),
+                    lengths=to_device(lengths, self.device),
+                    cu_seqlens=to_device(cu, self.device),
                     max_len=int(lengths.max()),
-                    index=torch.nonzero(self.mask.reshape(-1)).squeeze(1),
+                    index=to_device(index, self.device),
                 )
         return self._varlen
 
@@ -145,7 +159,9 @@ class FlashAttention(nn.Module):
 
 
 class TEAttention(nn.Module):
-    """Transformer Engine ``DotProductAttention`` (fused/flash kernels chosen by TE)."""
+    """Transformer Engine ``DotProductAttention`` (fused/flash kernels chosen by TE). With a
+    padding mask TE treats padded tokens as padded queries too and leaves their output and
+    dq/dk/dv rows unwritten in ``sbhd``; the block zeroes them (``models/masks.py``)."""
 
     def __init__(self, num_heads: int, head_dim: int):
         super().__init__()
@@ -245,7 +261,9 @@ class LayerSpec:
     fp8_recipe_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def autocast(self, amax_group=None) -> contextlib.AbstractContextManager:
-        """The context to run the model's forward in (TE FP8 autocast, or nothing)."""
+        """The context to run the model's forward in: TE's FP8 autocast with delayed scaling
+        and amaxes reduced over ``amax_group`` (:attr:`ParallelState.amax_group`, TP x DP x
+        CP as megatron), or nothing."""
         if not (self.uses_te and self.fp8):
             return contextlib.nullcontext()
         import transformer_engine.pytorch as te
@@ -253,9 +271,22 @@ class LayerSpec:
 
         kwargs = {"fp8_format": Format.HYBRID, "amax_history_len": 1024, "amax_compute_algo": "max"}
         kwargs.update(self.fp8_recipe_kwargs)
-        return te.fp8_autocast(
-            enabled=True, fp8_recipe=DelayedScaling(**kwargs), fp8_group=amax_group
-        )
+        return te_autocast(te, DelayedScaling(**kwargs), amax_group)
+
+
+def te_autocast(te, recipe, amax_group) -> contextlib.AbstractContextManager:
+    """TE's quantization autocast under the name each TE version has.
+
+    TE >= 2.9: ``te.autocast(enabled=True, calibrating=False, recipe=None,
+    amax_reduction_group=None, _graph=False)`` (transformer_engine/pytorch/quantization.py:
+    790-796 in 2.9 and 2.10, :800-806 in 2.11; exported by pytorch/__init__.py:51 in 2.9,
+    :43 in 2.10/2.11); ``fp8_autocast(enabled, calibrating, fp8_recipe, fp8_group, _graph)``
+    is kept there as a deprecated wrapper that warns and calls ``autocast(recipe=fp8_recipe,
+    amax_reduction_group=fp8_group)`` (quantization.py:756-786 in 2.9). Older TE has only
+    ``fp8_autocast`` (pytorch/__init__.py:49 in 2.8)."""
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=amax_group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group)
 
 
 def local_spec() -> LayerSpec:

@@ -120,9 +120,10 @@ def replicated_over_cp(fn, ps: ParallelState, *inputs: torch.Tensor) -> torch.Te
 
 def cp_key_mask(vis_len: int, text_mask: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     """Key mask ``[B, N + L]`` in the order of the gathered sequence ``[x_0; c_0; x_1; ...]``
-    (visual tokens always valid; ``text_mask [B, L]`` with ``L`` divisible by ``cp``)."""
+    (visual tokens always valid; ``text_mask [B, L]`` with ``L`` divisible by ``cp``), built
+    where ``text_mask`` lives (the host, for the model's host-mask contract)."""
     b = text_mask.shape[0]
-    vis = torch.ones(b, vis_len // ps.cp_size, dtype=torch.bool, device=text_mask.device)
+    vis = text_mask.new_ones(b, vis_len // ps.cp_size, dtype=torch.bool)
     parts = []
     for chunk in text_mask.bool().chunk(ps.cp_size, dim=1):
         parts += [vis, chunk]

@@ -37,8 +37,11 @@ class ParallelState:
     # (megatron's ``get_data_parallel_group(with_context_parallel=True)``); None when cp = 1
     dp_cp_group: dist.ProcessGroup | None = None
     dp_cp_rank: int = 0
-    # tensor x context parallel: the FP8 amax reduction group (activations split over both)
+    # tensor x context parallel: the ranks of one model replica (:attr:`model_group`)
     tp_cp_group: dist.ProcessGroup | None = None
+    # tensor x data x context parallel: the FP8 amax reduction group, megatron's
+    # ``get_amax_reduction_group(with_context_parallel=True)`` (None: TE's default, the world)
+    amax_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -156,20 +159,51 @@ def configure_cuda_env(tensor_parallel_size: int, env=None) -> str | None:
 
 
 def cuda_device_for(local_rank: int) -> int:
-    """The CUDA device of a process: its local rank, which must be below the node's device
-    count. DeepSpeed sets the device from the raw LOCAL_RANK (deepspeed 0.19.8,
-    runtime/engine.py:1017 ``get_accelerator().set_device(self.local_rank)``); a modulo here
-    would hide more processes than GPUs on a node (two ranks on one GPU) until DeepSpeed
-    fails or, worse, until memory runs out."""
+    """The CUDA device of a process: its local rank when the node's devices are all visible
+    to it (torchrun, deepspeed, mpirun, ``srun`` with the node's GPUs shared), or the one
+    visible device when the launcher gave each process its own (``srun --gpus-per-task=1``:
+    SLURM sets ``CUDA_VISIBLE_DEVICES`` to one id while ``SLURM_LOCALID`` runs 0-7).
+
+    With several visible devices a local rank beyond them is an error, not a modulo: that
+    would put two ranks on one GPU (more processes than GPUs on a node), which shows only
+    when memory runs out."""
     count = torch.cuda.device_count()
-    if not 0 <= local_rank < count:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-        raise RuntimeError(
-            f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s) "
-            f"(CUDA_VISIBLE_DEVICES={visible}): start at most {count} processes per node "
-            "(deepspeed --num_gpus / torchrun --nproc-per-node)"
-        )
-    return local_rank
+    if 0 <= local_rank < count:
+        return local_rank
+    if count == 1 and local_rank > 0:
+        return 0  # one device per process
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s) "
+        f"(CUDA_VISIBLE_DEVICES={visible}): start at most {count} processes per node "
+        "(deepspeed --num_gpus / torchrun --nproc-per-node / srun --ntasks-per-node)"
+    )
+
+
+def export_local_rank(device: int, local_rank: int, env=None) -> str | None:
+    """Make ``LOCAL_RANK`` name the CUDA device of this process, as DeepSpeed expects.
+
+    DeepSpeed 0.19.8 takes the device from the environment, not from us: ``DeepSpeedEngine``
+    reads ``self.local_rank = int(os.environ['LOCAL_RANK'])`` (runtime/engine.py:1966, in
+    ``_configure_with_arguments``) and calls ``get_accelerator().set_device(device_rank)``
+    with it (engine.py:1941-1943, ``_set_distributed_vars``; the CUDA accelerator's
+    ``set_device`` is ``torch.cuda.set_device``, accelerator/cuda_accelerator.py:76-77).
+    With one visible device and ``SLURM_LOCALID=3`` it would call ``set_device(3)`` and fail,
+    so ``LOCAL_RANK`` becomes ``0``. Under Open MPI DeepSpeed also asserts ``LOCAL_RANK ==
+    OMPI_COMM_WORLD_LOCAL_RANK`` (engine.py:1959-1964, "conflicting local rank info"), so that
+    variable follows (MPI itself was started from its own runtime, not from it). Returns a
+    one-line note when the device is not the local rank, else None."""
+    env = os.environ if env is None else env
+    env["LOCAL_RANK"] = str(device)  # a stale value from the shell must not win either
+    if device == local_rank:
+        return None
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+        env["OMPI_COMM_WORLD_LOCAL_RANK"] = str(device)
+    return (
+        f"note: local rank {local_rank} sees one CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}, e.g. srun "
+        f"--gpus-per-task=1): using cuda:{device}, LOCAL_RANK={device} for DeepSpeed"
+    )
 
 
 def _mpi_rendezvous(rank: int, world_size: int) -> None:
@@ -221,7 +255,11 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         _mpi_rendezvous(rank, world_size)
     if backend == "nccl":
-        torch.cuda.set_device(cuda_device_for(local_rank))
+        device = cuda_device_for(local_rank)
+        note = export_local_rank(device, local_rank)
+        if note and local_rank == 1:  # once per node: the first rank moved to the one device
+            print(note, flush=True)
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size
 
@@ -284,6 +322,12 @@ def initialize_parallel(
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
         tp_cp_group=ps.get_tensor_and_context_parallel_group(),
+        # what megatron hands TE's FP8 autocast: TP x DP x CP unless tp_only_amax_red
+        # (megatron-core 0.16.1, fp8_utils.py:621-629 and extensions/transformer_engine.py:
+        # 217-222: ``get_amax_reduction_group(with_context_parallel=True,
+        # tp_only_amax_red=config.tp_only_amax_red)``, which defaults to False,
+        # transformer/transformer_config.py:483; parallel_state.py:1509-1532)
+        amax_group=ps.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=False),
     )
 
 
@@ -294,7 +338,7 @@ def single_process_state() -> ParallelState:
     world = dist.group.WORLD
     if dist.get_world_size() != 1:  # new_group is collective: every rank makes every group
         world = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
-    return ParallelState(tp_group=world, dp_group=world, cp_group=world)
+    return ParallelState(tp_group=world, dp_group=world, cp_group=world, amax_group=world)
 
 
 def destroy_parallel() -> None:

@@ -2,7 +2,8 @@
 
 * the attention mask's host-side analysis (is every row a prefix, the longest row, the valid
   keys' positions: what TE and flash-attn's varlen kernels take) runs once per forward, shared
-  by every layer, also through recompute; it was a host sync in each layer;
+  by every layer, also through recompute; it was a host sync in each layer (with the text
+  mask on the host, as the trainer passes it, it is none: tests/unit/test_model_host_syncs.py);
 * a skeleton build (conversion: shapes only, on the meta device) stays on the meta device on a
   CUDA host: megatron allocates with ``device=torch.cuda.current_device()`` unless told to
   initialize "on the CPU", which a meta context cannot redirect (simulated here: the check

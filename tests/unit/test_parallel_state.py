@@ -108,14 +108,21 @@ def test_cpu_tests_pin_gloo_and_hide_cuda():
     assert env["DS_ACCELERATOR"] == "cpu"
 
 
-@pytest.mark.parametrize("local_rank, count, ok", [(0, 8, True), (7, 8, True), (8, 8, False)])
-def test_local_rank_must_name_a_visible_gpu(monkeypatch, local_rank, count, ok):
-    """DeepSpeed sets the device from the raw LOCAL_RANK: a modulo would put 2 ranks on 1 GPU."""
+@pytest.mark.parametrize(
+    "local_rank, count, device",
+    [(0, 8, 0), (7, 8, 7), (3, 1, 0), (0, 1, 0), (8, 8, None), (2, 2, None)],
+)
+def test_local_rank_must_name_a_visible_gpu(monkeypatch, local_rank, count, device):
+    """DeepSpeed sets the device from the raw LOCAL_RANK: a modulo would put 2 ranks on 1 GPU.
+    One visible device (srun --gpus-per-task=1) is the process's own, whatever its local rank
+    (tests/unit/test_launch_env.py)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    if ok:
-        assert state.cuda_device_for(local_rank) == local_rank
+    if device is not None:
+        assert state.cuda_device_for(local_rank) == device
     else:
-        with pytest.raises(RuntimeError, match=f"LOCAL_RANK={local_rank} but this node has 8"):
+        with pytest.raises(
+            RuntimeError, match=f"LOCAL_RANK={local_rank} but this node has {count}"
+        ):
             state.cuda_device_for(local_rank)
 
 
