@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--deepspeed-config-g",
-        help="JSON merged over the generator's (or single) "
-        "engine config (ZeRO buckets, offload, ...)",
+        help="JSON merged over the generator's (or single) engine config: ZeRO buckets, "
+        "CPU offload (zero_optimization.offload_optimizer at ZeRO 1-3, offload_param at "
+        "ZeRO-3), communication_data_type, ...; not the batch, clipping, precision, ZeRO "
+        "stage or gradient accumulation dtype (fp32 under --bf16)",
     )
     g.add_argument("--deepspeed-config-d", help="JSON merged over the discriminator's config")
     b = p.add_argument_group("batch and schedule")

@@ -353,8 +353,11 @@ def _static(n_stored: int, n_trained: int, inp: MemoryPlanInput, dp: int) -> dic
     z = inp.zero_stage
     weights = n_stored * m / (dp if z >= 3 else 1)
     grads = n_trained * m / (dp if z >= 2 else 1)
-    if inp.dtype == "bf16":
-        grads += n_trained * 4 / (dp if z >= 1 else 1)  # fp32 gradients of the partition
+    if inp.dtype == "bf16":  # fp32 gradient accumulation (engine/ds_config.py grad_accum_dtype)
+        # ZeRO-1 is then DeepSpeed's BF16_Optimizer, whose fp32 accumulation buffer holds the
+        # whole model on every rank (deepspeed 0.19.8 runtime/bf16_optimizer.py line 191);
+        # ZeRO-2/3 accumulate into this rank's fp32 partition
+        grads += n_trained * 4 / (dp if z >= 2 else 1)
     states = OPTIMIZER_STATES[inp.optimizer] + (1 if inp.dtype == "bf16" else 0)  # + master
     optim = n_trained * 4 * states / (dp if z >= 1 else 1)
     return {"weights": weights, "grads": grads, "optimizer": optim}

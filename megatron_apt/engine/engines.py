@@ -47,20 +47,29 @@ def build_optimizer(params: list, optim: OptimConfig, lr: float) -> torch.optim.
     raise ValueError(f"optimizer={optim.name!r}: choose 'rmsprop', 'adam' or 'adamw'")
 
 
-def idle_zero_notice(zero_stage: int, dp_cp_size: int) -> str | None:
+def idle_zero_notice(zero_stage: int, dp_cp_size: int, bf16: bool = False) -> str | None:
     """A one-line notice when ZeRO-1/2 has nothing to shard: over a data-parallel (x context-
     parallel) group of one rank, DeepSpeed still copies every gradient into its reduction bucket
     during the backward and flattens the partition at each step (deepspeed 0.19.8
     ``runtime/zero/stage_1_and_2.py``), work ZeRO-0 does not do; docs/performance.md measures it.
+    Under ``bf16`` ZeRO-1 is DeepSpeed's ``BF16_Optimizer`` (fp32 gradient accumulation,
+    :func:`megatron_apt.engine.ds_config.grad_accum_dtype`), which has no reduction buckets,
+    and ZeRO-0 cannot accumulate in fp32: no notice at ZeRO-1, and ZeRO-2's points to ZeRO-1.
     ZeRO-3 is left alone: its partitioned build (``zero.Init``) is what a user may want even on
     one rank, to build a model larger than one device's memory with CPU offload."""
-    if zero_stage in (1, 2) and dp_cp_size == 1:
-        return (
-            f"note: ZeRO-{zero_stage} over one data-parallel rank shards nothing but still copies "
-            "gradients into buckets and flat partitions every update; --zero-stage 0 trains the "
-            "same model without those copies (docs/performance.md)"
-        )
-    return None
+    if zero_stage not in (1, 2) or dp_cp_size != 1 or (bf16 and zero_stage == 1):
+        return None
+    instead = (
+        "--zero-stage 1 (under --bf16 DeepSpeed's BF16_Optimizer: one flat fp32 gradient "
+        "buffer, no buckets) trains the same model"
+        if bf16
+        else "--zero-stage 0 trains the same model without those copies"
+    )
+    return (
+        f"note: ZeRO-{zero_stage} over one data-parallel rank shards nothing but still copies "
+        f"gradients into buckets and flat partitions every update; {instead} "
+        "(docs/performance.md)"
+    )
 
 
 def create_engine(
@@ -92,6 +101,13 @@ def create_engine(
         dist_init_required=False,
     )
     install_safe_checkpoint(engine)
+    if engine.optimizer is not opt and not hasattr(engine.optimizer, "_global_grad_norm"):
+        # BF16_Optimizer (ZeRO-1 under bf16) creates _global_grad_norm in its first step only
+        # (deepspeed 0.19.8 runtime/bf16_optimizer.py line 400); every other wrapper sets it in
+        # __init__. Without it the trainer (grad_norm.deepspeed_has_norm) would take it for a
+        # bare client optimizer on the first update and compute the norm from param.grad, which
+        # there holds the last micro-batch's bf16 gradient only (the sum is in its fp32 buffer).
+        engine.optimizer._global_grad_norm = None
     if cfg.zero_stage == 0 and not cfg.bf16 and ps.dp_cp_size == 1:
         # One rank per gradient: DeepSpeed's ZeRO-0 all-reduce would flatten every gradient,
         # all-reduce it over a group of one and copy it back (deepspeed 0.19.8
