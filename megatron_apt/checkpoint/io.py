@@ -36,17 +36,22 @@ def save_model_file(
         for k, v in state_dict.items()
         if not k.endswith("_extra_state")
     }
-    meta = {
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=model_file_metadata(cfg, role, extra))
+    tmp.replace(path)
+    return path
+
+
+def model_file_metadata(cfg: MMDiTConfig, role: str = "mmdit", extra: dict | None = None) -> dict:
+    """The safetensors header metadata of a model file (what :func:`read_model_file` checks);
+    also written by the streaming export (``megatron_apt.engine.export``)."""
+    return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "role": role,
         "config": json.dumps(cfg.to_dict()),
         "extra": json.dumps(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:

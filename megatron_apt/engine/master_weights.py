@@ -19,14 +19,18 @@ weight of 0.5 vanishes), so they read the masters. The layouts, as of deepspeed 
     lines 74-88) keeps one fp32 clone per parameter, ``fp32_groups[g][i]``. Every rank holds
     all of it.
 ``fragment``
-    ZeRO 1/2 (and ``BF16_Optimizer``): ``param._hp_mapping`` (``utils/tensor_fragment.py``
-    ``tensor_fragment``, set by ``utils/mixed_precision_linkage.py`` ``link_hp_params``) names
-    the slice of this rank's flat fp32 partition that holds part of the parameter,
-    ``hp_fragment`` (1-D), and where it sits in the flattened parameter,
+    ZeRO 1/2, and ``BF16_Optimizer``, which is what ZeRO-1 under bf16 runs (fp32 gradient
+    accumulation: ``megatron_apt/engine/ds_config.py`` ``grad_accum_dtype``; it links its fp32
+    partition the same way, ``runtime/bf16_optimizer.py`` line 344): ``param._hp_mapping``
+    (``utils/tensor_fragment.py`` ``tensor_fragment``, set by
+    ``utils/mixed_precision_linkage.py`` ``link_hp_params``) names the slice of this rank's flat
+    fp32 partition that holds part of the parameter, ``hp_fragment`` (1-D), and where it sits
+    in the flattened parameter,
     ``lp_fragment_address``; a rank holding no part of it has ``_hp_mapping = None``.
     DeepSpeed assembles a full parameter by all-reducing zero-padded fragments over DP
     (``tensor_fragment.py`` line 87, ``get_full_hp_param``); so does :meth:`assemble`, in
-    buckets. Relinked on checkpoint load (``stage_1_and_2.py`` line 3793): never cached here.
+    buckets. Relinked on checkpoint load (``stage_1_and_2.py`` line 3793,
+    ``bf16_optimizer.py`` line 689): never cached here.
 ``partition``
     ZeRO-3: this rank's fp32 partition of each parameter, ``ds_tensor``'s size (padded
     equally on every rank), read with ``deepspeed.utils.safe_get_local_fp32_param``
@@ -170,6 +174,37 @@ class MasterWeights:
     def full_state(self, out_device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The full TP-local fp32 master of every parameter (collective over DP)."""
         return self.assemble({n: self.local(n) for n in self.params}, out_device)
+
+    def gather_to_first(self, name: str, share: torch.Tensor | None) -> torch.Tensor | None:
+        """Parameter ``name``'s full TP-local fp32 tensor on the first rank of the DP group from
+        every rank's ``share`` (laid out like :meth:`local`), None on the others; one parameter
+        at a time, so that no rank holds more than one full tensor (the streaming export,
+        ``megatron_apt.engine.export``). Collective over the DP group. Fragments are summed
+        with ``dist.reduce`` (as :meth:`_reduce_fragments`, to one rank), ZeRO-3 partitions
+        collected with ``dist.gather`` (as :meth:`_gather_partition`)."""
+        p, layout, size, group = self.params[name], self.layout[name], self.group_size, self.group
+        first = size == 1 or dist.get_rank(group) == 0
+        root = dist.get_global_rank(group, 0) if size > 1 else 0
+        if layout == "fragment" and size > 1:
+            buf = torch.zeros(p.numel(), dtype=torch.float32, device=comm_device(group))
+            mapping = p._hp_mapping
+            if share is not None and mapping is not None:
+                a = mapping.lp_fragment_address
+                buf.narrow(0, a.start, a.numel).copy_(share.reshape(-1))
+            dist.reduce(buf, dst=root, group=group)
+            return buf.view(p.shape) if first else None
+        if layout == "partition":
+            if share is None:
+                raise ValueError(f"no ZeRO-3 partition of {name} on this rank")
+            part = share.detach().float().to(comm_device(group)).contiguous()
+            if size > 1:
+                parts = [torch.empty_like(part) for _ in range(size)] if first else None
+                dist.gather(part, parts, dst=root, group=group)
+                part = torch.cat(parts) if first else None
+            return part[: p.ds_numel].view(p.ds_shape) if first else None
+        if share is None:
+            raise ValueError(f"no share of {name} on this rank (layout {layout!r})")
+        return share.detach().float().reshape(p.shape) if first else None
 
     def _reduce_fragments(self, names, shares, out_device) -> dict[str, torch.Tensor]:
         # DeepSpeed's get_full_hp_param, one all-reduce per bucket instead of per parameter:

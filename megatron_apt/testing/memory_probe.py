@@ -1,6 +1,9 @@
 """Measure the real memory of single-process MMDiT training steps (run as a fresh subprocess).
 
     python -m megatron_apt.testing.memory_probe '{"preset": "demo", "height": 32, ...}'
+    python -m megatron_apt.testing.memory_probe '{"probe": "export", "preset": "demo", ...}'
+
+The second form measures the trainer's end-of-run export instead (:func:`export_main`).
 
 (tests call :func:`run_memory_probe`, which starts it with the environment described below).
 
@@ -181,5 +184,53 @@ def main(spec: dict) -> dict:
     }
 
 
+def export_main(spec: dict) -> dict:
+    """Peak RSS of the APT trainer's end-of-run export (one process, gloo, the given ZeRO
+    stage and precision), above the RSS just before it, with the sizes that bound it: the
+    generator's fp32 bytes and its largest tensor. ``"legacy": true`` measures instead what
+    gathering every full tensor at once costs (the full fp32 generator and its EMA held
+    together, as the export did before it streamed): the control that the probe sees a
+    model-sized gather."""
+    import tempfile
+
+    os.environ.setdefault("MEGATRON_APT_BACKEND", "gloo")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from megatron_apt.config import get_preset
+    from megatron_apt.config.recipes import get_recipe
+    from megatron_apt.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    out_dir = tempfile.mkdtemp(prefix="export-probe-")
+    cfg = get_recipe("tiny-apt").replace(
+        model=get_preset(spec["preset"], **spec.get("overrides", {})),
+        zero_stage=spec.get("zero_stage", 0),
+        bf16=spec.get("bf16", False),
+        save=out_dir,
+        train_iters=1,
+    )
+    trainer = Trainer(cfg)
+    g = [p for p in trainer.engines["generator"].module.parameters()]
+    gc.collect()
+    resettable = reset_peak()
+    base = rss()
+    if spec.get("legacy"):
+        from megatron_apt.engine.master_weights import MasterWeights
+
+        held = [MasterWeights(trainer.engines["generator"], trainer.ps).full_state()]
+        held.append(trainer.emas["generator"].tp_local_state_dict())
+    else:
+        trainer.export(__import__("pathlib").Path(out_dir))
+    peak = high_water(resettable) - base
+    return {
+        "peak": peak,
+        "hwm_reset": resettable,
+        "generator_bytes": sum(p.numel() for p in g) * 4,
+        "largest_tensor_bytes": max(p.numel() for p in g) * 4,
+        "files": sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors")),
+    }
+
+
 if __name__ == "__main__":
-    print("MEMORY-PROBE " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    spec = json.loads(sys.argv[1])
+    run = export_main if spec.get("probe") == "export" else main
+    print("MEMORY-PROBE " + json.dumps(run(spec)), flush=True)
