@@ -170,6 +170,9 @@ def build_stream(cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int):
     return SyntheticStream(cfg, micro, dp_rank, dp_size)
 
 
+HOST_KEYS = ("text_mask",)  # batch entries the trainer keeps on the host (Trainer._next)
+
+
 def load_negative_prompt(cfg: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """The teacher's unconditional branch: the negative prompt embedded by
     tools/preprocess_data.py next to the shards (with its pooled vector for SD3-style models),
@@ -193,4 +196,5 @@ def load_negative_prompt(cfg: TrainConfig, device: torch.device) -> dict[str, to
         }
     if cfg.model.pooled_text_dim and "pooled_text" not in emb:
         emb["pooled_text"] = torch.zeros(1, cfg.model.pooled_text_dim)
-    return {k: v.to(device) for k, v in emb.items()}
+    # the mask stays on the host like the batches' (HOST_KEYS): the model reads it there
+    return {k: v if k in HOST_KEYS else v.to(device) for k, v in emb.items()}

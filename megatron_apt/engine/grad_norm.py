@@ -25,8 +25,6 @@ against a single-process plain-torch norm at ZeRO 0, 2 and 3, with DP 2, TP 2 an
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -40,11 +38,12 @@ def deepspeed_has_norm(engine) -> bool:
 
 
 @torch.no_grad()
-def grad_norm_of_grads(module: torch.nn.Module, ps: ParallelState) -> float:
+def grad_norm_of_grads(module: torch.nn.Module, ps: ParallelState) -> torch.Tensor:
     """``||g||_2`` of the full gradient held in ``p.grad`` (full, DP-averaged gradients, as
     after DeepSpeed's ZeRO-0 all-reduce): TP-sharded parameters (megatron's
     ``tensor_model_parallel`` tag) summed over the TP group, replicated ones counted once.
-    Collective over the TP group when TP > 1."""
+    A float64 0-dim tensor on the parameters' device (no host sync). Collective over the TP
+    group when TP > 1."""
     device = next(module.parameters()).device  # NCCL reduces device tensors only
     grads = [
         p.grad.detach()
@@ -57,10 +56,14 @@ def grad_norm_of_grads(module: torch.nn.Module, ps: ParallelState) -> float:
         sq += torch.stack(norms).double().square().sum()
     if ps.tp_size > 1:
         dist.all_reduce(sq, group=ps.tp_group)
-    return math.sqrt(float(sq))
+    return sq.sqrt()
 
 
-def engine_grad_norm(engine) -> float:
-    """The norm DeepSpeed recorded at the last optimizer step, as a float (NaN if none)."""
+def engine_grad_norm(engine, device: torch.device) -> torch.Tensor:
+    """The norm DeepSpeed recorded at the last optimizer step (NaN if none) as a float64 0-dim
+    tensor on ``device``, without reading it on the host."""
     norm = engine.get_global_grad_norm()
-    return float("nan") if norm is None else float(norm)
+    if isinstance(norm, torch.Tensor):
+        return norm.detach().reshape(()).to(device, torch.float64)
+    value = float("nan") if norm is None else float(norm)
+    return torch.tensor(value, dtype=torch.float64, device=device)

@@ -44,9 +44,10 @@ class TrainingThroughput:
         flops = b * phase_flops(self.model, phase, n_vis, n_txt, self.recompute, self.head_layers)
         self.meter.add(flops / self.share, b * (n_vis + n_txt) / self.share)
 
-    def raw(self, seconds: float) -> dict[str, torch.Tensor]:
+    def raw(self, seconds: float) -> dict[str, float]:
         """This rank's FLOPs, tokens (x world size: their mean over the ranks is the job's
-        sum), seconds and peak memory since the last call, for the trainer's all-reduce."""
+        sum), seconds and peak memory since the last call, for the trainer's all-reduce: host
+        numbers (Python floats), which the trainer puts on the device with the losses."""
         flops, tokens = self.meter.take()
         out = {
             RAW_FLOPS: flops,
@@ -54,7 +55,7 @@ class TrainingThroughput:
             RAW_SECONDS: seconds,
             "peak_mem_gib": peak_memory_gib(self.device),
         }
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+        return {k: float(v) for k, v in out.items()}
 
     def finish(self, values: dict[str, float], updates: int) -> dict[str, float]:
         """The rank-averaged :meth:`raw` values -> the log fields: ``step_time_s`` (mean

@@ -18,6 +18,7 @@ broken, and a run that only skips would otherwise end "successfully" with garbag
 Each log step reduces every metric (losses, D's health, G's and D's gradient norms) in one
 all-reduce over all ranks and hands the result to the collapse policy
 (:mod:`megatron_apt.engine.recovery`: warn, stop, or roll back to a healthy checkpoint).
+Between log steps an update reads the device once (docs/design.md, "Host synchronizations").
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import (
     LATEST,
@@ -38,9 +38,10 @@ from megatron_apt.engine.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_apt.engine.data import build_stream, load_negative_prompt
-from megatron_apt.engine.ema import EngineEMA, TargetEMA, gathered_module_state
+from megatron_apt.engine.data import HOST_KEYS, build_stream, load_negative_prompt
+from megatron_apt.engine.ema import EngineEMA, TargetEMA
 from megatron_apt.engine.engines import create_engine, idle_zero_notice
+from megatron_apt.engine.export import export_model_files
 from megatron_apt.engine.grad_norm import deepspeed_has_norm, engine_grad_norm, grad_norm_of_grads
 from megatron_apt.engine.preemption import ExitGuard
 from megatron_apt.engine.recovery import CollapseGuard, TrainingStopped
@@ -65,6 +66,7 @@ from megatron_apt.stages.diffusion import (
 )
 from megatron_apt.stages.noise import rand_batch, randn_like_batch, sample_generators
 from megatron_apt.utils.metrics import MetricsLogger
+from megatron_apt.utils.transfer import device_scalar, to_device
 
 SALT = {"diffusion": 0, "consistency": 3, "d": 1, "g": 2}
 EXIT_NON_FINITE = 4  # exit code: too many consecutive updates skipped for non-finite losses
@@ -103,7 +105,9 @@ class Trainer:
         self.emas: dict = {}
         self.target_ema: TargetEMA | None = None  # consistency: the target network's fp32 EMA
         self.base_lrs: dict[str, float] = {}  # configured lr per engine (before lr_scale)
-        self.grad_norms: dict[str, list[float]] = {}  # of this update's optimizer steps
+        self.grad_norms: dict[str, list[torch.Tensor]] = {}  # of this update's optimizer steps
+        self.bad: torch.Tensor | None = None  # this update met a non-finite loss (device flag)
+        self._bad_read: bool | None = None  # its value on the host, once read
         self.metrics: MetricsLogger | None = None
         getattr(self, f"_build_{cfg.stage}")()
         if cfg.compile:
@@ -120,7 +124,7 @@ class Trainer:
                     f"over {self.ps.dp_cp_size} ranks: no rank held a whole copy",
                     flush=True,
                 )
-            if notice := idle_zero_notice(cfg.zero_stage, self.ps.dp_cp_size):
+            if notice := idle_zero_notice(cfg.zero_stage, self.ps.dp_cp_size, cfg.bf16):
                 print(notice, flush=True)
         error = None
         try:
@@ -238,50 +242,66 @@ class Trainer:
 
     # ---- micro-batches ----------------------------------------------------------------
     def _next(self, kind: str):
-        """The next micro-batch of kind ``kind`` (a SALT key) and its noise generators."""
+        """The next micro-batch of kind ``kind`` (a SALT key) and its noise generators, copied
+        to the device without blocking the host; the text mask stays on the host, where the
+        model reads its layout (``megatron_apt.models.specs.KeyMask``)."""
         batch, pos = self.stream.next()
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v if k in HOST_KEYS else to_device(v, self.device) for k, v in batch.items()}
         batch["latents"] = batch["latents"].to(self.dtype)
         self.throughput.count(kind, batch)
         return batch, sample_generators(self.cfg.seed, pos, SALT[kind])
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = comm_tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    def _poison(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: ``loss`` while every rank's losses of this update have
+        been finite, NaN from the first non-finite one on (on every rank alike: the flag is
+        all-reduced). All on the device, no host sync; bit-identical to ``loss`` when finite
+        (``nan_to_num`` of a finite value and ``x 1.0`` change nothing, in value or gradient)."""
+        flag = torch.isfinite(loss.detach()).logical_not().any().to(self.bad.dtype)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+        torch.maximum(self.bad, flag, out=self.bad)
+        self._bad_read = None  # the host copy is stale
+        return torch.nan_to_num(loss) * torch.where(self.bad > 0, float("nan"), 1.0)
 
-    def _backward_step(self, engine, loss: torch.Tensor, poisoned: bool) -> bool:
-        """Backward one micro-batch and step; returns whether the update is poisoned. At the
-        accumulation boundary the optimizer step's gradient norm is noted (NaN if poisoned)."""
-        poisoned = poisoned or not self._finite_everywhere(loss)
-        if poisoned:
-            loss = torch.nan_to_num(loss) * float("nan")
+    def _update_is_bad(self) -> bool:
+        """Whether this update met a non-finite loss (a host sync, once per new loss read)."""
+        if self._bad_read is None:
+            self._bad_read = bool(self.bad.item())
+        return self._bad_read
+
+    def _backward_step(self, engine, loss: torch.Tensor) -> None:
+        """Backward one micro-batch and step (DeepSpeed applies the optimizer step at the
+        accumulation boundary). A non-finite loss on any rank poisons the rest of the update
+        (:meth:`_poison`): DeepSpeed's overflow check skips the optimizer step at ZeRO 1-3;
+        ZeRO-0's client optimizer has none, so there the trainer drops the gradients, the one
+        decision that needs the flag on the host before the step. At the boundary the step's
+        gradient norm is noted as a device tensor (NaN if poisoned)."""
+        loss = self._poison(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         # DeepSpeed averages over DP x CP; the CP ranks' gradients are partial sums (each saw
         # its tokens) and must add up, so the loss is scaled by CP (megatron does the same)
         engine.backward(loss * self.ps.cp_size if self.ps.cp_size > 1 else loss)
-        own_norm = boundary and not poisoned and not deepspeed_has_norm(engine)
-        norm = grad_norm_of_grads(engine.module, self.ps) if own_norm else float("nan")
-        if poisoned and boundary and engine.zero_optimization_stage() == 0:
+        own_norm = boundary and not deepspeed_has_norm(engine)
+        norm = grad_norm_of_grads(engine.module, self.ps) if own_norm else None
+        if boundary and engine.zero_optimization_stage() == 0 and self._update_is_bad():
             for p in engine.module.parameters():
                 p.grad = None
         engine.step()
         if boundary:
-            if not (poisoned or own_norm):
-                norm = engine_grad_norm(engine)  # recorded by DeepSpeed's optimizer step
+            if norm is None:
+                norm = engine_grad_norm(engine, self.device)  # recorded by DeepSpeed's step
+            norm = torch.where(self.bad > 0, float("nan"), norm)
             name = next(n for n, e in self.engines.items() if e is engine)
             self.grad_norms.setdefault(GRAD_NORM_KEYS[name], []).append(norm)
-        return poisoned
 
     def _pop_grad_norms(self) -> dict[str, torch.Tensor]:
-        """Mean gradient norm per engine over this update's optimizer steps."""
-        out = {k: torch.tensor(v).mean() for k, v in sorted(self.grad_norms.items())}
+        """Mean gradient norm per engine over this update's optimizer steps (device tensors)."""
+        out = {k: torch.stack(v).mean() for k, v in sorted(self.grad_norms.items())}
         self.grad_norms = {}
         return out
 
     # ---- one update per stage -----------------------------------------------------------
-    def _update_diffusion(self) -> tuple[dict, bool]:
-        eng, bad, acc = self.engines["model"], False, []
+    def _update_diffusion(self) -> dict:
+        eng, acc = self.engines["model"], []
         c_drop = self.cfg.cond_dropout
         for _ in range(self.plan.accumulation):
             batch, rngs = self._next("diffusion")
@@ -292,35 +312,35 @@ class Trainer:
                 if self.cfg.timestep_sampling == "uniform"
                 else torch.sigmoid(randn_like_batch(torch.empty(b), rngs, torch.float32))
             )
-            t = timestep_shift(u, self.cfg.shift).to(self.device)
+            t = to_device(timestep_shift(u, self.cfg.shift), self.device)
             z = randn_like_batch(x, rngs)
             if self.uncond is not None:  # CFG training: some samples see the negative prompt
                 batch = drop_condition(batch, self.uncond, rand_batch(b, rngs) < c_drop)
             loss = flow_matching_loss(eng(add_noise(x, z, t), t, **batch), x, z)
-            bad = self._backward_step(eng, loss, bad)
+            self._backward_step(eng, loss)
             acc.append({"loss": loss.detach()})
-        return _mean(acc), bad
+        return _mean(acc)
 
-    def _update_consistency(self) -> tuple[dict, bool]:
-        eng, bad, acc = self.engines["model"], False, []
+    def _update_consistency(self) -> dict:
+        eng, acc = self.engines["model"], []
         for _ in range(self.plan.accumulation):
             batch, rngs = self._next("consistency")
             x = batch.pop("latents")
             loss, m = consistency_distillation_step(
                 eng, self.target, self.teacher, x, batch, self.uncond, self.cd, rngs
             )
-            bad = self._backward_step(eng, loss, bad)
+            self._backward_step(eng, loss)
             acc.append(m)
-        if not bad:
+        if not self._update_is_bad():
             self._update_target()
-        return _mean(acc), bad
+        return _mean(acc)
 
     def _update_target(self) -> None:
         self.target_ema.update()  # fp32 lerp of the masters, then copied into the target
 
-    def _update_apt(self) -> tuple[dict, bool]:
+    def _update_apt(self) -> dict:
         g_eng, d_eng = self.engines["generator"], self.engines["discriminator"]
-        bad, acc = False, []
+        acc = []
         for _ in range(self.cfg.d_updates_per_iter):
             for _ in range(self.plan.accumulation):
                 batch, rngs = self._next("d")
@@ -329,17 +349,17 @@ class Trainer:
                         _, m = discriminator_step(d_eng.module, g_eng.module, batch, self.apt, rngs)
                 else:
                     loss, m = discriminator_step(d_eng, g_eng.module, batch, self.apt, rngs)
-                    bad = self._backward_step(d_eng, loss, bad)
+                    self._backward_step(d_eng, loss)
                 acc.append(m)
         if self._d_warmup():  # D only: G neither steps nor draws its micro-batches
-            return _mean(acc), bad
+            return _mean(acc)
         with frozen(d_eng.module):
             for _ in range(self.plan.accumulation):
                 batch, rngs = self._next("g")
                 loss, m = generator_step(d_eng.module, g_eng, batch, self.apt, rngs)
-                bad = self._backward_step(g_eng, loss, bad)
+                self._backward_step(g_eng, loss)
                 acc.append(m)
-        return _mean(acc), bad
+        return _mean(acc)
 
     def _d_warmup(self) -> bool:
         """Whether the current update is one of the APT stage's D-only warm-up updates."""
@@ -349,11 +369,15 @@ class Trainer:
     def run_update(self) -> tuple[dict, bool]:
         """One update of the stage, its EMAs and counters (what the loop does per update
         besides logging and saving; ``tools/benchmark.py --phases trainer-apt`` times it).
-        Returns the update's metrics and whether it was skipped (non-finite)."""
+        Returns the update's metrics (device tensors) and whether it was skipped (non-finite):
+        the one host sync of an update (at ZeRO 1-3; ZeRO-0 reads the flag at its optimizer
+        steps, see :meth:`_backward_step`)."""
         c = self.cfg
         warmup = self._d_warmup()
-        metrics, bad = getattr(self, f"_update_{c.stage}")()
+        self.bad, self._bad_read = comm_tensor(0.0), False  # no non-finite loss yet
+        metrics = getattr(self, f"_update_{c.stage}")()
         metrics.update(self._pop_grad_norms())
+        bad = self._update_is_bad()
         if bad:
             self.skipped += 1
         else:
@@ -435,8 +459,9 @@ class Trainer:
         The step time and the throughput come from the ranks' mean FLOPs, tokens and seconds
         over the ``updates`` of the interval."""
         keys = list(metrics)  # the same order on every rank (sorted by _mean, then grad norms)
-        t = torch.stack([metrics[k].detach().double().reshape(()) for k in keys])
-        t = t.to(self.device)
+        # device tensors (losses, health, gradient norms) and host floats (throughput) in one
+        # vector on the device: NCCL reduces device tensors only, and torch.stack refuses a mix
+        t = torch.stack([device_scalar(metrics[k], self.device) for k in keys])
         dist.all_reduce(t)
         values = dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
         values = self.throughput.finish(values, updates)  # step_time_s, TFLOP/s, MFU, tokens/s
@@ -553,35 +578,9 @@ class Trainer:
             )
 
     def export(self, root: Path) -> None:
-        """Consolidated TP=1 model files for the next stage (rank 0 writes; collective)."""
-        for name, eng in self.engines.items():
-            role = self.cfg.stage if name == "model" else name
-            module = eng.module.model if name == "generator" else eng.module
-            weights = gathered_module_state(eng, self.ps)
-            if name == "generator":
-                weights = {k.removeprefix("model."): v for k, v in weights.items()}
-            if name == "discriminator":  # backbone + heads; for inspection and tests
-                if self.rank == 0:
-                    from safetensors.torch import save_file
-
-                    final = root / "discriminator.safetensors"
-                    tmp = final.with_name(final.name + ".tmp")  # atomic, like model files
-                    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-                    tmp.replace(final)
-                continue
-            ema = {
-                k.removeprefix("model."): v for k, v in self.emas[name].full_state_dict().items()
-            }
-            if self.rank == 0:
-                save_model_file(root / f"{role}.safetensors", weights, module.cfg, role=role)
-                save_model_file(
-                    root / f"{role}_ema.safetensors",
-                    ema,
-                    module.cfg,
-                    role=role,
-                    extra={"ema_decay": self.cfg.ema_decay, "step": self.step},
-                )
-        dist.barrier()
+        """Consolidated TP=1 fp32 model files for the next stage, streamed to rank 0's host
+        one tensor at a time (:mod:`megatron_apt.engine.export`; collective)."""
+        export_model_files(self, root)
 
 
 def apt_config(cfg: TrainConfig) -> APTConfig:

@@ -274,13 +274,15 @@ class GenerationPipeline:
     # -- components -----------------------------------------------------------------------
 
     def encode_text(self, prompts: Sequence[str]) -> TextEmbeddings:
-        """Embeddings of ``prompts`` on the DiT's device, identical on every TP rank."""
+        """Embeddings of ``prompts`` on the DiT's device, identical on every TP rank; the mask
+        stays on the host, where the model reads its layout without a device sync."""
         with self.timer("text_encoder"):
             emb = None
             if self.is_writer:
                 emb = self.text_encoder.encode(list(prompts)).to("cpu")
             emb = self._broadcast(emb)
-        return emb.to(self.device)
+        on_device = emb.to(self.device)
+        return TextEmbeddings(on_device.text, emb.text_mask, on_device.pooled)
 
     def _broadcast(self, emb: TextEmbeddings | None) -> TextEmbeddings:
         if self.ps.tp_size * self.ps.cp_size == 1:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from megatron_apt.config.training import D_TIMESTEPS, R1_NOISE_STDS
 from megatron_apt.stages.diffusion import timestep_shift
 from megatron_apt.stages.noise import Rng, rand_batch, randn_like_batch
+from megatron_apt.utils.transfer import to_device
 
 __all__ = [
     "APTConfig",
@@ -118,7 +119,8 @@ def sample_discriminator_timesteps(
     """One t per sample: ``shift(u, s)``, u ~ U(0, 1), on the [0, 1] scale (eq. 6-7). ``[B]``.
     ``generator``: one ``torch.Generator``, or a list of one per sample."""
     u = rand_batch(batch, generator)
-    return timestep_shift(u, shift).to(device) if device is not None else timestep_shift(u, shift)
+    t = timestep_shift(u, shift)
+    return to_device(t, device) if device is not None else t
 
 
 def discriminator_timesteps(

@@ -26,6 +26,7 @@ import torch
 
 from megatron_apt.stages.diffusion import add_noise, guided_velocity, sampling_timesteps
 from megatron_apt.stages.noise import Rng, rand_batch, randn_like_batch
+from megatron_apt.utils.transfer import to_device
 
 __all__ = [
     "ConsistencyConfig",
@@ -111,7 +112,7 @@ def consistency_distillation_step(
     b = x0.shape[0]
     schedule = sampling_timesteps(cfg.num_steps, shift=cfg.shift)  # decreasing, 1 -> 0
     n = (rand_batch(b, rng) * cfg.num_steps).long().clamp(max=cfg.num_steps - 1)
-    t_hi, t_lo = schedule[n].to(x0.device), schedule[n + 1].to(x0.device)
+    t_hi, t_lo = to_device(schedule[n], x0.device), to_device(schedule[n + 1], x0.device)
     z = randn_like_batch(x0, rng, torch.float32)
     x_hi = add_noise(x0.float(), z, t_hi).to(x0.dtype)
     x_lo = teacher_euler_step(teacher, x_hi, t_hi, t_lo, cond, uncond, cfg.guidance_scale)

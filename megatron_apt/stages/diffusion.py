@@ -22,6 +22,8 @@ from typing import Any, overload
 
 import torch
 
+from megatron_apt.utils.transfer import to_device
+
 __all__ = [
     "LOSS_REDUCTIONS",
     "TIMESTEP_MODES",
@@ -313,7 +315,7 @@ def drop_condition(
                 )
             length = max(c.shape[1], u.shape[1])
             c, u = _pad_dim1(c, length), _pad_dim1(u, length)
-        where = drop.to(c.device).view(b, *([1] * (c.ndim - 1)))
+        where = to_device(drop, c.device).view(b, *([1] * (c.ndim - 1)))
         out[key] = torch.where(where, u, c)
     return out
 

@@ -59,7 +59,7 @@ def _install_nan(trainer, spec: str) -> None:
     update = getattr(trainer, update_name)
     calls: list = []
 
-    def poisoned_backward_step(engine, loss, poisoned):
+    def poisoned_backward_step(engine, loss):
         calls.append(None)
         n = len(calls)
         total = _calls_per_update(trainer)
@@ -67,7 +67,7 @@ def _install_nan(trainer, spec: str) -> None:
         if hit:
             print(f"{NAN_AT_STEP_ENV}: NaN loss on rank {trainer.rank} in update {at}", flush=True)
             loss = loss * float("nan")
-        return backward_step(engine, loss, poisoned)
+        return backward_step(engine, loss)
 
     def counting_update():
         calls.clear()
