@@ -1,5 +1,9 @@
 """Training data: latent shard format, writer, data-parallel reader, preprocessing of captioned
-media, and the synthetic coloured-shapes data set with its scorer."""
+media, and the synthetic coloured-shapes data set with its scorer.
+
+Importing this package needs neither PyAV nor imageio: :mod:`megatron_apt.data.media` imports
+them where a video is decoded or encoded (training, conversion and benchmarking never do).
+"""
 
 from megatron_apt.data.buckets import BUCKET_PRESETS, BucketPreset, get_preset
 from megatron_apt.data.format import (
@@ -9,7 +13,14 @@ from megatron_apt.data.format import (
     load_index,
     validate_index,
 )
-from megatron_apt.data.media import MediaError, MediaItem, list_inputs, read_frames, write_media
+from megatron_apt.data.media import (
+    MediaError,
+    MediaItem,
+    MediaLibraryMissing,
+    list_inputs,
+    read_frames,
+    write_media,
+)
 from megatron_apt.data.preprocess import PreprocessConfig, preprocess
 from megatron_apt.data.reader import LatentShardReader, check_compatible
 from megatron_apt.data.synthetic import (
@@ -28,6 +39,7 @@ __all__ = [
     "LatentShardReader",
     "MediaError",
     "MediaItem",
+    "MediaLibraryMissing",
     "PreprocessConfig",
     "ShardCorruptError",
     "build_index",

@@ -8,19 +8,24 @@ Inputs (:func:`list_inputs`):
   to the folder);
 * a manifest ``.jsonl`` file of the same form (paths relative to the manifest's folder).
 
-Images: PNG, JPEG, WebP, BMP (Pillow). Videos: MP4, WebM, MOV, MKV, AVI (PyAV through imageio)
-and animated GIF. Frames are ``uint8 [T, H, W, 3]`` RGB.
+Images: PNG, JPEG, WebP, BMP (Pillow). Videos: MP4, WebM, MOV, MKV, AVI (PyAV) and animated
+GIF (read through imageio, written with Pillow). Frames are ``uint8 [T, H, W, 3]`` RGB.
+
+PyAV (``av``) and imageio are imported where a video is decoded or encoded, not with this
+module: training, checkpoint conversion and benchmarking import it (through
+``megatron_apt.data`` and the writers) and run on machines without them (the GPU image has no
+PyAV). A missing one raises :class:`MediaLibraryMissing` naming the package and its install
+command.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
@@ -29,6 +34,7 @@ __all__ = [
     "VIDEO_EXTS",
     "MediaError",
     "MediaItem",
+    "MediaLibraryMissing",
     "list_inputs",
     "media_kind",
     "read_frames",
@@ -41,8 +47,35 @@ VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 CAPTIONS_FILE = "captions.jsonl"
 
 
+# the optional media libraries: import name -> (what needs it, the pip requirement of setup.py)
+MEDIA_LIBRARIES = {
+    "av": ("PyAV, the video decoder/encoder of MP4, WebM, MOV, MKV and AVI files", "av>=12"),
+    "imageio.v3": ("imageio, the reader of animated GIFs", "imageio>=2.34"),
+}
+
+
 class MediaError(RuntimeError):
     """A media file that cannot be read (message names the file)."""
+
+
+class MediaLibraryMissing(ImportError):
+    """An optional media library (PyAV or imageio) is not installed; the message names the
+    package and how to install it. Not a :class:`MediaError`: it is not the file's fault, and
+    readers that skip unreadable files must not skip every video for it."""
+
+
+def _media_library(name: str, path: Path):
+    """Import the optional library ``name`` (``av`` or ``imageio.v3``) for ``path``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        what, requirement = MEDIA_LIBRARIES[name]
+        package = name.split(".")[0]
+        raise MediaLibraryMissing(
+            f"{path}: needs the {package!r} package ({what}), which is not installed: "
+            f"pip install '{requirement}' (a requirement of setup.py; training, checkpoint "
+            f"conversion and benchmarking do not need it)"
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -106,11 +139,12 @@ def list_inputs(source: str | Path) -> tuple[list[MediaItem], list[dict]]:
 def video_fps(path: str | Path) -> float | None:
     """Frame rate of a video file (frames per second), or None when the container has none."""
     path = Path(path)
+    lib = _video_library(path)
     try:
         if path.suffix.lower() == ".gif":
-            ms = iio.immeta(path).get("duration")
+            ms = lib.immeta(path).get("duration")
             return 1000.0 / ms if ms else None
-        with av.open(str(path)) as container:
+        with lib.open(str(path)) as container:
             rate = container.streams.video[0].average_rate
         return float(rate) if rate else None
     except Exception as err:
@@ -121,12 +155,13 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
     """Decode ``uint8 [T, H, W, 3]`` RGB frames (``T = 1`` for images); for videos at most
     ``max_frames`` from the start (decoding stops there). Raises :class:`MediaError`."""
     path = Path(path)
+    lib = None if media_kind(path) == "image" else _video_library(path)
     try:
-        if media_kind(path) == "image":
+        if lib is None:
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))[None]
         frames = []
-        for frame in _iter_video(path):
+        for frame in _iter_video(path, lib):
             frames.append(_to_rgb(frame))
             if max_frames is not None and len(frames) >= max_frames:
                 break
@@ -137,12 +172,17 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
         raise MediaError(f"cannot read {path}: {err}") from err
 
 
-def _iter_video(path: Path):
-    """Decoded frames of a video (GIF through imageio, the rest through PyAV, one thread)."""
+def _video_library(path: Path):
+    """The library that decodes ``path``: imageio's v3 API for a GIF, PyAV for the rest."""
+    return _media_library("imageio.v3" if path.suffix.lower() == ".gif" else "av", path)
+
+
+def _iter_video(path: Path, lib):
+    """Decoded frames of a video through ``lib`` (:func:`_video_library`), one thread."""
     if path.suffix.lower() == ".gif":
-        yield from iio.imiter(path)
+        yield from lib.imiter(path)
         return
-    with av.open(str(path)) as container:
+    with lib.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"
         for frame in container.decode(stream):
@@ -206,6 +246,7 @@ def _write_video(path: Path, frames: np.ndarray, fps: float) -> None:
     """H.264 (yuv420p, so H and W must be even) through PyAV, single-threaded."""
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"{path}: H.264 needs even height and width, got {frames.shape[1:3]}")
+    av = _media_library("av", path)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=rate)
