@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_apt.benchmarking.device import resolve_device  # noqa: E402
 from megatron_apt.benchmarking.report import (  # noqa: E402, F401 (the tests read them here)
     APT_FORWARD_EQUIVALENTS,
     FLOP_FORMULA,
@@ -228,17 +229,10 @@ def resolve(args: argparse.Namespace):
             json.loads(args.deepspeed_config.read_text())
         except (OSError, ValueError) as e:
             raise UsageError(f"--deepspeed-config {args.deepspeed_config}: {e}") from None
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device!r}: CUDA is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device!r}: use cpu or cuda")
+    try:  # a CUDA device with its index: torch.cuda.set_device refuses one without
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     from megatron_apt.models.specs import get_spec
 
@@ -436,7 +430,7 @@ def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # indexed by resolve_device
     b, latent, n_text = args.batch, tuple(args.latent), args.text_len
     n_vis = visual_tokens(cfg, *latent)
     counts = (b * (n_vis + n_text), b * n_vis)  # tokens, visual tokens per call

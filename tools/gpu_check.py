@@ -8,13 +8,21 @@ Steps (each with its own time limit; a failed step is reported and the next one 
 
 1. ``environment``: torch, CUDA, the GPU, and which of deepspeed / megatron-core /
    transformer-engine / flash-attn import;
-2. ``gpu-tests``: ``pytest tests/gpu`` (the ``local`` spec on CUDA in bf16 against the CPU
-   fp32 reference, forward and backward; the TE rows only where TE imports);
+2. ``gpu-tests``: ``pytest tests/gpu``: needing only torch CUDA, the ``local`` spec (megatron-core
+   linears + torch SDPA) in bf16 and fp32 on CUDA against the CPU fp32 reference (the MMDiT's
+   forward and every gradient; one APT update) and the memory planner against
+   ``torch.cuda.max_memory_allocated``; the TE / flash-attn rows where they import. The
+   per-test outcomes and figures come back in the report; the step fails when a test failed or
+   when no test of the machine's device passed ("nothing tested": on a GPU, every CUDA test
+   skipped). A dry run runs the same tests, whose CPU halves then do the measuring;
 3. ``train`` + ``resume``: ``pretrain_apt.py --recipe tiny-apt --bf16`` for 4 updates under the
-   ``deepspeed`` launcher, 1 process (NCCL), saving at update 2; then the same run stopped at 2
-   and resumed to 4 from its checkpoint: the logged losses of updates 3 and 4 are compared
-   (exact in fp32 on CPU; on a GPU the difference is reported, as non-deterministic kernels may
-   leave a last-bit difference);
+   ``deepspeed`` launcher, 1 process (NCCL), saving at update 2; the trainer's logged
+   ``tokens_per_s``, ``mfu``, ``tflops_per_gpu`` and ``peak_mem_gib`` (median over updates 2-4;
+   peak: the largest) and ``tools/plan_memory.py``'s prediction for the recipe are reported
+   (a run that logged none of them fails); then the same run stopped at 2 and resumed to 4
+   from its checkpoint: the logged losses of updates 3 and 4 are compared (exact in fp32 on
+   CPU; on a GPU the difference is reported, as non-deterministic kernels may leave a
+   last-bit difference);
 4. ``bench-forward``: ``tools/benchmark.py --preset mmdit-8b --latent 13x90x160 --phases forward
    --dtype bf16 --layer-spec local`` (torch SDPA's flash kernel); the paper's Table 8 reports
    2.65 s for its 8B DiT at this shape on one H100, the goal here is <= 1.9 s;
@@ -24,13 +32,17 @@ Steps (each with its own time limit; a failed step is reported and the next one 
    ``SD3Transformer2DModel`` (where diffusers imports; carry its wheel) eager and compiled per
    block in one run; ``meets_goal``: ours compiled / diffusers compiled <= 0.85.
 
-Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (each step: status, seconds, the command,
-the tail of its log; the benchmark numbers) and the logs in ``OUT/logs/``, the report again
-after every step, so that a run stopped from outside keeps what it measured. ``--budget-s``
-(default 540; 900 with ``--dry-run``) bounds the whole check below the device's 10 minutes per
-command: each step's time limit is cut to what is left, and a step with less than 20 s left is
-recorded as ``skipped``. Exit code 0 when every step passed, 1 otherwise (the report is
-written either way).
+Writes into OUT, after every step, so that a run stopped from outside keeps what it measured
+(the device returns at most 8 files of OUT): ``gpu_check.json`` and ``gpu_check.md`` (each
+step: status, seconds, the command, the tail of its log; the numbers), ``logs.tgz`` (every
+step's full log and the GPU tests' per-test report) and the benchmarks' ``bench-*.json``. The
+bulky run folders and the plain logs live in ``--work`` (default ``OUT/work``). Each step runs
+in its own process group (session); at its time limit the whole group gets SIGTERM, then
+SIGKILL after a grace period, so no rank process of a timed-out launcher is left on the GPU.
+``--budget-s`` (default 540; 900 with ``--dry-run``) bounds the whole check below the device's
+10 minutes per command: each step's time limit is cut to what is left, and a step with less
+than 20 s left is recorded as ``skipped``. Exit code 0 when every step passed, 1 otherwise
+(the report is written either way).
 """
 
 from __future__ import annotations
@@ -41,9 +53,12 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -52,6 +67,9 @@ PAPER_8B_FORWARD_S = 2.65  # paper, Table 8: one forward of its 8B DiT at 13x90x
 GOAL_8B_FORWARD_S = 1.9
 GOAL_COMPILED_RATIO = 0.85  # issue 17: ours compiled / diffusers compiled, forward + backward
 MIN_STEP_S = 20.0  # a step is not started with less of --budget-s left
+KILL_GRACE_S = 10.0  # SIGTERM to a timed-out step's process group, then SIGKILL after this
+GPU_TESTS_ENV = "MEGATRON_APT_GPU_TESTS_JSON"  # tests/gpu/conftest.py writes its report there
+PERF_KEYS = ("tokens_per_s", "mfu", "tflops_per_gpu", "step_time_s")  # the trainer's log
 REPORT_KEYS = (  # a step's results shown in gpu_check.md
     "median_s",
     "tflops",
@@ -60,6 +78,13 @@ REPORT_KEYS = (  # a step's results shown in gpu_check.md
     "eager_ratio",
     "compiled_over_eager",
     "meets_goal",
+    "tests",
+    "bf16_forward_rel_err",
+    "bf16_apt_grad_rel_err",
+    "plan_over_measured",
+    "tokens_per_s",
+    "peak_mem_gib",
+    "plan_gib",
     "resume_max_abs_diff",
     "problem",
 )
@@ -69,7 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("out", type=Path, help="report folder (created)")
+    p.add_argument("out", type=Path, help="report folder (created): the <= 8 files to keep")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="folder for the plain logs and the training runs (default OUT/work)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU: gloo, fp32, small presets")
     p.add_argument(
         "--only", nargs="+", help="run only these steps (environment, gpu-tests, train, ...)"
@@ -99,15 +129,100 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+class Stopped(Exception):
+    """The check got SIGTERM / SIGINT / SIGHUP (e.g. the device command's time limit)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    """``sig`` to every process of the group ``pgid`` (none left: nothing to do)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _terminate_group(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM to ``proc``'s process group, SIGKILL after :data:`KILL_GRACE_S`; its output."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        return proc.communicate()
+
+
+def _die_with_parent() -> None:
+    """In a step's process before it execs: SIGTERM to it when the check dies, even by SIGKILL
+    (Linux ``prctl(PR_SET_PDEATHSIG)``, linux/prctl.h ``PR_SET_PDEATHSIG 1``), since its own
+    session is out of reach of a signal to the check's process group; launchers pass SIGTERM
+    on to their ranks. Elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_step_command(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | str, str]:
+    """Run ``cmd`` in a session of its own (``start_new_session``: a new process group whose
+    id is its pid) and return ``(exit code or "timeout", stdout + stderr)``.
+
+    ``subprocess.run(timeout=...)`` kills only the process it started (CPython 3.11
+    Lib/subprocess.py:552 in ``run``: ``process.kill()`` on ``TimeoutExpired``), so a
+    launcher's rank processes would live on, holding the GPU. At the time limit the whole
+    group gets SIGTERM, then SIGKILL after :data:`KILL_GRACE_S`; so it does when the check
+    itself is stopped (:class:`Stopped`, re-raised); after a normal exit, whatever the step
+    left behind in its
+    group is killed too."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=_die_with_parent,
+    )  # fmt: skip
+    note = ""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        out, err = _terminate_group(proc)
+        rc = "timeout"
+        note = f"\n(timed out: {timeout:.0f} s; its process group {proc.pid} was terminated)"
+    except BaseException:  # Stopped, KeyboardInterrupt: take the step's processes along
+        _terminate_group(proc)
+        raise
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)
+    return rc, f"{out or ''}\n--- stderr ---\n{err or ''}{note}"
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a check killed meanwhile leaves the previous
+    version, never half a file."""
+    tmp = path.with_name(path.name + ".part")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 class Check:
     def __init__(self, args: argparse.Namespace):
         self.args, self.dry = args, args.dry_run
         self.out = args.out.resolve()
-        self.logs = self.out / "logs"
+        self.work = (args.work or args.out / "work").resolve()
+        self.logs = self.work / "logs"
+        self.out.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.steps: list[dict] = []
         self.t0 = time.perf_counter()
         self.finished = False  # the report says "incomplete" until every step has run
+        self.stopped = None  # why the check stopped early (a signal), if it did
         self.env = dict(os.environ)
         path = [str(ROOT), self.env.get("PYTHONPATH")]
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
@@ -121,7 +236,9 @@ class Check:
             self.env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     # ---- running ----------------------------------------------------------------------------
-    def run(self, name: str, cmd: list[str], timeout: int, check=None) -> dict:
+    def run(self, name: str, cmd: list, timeout: int, check=None, env=None, always=False):
+        """Run one step (``check()`` adds its figures or fails it; with ``always`` it also
+        runs after a non-zero exit, to report what was measured) and record it."""
         if self.args.only and not any(name.startswith(o) for o in self.args.only):
             return {}
         left = self.args.budget_s - (time.perf_counter() - self.t0)
@@ -135,35 +252,30 @@ class Check:
         log = self.logs / f"{name}.log"
         print(f"[gpu-check] {name}: {' '.join(map(str, cmd))}", flush=True)
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [str(c) for c in cmd], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                timeout=timeout,
-            )  # fmt: skip
-            rc, text = proc.returncode, proc.stdout + "\n--- stderr ---\n" + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            rc = "timeout"
-            text = f"{e.stdout or ''}\n--- stderr ---\n{e.stderr or ''}\n(timed out: {timeout} s)"
-            text = text if isinstance(text, str) else str(text)
+        rc, text = run_step_command([str(c) for c in cmd], ROOT, env or self.env, timeout)
         log.write_text(text)
         step = {
             "step": name,
             "command": " ".join(map(str, cmd)),
             "rc": rc,
             "seconds": round(time.perf_counter() - t0, 1),
-            "log": str(log.relative_to(self.out)),
+            "log": f"logs/{log.name} (in logs.tgz)",
             "tail": text.strip().splitlines()[-12:],
+            "status": "pass" if rc == 0 else "fail",
         }
-        step["status"] = "pass" if rc == 0 else "fail"
-        if rc == 0 and check is not None:
+        if check is not None and (rc == 0 or always):
             try:
-                step.update(check())
+                found = check()
             except Exception as e:  # a failed check is a failed step, reported
-                step.update(status="fail", problem=f"{type(e).__name__}: {e}")
+                found = {"status": "fail", "problem": f"{type(e).__name__}: {e}"}
+            if rc != 0:  # the figures of a failed step, never a pass
+                found["status"] = "fail"
+                found.setdefault("problem", f"exit code {rc}")
+            step.update(found)
         return self._record(step)
 
     def _record(self, step: dict) -> dict:
-        """Keep a finished (or skipped) step and rewrite the report with it."""
+        """Keep a finished (or skipped) step and rewrite the report and logs.tgz with it."""
         self.steps.append(step)
         self.write_report()
         why = f": {step['problem']}" if step["status"] != "pass" and step.get("problem") else ""
@@ -171,6 +283,15 @@ class Check:
             f"[gpu-check] {step['step']}: {step['status']} ({step['seconds']} s){why}", flush=True
         )
         return step
+
+    def pack_logs(self) -> None:
+        """OUT/logs.tgz: every plain log (and the GPU tests' report) of the work folder."""
+
+        def write(tmp: Path) -> None:
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(self.logs, arcname="logs")
+
+        _write_atomically(self.out / "logs.tgz", write)
 
     def py(self, *args) -> list:
         return [sys.executable, *args]
@@ -203,8 +324,61 @@ class Check:
         return {"env": env}
 
     def gpu_tests(self) -> None:
+        report = self.logs / "gpu-tests.json"
+        report.unlink(missing_ok=True)
         cmd = self.py("-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider")
-        self.run("gpu-tests", cmd, 300)
+        env = {**self.env, GPU_TESTS_ENV: str(report)}
+        self.run("gpu-tests", cmd, 300, check=lambda: self._gpu_tests(report), env=env,
+                 always=True)  # fmt: skip
+
+    def _gpu_tests(self, path: Path) -> dict:
+        """The per-test report of tests/gpu/conftest.py: counts per device, the headline
+        figures; "nothing tested" when no test of this machine's device passed."""
+        if not path.is_file():
+            return {"status": "fail", "problem": f"pytest wrote no per-test report ({path.name})"}
+        tests = json.loads(path.read_text())["tests"]
+        device = "cpu" if self.dry else "cuda"
+        count = lambda dev, outcome: sum(  # noqa: E731
+            t["outcome"] == outcome and t["device"] == dev for t in tests
+        )
+        summary = {
+            f"{dev}_{outcome}": count(dev, outcome)
+            for dev in ("cuda", "cpu") for outcome in ("passed", "failed", "skipped")
+        }  # fmt: skip
+        out = {
+            "tests": ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items() if v),
+            "test_counts": summary,
+            "figures": {t["test"].split("::")[-1]: t["figures"] for t in tests if t["figures"]},
+            "skipped_because": sorted(
+                {t.get("reason", "") for t in tests if t["outcome"] == "skipped"}
+            ),  # fmt: skip
+            **self._headline(tests, device),
+        }
+        failed = [t["test"] for t in tests if t["outcome"] == "failed"]
+        if failed:
+            out.update(status="fail", problem=f"{len(failed)} failed: {', '.join(failed)[:300]}")
+        elif summary[f"{device}_passed"] == 0:
+            out.update(status="fail", problem=f"nothing tested: no {device} test passed")
+        return out
+
+    @staticmethod
+    def _headline(tests: list[dict], device: str) -> dict:
+        """The worst bf16 figures of the parity tests and the planner's ratio on ``device``."""
+        mine = [t for t in tests if t["device"] == device and t["outcome"] == "passed"]
+        out = {}
+        for key, test, figure in (
+            ("bf16_forward_rel_err", "test_mmdit_on_", "forward_rel_err"),
+            ("bf16_apt_grad_rel_err", "test_apt_update_on_", "grad_worst_rel_err"),
+            ("plan_over_measured", "test_plan_within_", "plan_over_measured"),
+        ):
+            values = [
+                float(t["figures"][figure]) for t in mine
+                if test in t["test"] and figure in t["figures"]
+                and ("bf16" in t["test"] or key == "plan_over_measured")
+            ]  # fmt: skip
+            if values:
+                out[key] = max(values)
+        return out
 
     def train_and_resume(self) -> None:
         launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
@@ -212,15 +386,42 @@ class Check:
         base = [launcher, "--num_gpus", "1", "--master_port", port, ROOT / "pretrain_apt.py",
                 "--recipe", "tiny-apt", "--log-interval", "1", "--save-interval", "2"]  # fmt: skip
         base += ["--fp32"] if self.dry else ["--bf16"]
-        full, part = self.out / "runs" / "full", self.out / "runs" / "resumed"
+        full, part = self.work / "runs" / "full", self.work / "runs" / "resumed"
         for d in (full, part):
             shutil.rmtree(d, ignore_errors=True)
-        self.run("train", [*base, "--train-iters", "4", "--save", full], 300)
+        self.run("train", [*base, "--train-iters", "4", "--save", full], 300,
+                 check=lambda: self._throughput(full))  # fmt: skip
         self.run("train-first-half", [*base, "--train-iters", "2", "--save", part], 300)
         self.run(
             "resume", [*base, "--train-iters", "4", "--save", part, "--load", part], 300,
             check=lambda: self._compare(full, part),
         )  # fmt: skip
+
+    def _throughput(self, run: Path) -> dict:
+        """The trainer's own figures (megatron_apt/engine/throughput.py, one record per logged
+        update): medians over the updates after the first, the largest peak memory; and
+        tools/plan_memory.py's plan of the recipe (reported: at tiny size the measured peak
+        is mostly the runtime's workspaces, the planner is judged by tests/gpu)."""
+        records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if "event" not in r and "tokens_per_s" in r]
+        if not records:
+            return {"status": "fail", "problem": "the run logged no throughput (tokens_per_s)"}
+        later = records[1:] or records
+        out = {k: statistics.median(r[k] for r in later) for k in PERF_KEYS if k in later[0]}
+        out["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in records)
+        out["updates_measured"] = len(later)
+        plan = subprocess.run(
+            self.py(ROOT / "tools" / "plan_memory.py", "--recipe", "tiny-apt", "--gpus", "1",
+                    "--dtype", "fp32" if self.dry else "bf16", "--json"),
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if plan.returncode == 0:
+            (entry,) = json.loads(plan.stdout).values()  # {"custom": plan}
+            out["plan_gib"] = entry["total_gib"]
+            out["peak_over_plan"] = out["peak_mem_gib"] / out["plan_gib"]
+        else:
+            out["plan_problem"] = plan.stderr.strip()[-300:]
+        return out
 
     def _compare(self, full: Path, part: Path) -> dict:
         def losses(d: Path) -> dict[int, dict]:
@@ -309,6 +510,7 @@ class Check:
         entry = next(iter(result["phases"].values()))["ours"]
         out = {
             "median_s": entry["median_s"],
+            "tokens_per_s": entry["tokens_per_s"],
             "tflops": entry["tflops"],
             "mfu": entry.get("utilization_vs_peak"),
             "peak_mem_mib": entry["memory"]["peak_mib"],
@@ -331,11 +533,14 @@ class Check:
             "host": platform.node(),
             "python": platform.python_version(),
             "pythonpath": self.env["PYTHONPATH"],
+            "work": str(self.work),
             "passed": ok,
             "complete": self.finished,
+            "stopped": self.stopped,
             "steps": self.steps,
         }
-        (self.out / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
+        text = json.dumps(data, indent=1, default=str) + "\n"
+        _write_atomically(self.out / "gpu_check.json", lambda tmp: tmp.write_text(text))
         lines = [
             f"# GPU check{' (dry run on CPU: no GPU figure here)' if self.dry else ''}",
             "",
@@ -345,6 +550,8 @@ class Check:
                 if ok
                 else "FAILED or skipped steps below."
                 if self.finished
+                else f"INCOMPLETE: {self.stopped}."
+                if self.stopped
                 else "INCOMPLETE: stopped (or still running) after the steps below."
             ),
             "",
@@ -357,8 +564,10 @@ class Check:
         env = next((s.get("env") for s in self.steps if s.get("env")), None)
         if env:
             lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
-        lines += ["", "Commands and log tails: `gpu_check.json`; full logs: `logs/`."]
-        (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+        lines += ["", "Commands and log tails: `gpu_check.json`; full logs: `logs.tgz`."]
+        md = "\n".join(lines) + "\n"
+        _write_atomically(self.out / "gpu_check.md", lambda tmp: tmp.write_text(md))
+        self.pack_logs()
         return ok
 
     def report(self) -> int:
@@ -368,11 +577,22 @@ class Check:
         return 0 if ok else 1
 
     def main(self) -> int:
-        self.environment()
-        self.gpu_tests()
-        self.train_and_resume()
-        self.benchmarks()
-        self.bench_compile()
+        """Every step, then the final report. Stopped from outside (SIGTERM, SIGINT, SIGHUP),
+        the running step's processes are terminated and the report (INCOMPLETE, naming the
+        signal) is written before exiting with 128 + the signal's number."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _raise_stopped)
+        try:
+            self.environment()
+            self.gpu_tests()
+            self.train_and_resume()
+            self.benchmarks()
+            self.bench_compile()
+        except Stopped as e:
+            self.stopped = f"stopped from outside by {e} during the step after the last one"
+            self.write_report()
+            print(f"[gpu-check] {self.stopped}", flush=True)
+            return 128 + e.signum
         return self.report()
 
 

@@ -7,9 +7,12 @@
 #                                          # (default .whl, ignored by git; carry it)
 #   tools/gpu_lease.sh run [DIR] [ARGS...] # there, as the one device command: install DIR's
 #                                          # wheels into $GPU_LEASE_SITE (default /tmp/site),
-#                                          # run tools/gpu_check.sh ARGS into $GPU_CHECK_DIR
-#                                          # (default /tmp/gpu_check), copy the report into
-#                                          # $OUT (6 files: the device returns at most 8)
+#                                          # run tools/gpu_check.sh ARGS with its report in
+#                                          # $OUT itself, rewritten after every step (6 files:
+#                                          # the device returns at most 8), and the bulky
+#                                          # runs and plain logs in $GPU_CHECK_DIR (default
+#                                          # /tmp/gpu_check): a command killed at its time
+#                                          # limit still returns the steps it finished
 #
 # The image (device README, KINDS.md) has torch, transformers, safetensors, sentencepiece,
 # mpi4py, ninja, py-cpuinfo, msgpack, einops, psutil; it lacks deepspeed, megatron-core,
@@ -71,14 +74,22 @@ run)
     else
         echo "gpu_lease: no wheels in $dir: running with the machine's own packages" >&2
     fi
+    # in the background, so that a SIGTERM to this shell (the device command's time limit)
+    # reaches the check, which then stops its running step and writes its report
+    PYTHON="${PYTHON:-python3}" tools/gpu_check.sh "$out" --work "$work" "$@" &
+    check=$!
+    trap 'kill -TERM "$check" 2> /dev/null' TERM INT HUP
     rc=0
-    PYTHON="${PYTHON:-python3}" tools/gpu_check.sh "$work" "$@" || rc=$?
-    mkdir -p "$out"
-    for f in "$work"/gpu_check.json "$work"/gpu_check.md "$work"/bench-*.json; do
-        if [[ -f "$f" ]]; then cp "$f" "$out"/; fi
-    done
-    if [[ -d "$work/logs" ]]; then tar czf "$out/logs.tgz" -C "$work" logs; fi
-    echo "gpu_lease: report in $out ($(ls "$out" | tr '\n' ' ')), gpu_check exit $rc"
+    wait "$check" || rc=$?
+    if kill -0 "$check" 2> /dev/null; then  # the trap interrupted the wait: let it finish
+        rc=0
+        wait "$check" || rc=$?
+    fi
+    n=$(find "$out" -type f | wc -l)
+    echo "gpu_lease: report in $out ($n files: $(ls "$out" | tr '\n' ' ')), gpu_check exit $rc"
+    if [[ "$n" -gt 8 ]]; then
+        echo "gpu_lease: $out holds $n files; the device returns at most 8" >&2
+    fi
     exit "$rc"
     ;;
 *)

@@ -18,7 +18,6 @@ about 20 updates of the tiny recipe.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from megatron_apt.engine.checkpointing import latest_checkpoint
-from megatron_apt.testing.launch import REPO_ROOT, launcher_command, run_launcher
+from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
 
 PRETRAIN = REPO_ROOT / "pretrain_apt.py"
 SATURATE = (
@@ -107,13 +106,7 @@ def test_stop_exits_3_on_every_rank_and_names_the_checkpoint(tmp_path):
     # a loose threshold: balanced accuracy >= 0.51 with any loss, twice in a row
     args += ["--on-collapse", "stop", "--saturated-acc", "0.51", "--saturated-loss-d", "10"]
     args += ["--collapse-patience", "2"]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
+    env = launcher_env()  # gloo, no visible GPU: NCCL would get the CPU tensors otherwise
     cmd = launcher_command("torchrun", 2, str(PRETRAIN), [str(a) for a in args])
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "TRAINING-DONE" not in proc.stdout, proc.stdout[-3000:]

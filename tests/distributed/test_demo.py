@@ -5,11 +5,10 @@ generation, evaluation, figures) with a few steps each; a second run skips every
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from megatron_apt.testing.launch import REPO_ROOT
+from megatron_apt.testing.launch import REPO_ROOT, launcher_env
 
 ROWS = (
     "real data through the VAE",
@@ -21,7 +20,7 @@ ROWS = (
 
 
 def _demo(out, *extra):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = launcher_env()  # gloo, CUDA hidden: a GPU machine runs these on the CPU too
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)]
         + ["--seed", "11"]

@@ -6,15 +6,14 @@ evaluation and the report with its pictures; a second run skips every finished s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from megatron_apt.testing.launch import REPO_ROOT
+from megatron_apt.testing.launch import REPO_ROOT, launcher_env
 
 
 def _study(out, report, *extra):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = launcher_env()  # gloo, CUDA hidden: a GPU machine runs these on the CPU too
     cmd = [sys.executable, str(REPO_ROOT / "examples" / "apt_study.py"), "--quick",
            "--out", str(out), "--report", str(report), "--seeds", "5", *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)

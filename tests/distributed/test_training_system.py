@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from safetensors.torch import load_file
 from megatron_apt.checkpoint.io import read_model_file
 from megatron_apt.config.model import get_preset
 from megatron_apt.engine.checkpointing import latest_checkpoint
-from megatron_apt.testing.launch import REPO_ROOT, launcher_command, run_launcher
+from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
 from megatron_apt.utils.metrics import PERF_KEYS
 
 PRETRAIN = REPO_ROOT / "pretrain_apt.py"
@@ -70,14 +69,7 @@ def train(launcher: str, recipe: str, save: Path, *args, env: dict | None = None
 def train_fails(launcher: str, recipe: str, save: Path, *args, env: dict | None = None):
     """A run that must fail: returns the completed process (full output, no truncation)."""
     cli = [str(a) for a in ["--recipe", recipe, "--fp32", "--save", save, *args]]
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        **(env or {}),
-    }
+    full_env = launcher_env(env)  # gloo, no visible GPU, as run_launcher's workers
     cmd = launcher_command(launcher, 2, str(PRETRAIN), cli)
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=420

@@ -208,3 +208,62 @@ def test_page_faults_count_the_pages_a_call_maps_afresh():
     assert set(times) == set(faults) == {"fresh", "reused"}
     assert len(faults["fresh"]) == 3 and min(faults["fresh"]) > 8000, faults
     assert max(faults["reused"]) < 1000, faults
+
+
+class _DeviceSet(Exception):
+    """Raised by the stand-in ``set_device`` once it accepted a device: there is no GPU to go
+    on with."""
+
+
+def _torch_set_device(device) -> None:
+    """``torch.cuda.set_device`` as torch 2.13 checks its argument (torch/cuda/__init__.py:687
+    -> torch/cuda/_utils.py:582 ``Expected a cuda device`` -> torch/_utils.py:910), without a
+    GPU: an index-less CUDA device raises exactly as torch does; an indexed one stops the
+    benchmark with :class:`_DeviceSet` carrying the index."""
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"Expected a cuda device, but got: {device}")
+        if device.index is None:
+            raise ValueError(
+                f"Expected a torch.device with a specified index or an integer, but got:{device}"
+            )
+        device = device.index
+    raise _DeviceSet(device)
+
+
+def _fake_cuda(monkeypatch, count: int = 2, current: int = 1) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "set_device", _torch_set_device)
+
+
+@pytest.mark.parametrize(
+    "name, local_rank, want",
+    [("cuda", None, 1), ("auto", None, 1), ("cuda", "0", 0), ("auto", "0", 0), ("cuda:0", "1", 0)],
+)
+def test_cuda_device_reaches_set_device_with_its_index(monkeypatch, name, local_rank, want):
+    """Issue 29 item 2: ``--device cuda`` / ``auto`` on a CUDA machine must hand
+    ``torch.cuda.set_device`` an indexed device (LOCAL_RANK when a launcher set it, else the
+    current device; ``cuda:N`` as given), not ``torch.device("cuda")``, which torch refuses."""
+    _fake_cuda(monkeypatch)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    args = benchmark.build_parser().parse_args(
+        ["--preset", "tiny", "--latent", "1x8x8", "--device", name, "--phases", "forward"]
+    )
+    with pytest.raises(_DeviceSet) as reached:
+        benchmark.run_benchmark(args)
+    assert reached.value.args == (want,)
+
+
+def test_cuda_device_beyond_the_node_is_a_usage_error(monkeypatch):
+    _fake_cuda(monkeypatch, count=2, current=0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = benchmark.build_parser().parse_args(["--preset", "tiny", "--device", "cuda:5"])
+    with pytest.raises(benchmark.UsageError, match=r"'cuda:5'.*CUDA device 5 .* 2 visible"):
+        benchmark.resolve(args)
