@@ -137,10 +137,3 @@ def _gather_tp(tensors: dict, params: dict, ps: ParallelState) -> dict[str, torc
         dim = tp_partition_dim(params[n])
         out[n] = gather_tensor_over_tp(t, dim, ps) if dim is not None else t
     return out
-
-
-def gathered_module_state(engine, ps: ParallelState) -> dict[str, torch.Tensor]:
-    """TP=1 full fp32 weights of an engine: the optimizer's fp32 masters (not the module's
-    bf16 copies under --bf16), assembled over DP and gathered over TP (collective)."""
-    master = MasterWeights(engine, ps)
-    return _gather_tp(master.full_state(), master.params, ps)
