@@ -8,6 +8,7 @@ shared diffusion + consistency pair, scored against one reference set; writes do
     python examples/apt_study.py --quick             # a few steps of everything (the test)
     python examples/apt_study.py --base runs/demo-seed0   # reuse a finished `make demo`
     python examples/apt_study.py --report-only       # re-write docs/study.md, run nothing
+    python examples/apt_study.py --figure-seed 3     # the pictures of seed 3's runs
 
 It reuses examples/demo.py's stages: data, vae, preprocess, diffusion and consistency once (in
 --base, a demo of seed --base-seed: a finished demo there is reused as it is), then per arm
@@ -18,8 +19,11 @@ the held-out prompts (and of the raw generator for the arms whose report has a r
 and one tools/evaluate.py call over every run (FD with 95 % bootstrap intervals, background
 noise, sharpness and saturation against real data, caption accuracy). Resumable: finished
 runs are recorded in OUT/progress.json, an interrupted training run resumes from its
-checkpoint. The report (tables, verdicts, health curves, sample grids) goes to --report
-(docs/study.md, pictures in docs/study/).
+checkpoint. The report (a generated narrative of outcomes per arm, tables, verdicts, health
+curves and sample grids of --figure-seed, the hand-written --context at the end) goes to
+--report (docs/study.md, pictures in docs/study/). It depends only on OUT's results.json,
+progress.json and run logs, the arguments and the context file: --report-only re-creates it
+byte for byte.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from megatron_apt.evaluation.figures import read_metrics  # noqa: E402
 from megatron_apt.evaluation.study_report import (  # noqa: E402
     REFERENCE,
     START,
+    TUNED_ON_SEEDS,
     ReportArm,
     StudyReport,
+    figure_seed,
     raw_key,
     row_name,
 )
@@ -57,6 +63,7 @@ REFERENCE_ROWS = {
     RECON_ROW: (RECON_FOLDER, None),
     TEACHER_ROW: ROWS["diffusion 25 steps (CFG)"],  # ("diffusion-25", "diffusion")
 }
+FIGURE_PROMPTS = 6  # samples per row of the sample figure: the first held-out prompts, in order
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="re-write the report from OUT's finished runs and evaluation, running nothing",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--figure-seed",
+        type=int,
+        help="seed of the runs in the health and sample figures, one of --seeds (default: the "
+        f"first of --seeds the demo-apt recipe was not tuned on, i.e. not in {TUNED_ON_SEEDS})",
+    )
+    p.add_argument(
+        "--context",
+        help="hand-written context, included verbatim at the end of the report (default: "
+        "<report folder>/<report stem>_context.md, docs/study_context.md, when it exists)",
+    )
+    args = p.parse_args(argv)
+    if args.figure_seed is None:
+        args.figure_seed = figure_seed(args.seeds)
+    elif args.figure_seed not in args.seeds:
+        p.error(f"--figure-seed {args.figure_seed} is not one of --seeds {args.seeds}")
+    return args
 
 
 class Study:
@@ -328,6 +351,8 @@ class Study:
         stage = name.removeprefix("base/")
         if stage != name and stage in self.demo.progress:  # a finished stage of the demo
             self.progress[name] = self.demo.progress[stage]
+            # on file at once: the report's time (and --report-only's) sums progress.json
+            self.progress_file.write_text(json.dumps(self.progress, indent=1))
             print(f"[study] {name}: done earlier in {self.demo.out}, reused", flush=True)
             return
         t0 = time.perf_counter()
@@ -423,7 +448,15 @@ class Study:
             "loss_d": mean("loss_d"),
         }
 
+    def context(self) -> Path:
+        """The hand-written context file (--context, else <report stem>_context.md beside it)."""
+        if self.args.context:
+            return Path(self.args.context).resolve()
+        return self.report.with_name(f"{self.report.stem}_context.md")
+
     def write_report(self, results: dict) -> None:
+        """The report from results, progress.json, the runs' metrics.jsonl, the arguments and
+        the context file only (no clock, no machine): --report-only writes the same bytes."""
         figures = self.report.parent / self.report.stem
         figures.mkdir(parents=True, exist_ok=True)
         self._figures(figures)
@@ -443,12 +476,21 @@ class Study:
             quick=self.args.quick,
             base_seed=self.args.base_seed,
             references=list(REFERENCE_ROWS),
+            figure_seed=self.args.figure_seed,
+            figure_prompts=FIGURE_PROMPTS,
         )
-        self.report.write_text(report.markdown(relative_to=self.report.parent))
+        ctx = self.context()
+        if self.args.context and not ctx.is_file():
+            raise SystemExit(f"study: --context {ctx}: no such file")
+        text = ctx.read_text() if ctx.is_file() else None
+        md = report.markdown(relative_to=self.report.parent, context=text, context_name=ctx.name)
+        self.report.write_text(md)
         (self.out / "summary.json").write_text(json.dumps(report.summary(), indent=1))
 
     def _figures(self, folder: Path) -> None:
-        seed, d = self.args.seeds[0], self.demo
+        """The health and sample figures of --figure-seed's runs; the sample figure shows the
+        first FIGURE_PROMPTS samples of every folder (the first held-out prompts, in order)."""
+        seed, d = self.args.figure_seed, self.demo
         samples = [f"real data={d.p('data', 'real')}"]
         samples += [f"consistency (start)={self.start_samples()}"]
         samples += [f"{k}={self.samples_dir(k, seed)}" for k in self.arms]
@@ -458,7 +500,7 @@ class Study:
         d.run("study-figures", [
             d.py, ROOT / "tools" / "make_figures.py", "--output", tmp,
             *[a for s in samples for a in ("--samples", s)], "--comparison", "samples",
-            "--per-row", "6", "--num", "4",
+            "--per-row", str(FIGURE_PROMPTS), "--num", "4",
             *[a for m in metrics for a in ("--metrics", m)], "--health", "--curves-name", "apt",
         ])  # fmt: skip
         shutil.copy(tmp / "samples.png", folder / "samples.png")

@@ -20,11 +20,16 @@ OUT/commands.sh and the logs in OUT/logs/):
  7. generate     tools/generate.py: diffusion 25 steps + CFG, consistency 1 step,
                  APT 1 step, APT 2 steps, on the held-out captions; tools/reconstruct.py:
                  the real-data row's clips through the VAE (the floor of the latent rows)
- 8. evaluate     tools/evaluate.py: FD, sharpness, caption accuracy -> OUT/results.md
+ 8. evaluate     tools/evaluate.py: video FD, conditional FD, caption accuracy (95 % intervals),
+                 background noise, sharpness -> OUT/results.md; --summarize: the seeds' table
  9. figures      tools/make_figures.py: sample grids (PNG, GIF, MP4), loss curves (PNG)
 
 Re-running skips finished stages (OUT/progress.json); an interrupted training stage resumes
 from its last checkpoint (--load).
+
+    python examples/demo.py --summarize runs/demo-seed0 runs/demo-seed1 ...
+                                             # the README's table of several seeds' runs and
+                                             # docs/demo/seeds.json (runs nothing)
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ ROWS = {  # results-table row -> (sample folder, generate.py arguments)
     "APT 1 step": ("apt-1", "apt1"),
     "APT 2 steps": ("apt-2", "apt2"),
 }
+APT_AT_TEACHER_N = "APT 1 step (teacher's N)"  # megatron_apt.evaluation.checks.demo_checks
 # The floor of every latent row: the real-data row's clips through the VAE (tools/reconstruct.py)
 RECON_ROW, RECON_FOLDER = "real data through the VAE", "vae-recon"
 # Output lines of the child processes worth showing (everything goes to OUT/logs/).
@@ -97,7 +103,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--strict", action="store_true", help="exit 1 when one of the demo's checks fails"
     )
     p.add_argument("--verbose", action="store_true", help="show every line of the children")
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="RUN",
+        help="run nothing: read finished demo folders (one per seed) and write their key "
+        "numbers to --summary-json and a Markdown table (the README's) to stdout",
+    )
+    p.add_argument(
+        "--summary-json",
+        default=str(ROOT / "docs" / "demo" / "seeds.json"),
+        help="where --summarize writes (default docs/demo/seeds.json: the metric tests read "
+        "the APT row's seed-to-seed spread from it)",
+    )
     return p.parse_args(argv)
+
+
+SUMMARY_KEYS = ("fd", "fd_ci", "cfd", "cfd_ci", "caption_all", "caption_all_ci", "caption_color",
+                "caption_shape", "caption_motion", "background_noise", "background_noise_ci",
+                "sharpness_ratio", "num_samples")  # fmt: skip
+
+
+def _ci(row: dict, key: str, digits: int) -> str:
+    ci = row.get(f"{key}_ci")
+    v = f"{row[key]:.{digits}f}"
+    return v + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def summarize(folders: list[str], out_json: str) -> str:
+    """The demo runs' key numbers (``out_json``) and the README's table of them (returned).
+    Every number is read from a run's results.json and the APT run's metrics.jsonl."""
+    from megatron_apt.evaluation.checks import d_accuracy_band
+
+    seeds = []
+    for folder in map(Path, folders):
+        res_path = folder / "results.json"
+        if not res_path.is_file():
+            sys.exit(f"demo --summarize: {res_path} missing (is {folder} a finished demo?)")
+        res = json.loads(res_path.read_text())
+        if "demo" not in res:
+            sys.exit(f"demo --summarize: {res_path} has no checks: run the demo in {folder} again")
+        recs = [json.loads(x) for x in (folder / "apt" / "metrics.jsonl").read_text().splitlines()
+                if x.strip()]  # fmt: skip
+        steps = [r for r in recs if "event" not in r and "d_acc_real" in r]
+        half = [r for r in steps if r["step"] > steps[-1]["step"] / 2]
+        pick = lambda row: {k: row.get(k) for k in SUMMARY_KEYS}  # noqa: E731
+        progress = json.loads((folder / "progress.json").read_text())
+        seeds.append({
+            "seed": res["demo"]["seed"],
+            "run": folder.name,
+            "real": pick(res["real"]),
+            "floors": {n: pick(r) for n, r in res.get("floors", {}).items()},
+            "rows": {name: pick(r) for name, r in res["rows"].items()},
+            "d_acc_second_half": {k: [min(r[k] for r in half), max(r[k] for r in half)]
+                                  for k in ("d_acc_real", "d_acc_fake")},
+            "d_band_ok": d_accuracy_band(recs).ok,
+            "events": [f"{r['event']}@{r['step']}" for r in recs if "event" in r],
+            "checks": res["demo"]["checks"],
+            "stage_seconds": {k: round(v) for k, v in progress.items() if not k.startswith("_")},
+        })  # fmt: skip
+    seeds.sort(key=lambda s: s["seed"])
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps({"seeds": seeds}, indent=1) + "\n")
+    lines = [
+        "| seed | video FD: consistency 1 step | APT 1 step | APT 2 steps | conditional FD: "
+        "consistency / APT | caption all: teacher / consistency / APT | background noise at "
+        "the teacher's N: teacher / APT | D accuracy real / fake (2nd half) | checks passed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in seeds:
+        r = s["rows"]
+        t, c, a, a2 = (r["diffusion 25 steps (CFG)"], r["consistency 1 step"], r["APT 1 step"],
+                       r["APT 2 steps"])  # fmt: skip
+        an = r.get(APT_AT_TEACHER_N, a)
+        acc = s["d_acc_second_half"]
+        passed = sum(c["passed"] for c in s["checks"])
+        lines.append(
+            f"| {s['seed']} | {_ci(c, 'fd', 2)} | **{_ci(a, 'fd', 2)}** | {_ci(a2, 'fd', 2)} | "
+            f"{c['cfd']:.2f} / {a['cfd']:.2f} | {_ci(t, 'caption_all', 2)} / "
+            f"{_ci(c, 'caption_all', 2)} / {_ci(a, 'caption_all', 2)} | "
+            f"{_ci(t, 'background_noise', 3)} / {_ci(an, 'background_noise', 3)} | "
+            f"{acc['d_acc_real'][0]:.2f}–{acc['d_acc_real'][1]:.2f} / "
+            f"{acc['d_acc_fake'][0]:.2f}–{acc['d_acc_fake'][1]:.2f} | "
+            f"{passed} of {len(s['checks'])} |"
+        )
+    fds = [s["rows"]["APT 1 step"]["fd"] for s in seeds]
+    floor = [s["real"]["fd"] for s in seeds]
+    lines += [
+        "",
+        f"APT 1 step video FD over the {len(seeds)} seeds: {min(fds):.2f}-{max(fds):.2f} "
+        f"(spread {max(fds) - min(fds):.2f}); real-vs-real floor {min(floor):.2f}-"
+        f"{max(floor):.2f}.",
+    ]
+    return "\n".join(lines)
 
 
 class Demo:
@@ -305,6 +403,9 @@ class Demo:
         rows = [f"{RECON_ROW}={self.p('samples', RECON_FOLDER)}"] + [
             f"{name}={self.p('samples', folder)}" for name, (folder, _) in ROWS.items()
         ]
+        # APT's first clips at the teacher's sample count (the teacher's prompts): the row the
+        # background-noise claim compares with the teacher (equal N, equal prompts)
+        rows.append(f"{APT_AT_TEACHER_N}={self.p('samples', 'apt-1')}@{self.n_rows['diffusion']}")
         self.run("evaluate", [
             self.py, ROOT / "tools" / "evaluate.py", "--real", self.p("data", "real"),
             *[a for r in rows for a in ("--row", r)], "--output", self.p("results"),
@@ -406,4 +507,8 @@ class Demo:
 
 
 if __name__ == "__main__":
-    sys.exit(Demo(parse_args()).main())
+    _args = parse_args()
+    if _args.summarize:
+        print(summarize(_args.summarize, _args.summary_json))
+        sys.exit(0)
+    sys.exit(Demo(_args).main())

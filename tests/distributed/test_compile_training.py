@@ -1,6 +1,6 @@
 """``pretrain_apt.py --compile`` (torch.compile per MMDiT block, models/compile.py) logs the
 same APT losses, D health metrics and gradient norms as the eager run: tiny-apt, fp32, ZeRO-2,
-2 ranks (torchrun, gloo) as data parallel and as TP = 2 + SP (megatron's sequence-parallel
+2 ranks (torchrun, gloo) as TP = 2 + SP (megatron's sequence-parallel
 all-gathers and reduce-scatters run inside the compiled blocks), 2 updates, RMSprop eps 1e-3
 as in the equivalence tests (through the same worker: with 1e-8 RMSprop turns the round-off
 sign of near-zero gradients into full steps).
@@ -41,7 +41,12 @@ def _run(save: Path, *flags: str) -> tuple[list[dict], str]:
     return [r for r in map(json.loads, lines) if "event" not in r], proc.stdout + proc.stderr
 
 
-LAYOUTS = {"dp2": (), "tp2-sp": ("--tensor-model-parallel-size", "2", "--sequence-parallel")}
+# TP = 2 + SP only: it holds everything the DP = 2 run did (the compiled G and D phases through
+# the ZeRO-2 engines, RMSprop, R1) plus megatron's collectives inside the compiled blocks; the DP
+# run was dropped from CI for time (2026-12-07: the two took 247 s of a 45-minute CI run), and
+# the compiled forward and every gradient on one process are compared exactly in
+# tests/unit/test_compile.py. To run the DP = 2 case again: add `"dp2": ()` here.
+LAYOUTS = {"tp2-sp": ("--tensor-model-parallel-size", "2", "--sequence-parallel")}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -16,6 +16,7 @@ ROWS = (
     "consistency 1 step",
     "APT 1 step",
     "APT 2 steps",
+    "APT 1 step (teacher's N)",  # APT's first clips at the teacher's N: the noise check's row
 )
 
 
@@ -56,13 +57,15 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == set(ROWS)
     keys = {"fd", "fd_ci", "sharpness_ratio", "background_noise", "background_noise_ci"}
-    keys |= {"saturation_distance"}
+    keys |= {"saturation_distance", "cfd", "cfd_ci", "caption_all_ci"}
     keys |= {f"caption_{k}" for k in ("color", "shape", "motion", "all")} | {"num_samples"}
     for row in results["rows"].values():
         assert keys <= set(row), keys - set(row)
         assert all(v == v for v in row.values())  # no NaN
     assert results["rows"]["APT 1 step"]["num_samples"] == 16  # half of the 32 held-out clips
     assert results["rows"]["diffusion 25 steps (CFG)"]["num_samples"] == 2
+    assert results["rows"]["APT 1 step (teacher's N)"]["num_samples"] == 2
+    assert results["floors"]["2"]["num_samples"] == 2  # the real-data floor at the teacher's N
     checks = results["demo"]["checks"]
     assert results["demo"]["seed"] == 11 and len(checks) == 5
     assert all({"name", "passed", "detail"} <= set(c) for c in checks)
@@ -87,6 +90,20 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     assert all(f"--vae {vae}" in line for line in commands.splitlines()
                if "preprocess_data.py" in line or "generate.py" in line)  # fmt: skip
     assert json.loads((out / "models" / "vae" / "config.json").read_text())["latents_std"]
+    # --summarize: the README's table and docs/demo/seeds.json, read from finished runs only
+    summary = tmp_path / "seeds.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--summarize", str(out),
+         "--summary-json", str(summary)],
+        cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = json.loads(summary.read_text())["seeds"]
+    assert [s["seed"] for s in seeds] == [11] and seeds[0]["run"] == "demo"
+    apt = results["rows"]["APT 1 step"]
+    assert seeds[0]["rows"]["APT 1 step"]["fd"] == apt["fd"]
+    assert seeds[0]["checks"] == checks
+    assert "| 11 | " in proc.stdout and f"**{apt['fd']:.2f}" in proc.stdout
     # a second run skips every stage
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]

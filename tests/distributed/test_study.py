@@ -1,7 +1,8 @@
 """`make study`, shortened: examples/apt_study.py --quick runs the shared pre-stages, the arms
 (APT, one ablation, the consistency control and the twice-as-long pair that continues APT's and
 the ablation's runs) for one seed through the real launcher, EMA and raw-generator samples, one
-evaluation and the report with its pictures; a second run skips every finished step."""
+evaluation and the report with its pictures; a second run skips every finished step, and
+--report-only re-creates the report byte for byte from OUT and the hand-written context."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import json
 import subprocess
 import sys
 
+from megatron_apt.evaluation.study_report import OUTCOMES
 from megatron_apt.testing.launch import REPO_ROOT, launcher_env
+
+CONTEXT = (
+    "Hand-written context: `apt / seed 5` is a quick run.\n\n"
+    "- kept *verbatim* | with a pipe and [a link](https://example.org)\n"
+)
 
 
 def _study(out, report, *extra):
@@ -21,6 +28,9 @@ def _study(out, report, *extra):
 
 def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     out, report = tmp_path / "study", tmp_path / "docs" / "study.md"
+    report.parent.mkdir(parents=True)
+    context = report.with_name("study_context.md")  # read next to the report
+    context.write_text(CONTEXT)
     arms = ("--arms", "no-r1-long", "consistency-more")  # + apt, no-r1, apt-long (needed)
     proc = _study(out, report, *arms)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -59,17 +69,29 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     assert {1, 3, 4, 6} <= steps, steps
     text = report.read_text()
     for needle in (
-        "| APT (demo recipe) |",
+        "| APT (demo recipe) (`apt`) |",
         "| no approximated R1",
         "reproduced?",
         "Quick run",
         "| real data through the VAE |",
         "| teacher: diffusion 25 steps (CFG)",
         "### Raw generators",
-        "| no approximated R1, 2x updates |",
+        "| no approximated R1, 2x updates (`no-r1-long`) |",
         "vs APT, 2x updates: ",
+        # the figures of seed 5, a seed no recipe choice was made on (the default)
+        "## Health of the seed-5 runs (not a tuning seed)",
+        "## Samples of seed 5 (not a tuning seed)",
     ):
         assert needle in text, needle
+    # the generated narrative: before the tables, one line per arm (EMA and raw rows) with its
+    # outcome word; the hand-written context verbatim in its marked section at the end
+    narrative = text.split("## What the runs show")[1].split("## Results")[0]
+    lines = [x for x in narrative.splitlines() if x.startswith("- **")]
+    for key in (*keys, "consistency-more", *(f"{k}-raw" for k in keys)):
+        (line,) = [x for x in lines if f"(`{key}`, " in x.split(" against ")[0]]
+        assert line.split("**")[1].split(" (")[0] in OUTCOMES, line
+        assert ("raw generator" if key.endswith("-raw") else "EMA generator") in line, line
+    assert "## Context (hand-written, not generated)" in text and text.endswith("\n" + CONTEXT)
     for png in ("health.png", "samples.png"):
         assert (report.parent / "study" / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
@@ -78,13 +100,23 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     again = _study(out, report, *arms)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "/train ..." not in again.stdout, again.stdout[-3000:]
+    # --report-only re-creates that report byte for byte (into another folder, the context
+    # passed explicitly): nothing in it but OUT's results, progress and logs and the context
+    written = report.read_bytes()
+    copy = tmp_path / "copy" / "study.md"
+    same = _study(out, copy, *arms, "--report-only", "--context", str(context))
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    assert copy.read_bytes() == written
+    assert (copy.parent / "study" / "samples.png").is_file()
+    wrong_seed = _study(out, copy, *arms, "--report-only", "--figure-seed", "7")
+    assert wrong_seed.returncode != 0 and "--figure-seed 7" in wrong_seed.stderr
     # --report-only re-writes the report from the finished runs, and refuses an unfinished one
     report.unlink()
     evaluated = (out / "results.json").stat().st_mtime_ns
     only = _study(out, report, *arms, "--report-only")
     assert only.returncode == 0 and "(nothing run)" in only.stdout, only.stderr[-3000:]
     assert (out / "results.json").stat().st_mtime_ns == evaluated  # not evaluated again
-    assert "| no approximated R1, 2x updates |" in report.read_text()
+    assert report.read_bytes() == written
     more = _study(out, report, *arms, "--report-only", "--seeds", "5", "6")
     assert more.returncode != 0 and "apt/seed6/train" in more.stderr, more.stderr[-2000:]
     # a study on a finished base reuses its stages (one arm is enough to show it); one with

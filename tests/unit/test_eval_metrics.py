@@ -32,13 +32,25 @@ def test_bootstrap_resamples_are_fd_of_explicit_resamples_whatever_the_chunk():
     b = b @ np.random.default_rng(1).normal(size=(D, D))  # full covariance
     r = frechet_distance_bootstrap(a, b, 50, seed=3, chunk=7)
     assert r.fd == pytest.approx(frechet_distance(a, b), rel=1e-12)
-    rng = np.random.default_rng(3)  # the documented draw: all of a's indices, then all of b's
-    ia, ib = rng.integers(0, 300, (50, 300)), rng.integers(0, 300, (50, 300))
+    # the documented draw: each side from its own stream, default_rng([seed, side])
+    ia = np.random.default_rng([3, 0]).integers(0, 300, (50, 300))
+    ib = np.random.default_rng([3, 1]).integers(0, 300, (50, 300))
     for k in (0, 17, 49):
-        assert r.resamples[k] == pytest.approx(frechet_distance(a[ia[k]], b[ib[k]]), rel=1e-9)
-    np.testing.assert_allclose(
-        r.resamples, frechet_distance_bootstrap(a, b, 50, seed=3).resamples, rtol=1e-10
+        # rel 1e-6: the resampled second moments are summed in float32 (measured ~1e-7)
+        assert r.resamples[k] == pytest.approx(frechet_distance(a[ia[k]], b[ib[k]]), rel=1e-6)
+    np.testing.assert_allclose(  # another chunk: another float32 GEMM shape, same draws
+        r.resamples, frechet_distance_bootstrap(a, b, 50, seed=3).resamples, rtol=1e-6
     )
+    # a reference's resamples are the same whatever the scored set's size, and computed once
+    from megatron_apt.evaluation.metrics import ReferenceMoments
+
+    ref = ReferenceMoments(b)
+    small = frechet_distance_bootstrap(a[:100], ref, 50, seed=3, chunk=7)
+    assert small.resamples[17] == pytest.approx(
+        frechet_distance(a[:100][np.random.default_rng([3, 0]).integers(0, 100, (50, 100))[17]],
+                         b[ib[17]]), rel=1e-6)  # fmt: skip
+    again = frechet_distance_bootstrap(a, ref, 50, seed=3, chunk=7)
+    np.testing.assert_allclose(again.resamples, r.resamples, rtol=1e-10)
     lo, hi = r.ci  # the percentile interval shifted by the bootstrap's bias estimate
     shift = r.resamples.mean() - r.fd
     assert lo == pytest.approx(max(0.0, np.percentile(r.resamples, 2.5) - shift))
@@ -166,3 +178,45 @@ def test_wasserstein1_hist_hand_values():
     q2 = np.zeros(10)
     q2[1] = 1.0
     assert wasserstein1_hist(p, q2) == pytest.approx(0.1)
+
+
+def test_conditional_fd_is_the_mean_of_per_class_fds_and_sees_prompt_mismatch():
+    """Hand construction: the feature's first coordinate says the colour (red 0, blue 5); the
+    conditional FD is the mean over the caption classes present (colour, shape, motion) of the
+    FD within the class, each by :func:`frechet_distance`; swapping the colours' captions
+    leaves the unconditional FD unchanged and raises the conditional one."""
+    from megatron_apt.evaluation.metrics import caption_classes, conditional_frechet_bootstrap
+
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        caps = [
+            f"a {c} {s} moving left"
+            for c, s in zip(
+                rng.choice(["red", "blue"], n), rng.choice(["circle", "square"], n), strict=True
+            )
+        ]
+        feats = rng.normal(size=(n, 3))
+        feats[:, 0] += np.array([5.0 if "blue" in c else 0.0 for c in caps])
+        return feats, caps
+
+    a, a_caps = make(800)
+    b, b_caps = make(800)
+    got = conditional_frechet_bootstrap(a, a_caps, b, b_caps, num_resamples=0)
+    want = {}
+    for k in ("color=red", "color=blue", "shape=circle", "shape=square", "motion=left"):
+        ia = [i for i, c in enumerate(a_caps) if k in caption_classes(c)]
+        ib = [i for i, c in enumerate(b_caps) if k in caption_classes(c)]
+        want[k] = frechet_distance(a[ia], b[ib])
+    assert set(got.per_class) == set(want) and not got.skipped
+    assert got.fd == pytest.approx(np.mean(list(want.values())), rel=1e-12)
+    assert got.fd < 0.1
+    swapped = [c.replace("red", "X").replace("blue", "red").replace("X", "blue") for c in a_caps]
+    wrong = conditional_frechet_bootstrap(a, swapped, b, b_caps, num_resamples=200)
+    assert wrong.fd > 10 and wrong.ci[0] > got.fd  # colour classes now hold the other colour
+    assert frechet_distance(a, b) < 0.1  # the unconditional FD cannot tell
+    # classes below the minimum are skipped (and said); none left: an error naming them
+    few = conditional_frechet_bootstrap(a[:24], a_caps[:24], b, b_caps, num_resamples=0)
+    assert few.skipped and all(n < 16 for n, _ in few.skipped.values())
+    with pytest.raises(ValueError, match="no caption class"):
+        conditional_frechet_bootstrap(a[:10], a_caps[:10], b, b_caps, num_resamples=0)

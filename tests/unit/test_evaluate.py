@@ -41,6 +41,9 @@ def test_sharpness_and_caption_accuracy():
 ROW_KEYS = {
     "fd",
     "fd_ci",
+    "cfd",
+    "cfd_ci",
+    "caption_all_ci",
     "sharpness_ratio",
     "background_noise",
     "saturation_distance",
@@ -57,7 +60,7 @@ def test_evaluate_tool_json_keys_reference_halves_and_n_warning(tmp_path, capsys
     make_synthetic_dataset(tmp_path / "other", 16, "video", size=32, frames=9, fmt="gif", seed=1)
     out = tmp_path / "res"
     common = ["--real", str(tmp_path / "real"), "--row", f"held-out={tmp_path / 'other'}"]
-    common += ["--feature-net", str(tmp_path / "net.safetensors"), "--feature-steps", "30"]
+    common += ["--feature-net", str(tmp_path / "net.safetensors"), "--feature-steps", "10"]
     evaluate_tool.main([*common, "--output", str(out), "--bootstrap", "200"])
     res = json.loads(out.with_suffix(".json").read_text())
     assert set(res) >= {"real", "rows", "feature_net_accuracy", "reference", "warnings"}
@@ -75,7 +78,7 @@ def test_evaluate_tool_json_keys_reference_halves_and_n_warning(tmp_path, capsys
     assert row["saturation_distance"] < 0.05 and 0.7 < row["saturation_mean"] < 1
     assert (tmp_path / "net.safetensors").exists()
     table = out.with_suffix(".md").read_text()
-    assert "| held-out |" in table and "| real data |" in table and "FD ↓ [95 % CI]" in table
+    assert "| held-out |" in table and "| real data |" in table and "video FD ↓ [95 % CI]" in table
     # N differs from the reference's: warned (stderr, JSON and table) ...
     assert len(res["warnings"]) == 1 and "N=16" in res["warnings"][0]
     assert "N=16" in capsys.readouterr().err and "N=16" in table
@@ -85,6 +88,29 @@ def test_evaluate_tool_json_keys_reference_halves_and_n_warning(tmp_path, capsys
     assert res["warnings"] == [] and res["reference"]["num_samples"] == 8
     assert res["real"]["num_samples"] == res["rows"]["held-out"]["num_samples"] == 8
     assert res["rows"]["held-out"]["fd_ci"] is None
+
+
+def test_row_limits_get_a_floor_of_their_own_n_and_a_stale_net_is_refused(tmp_path):
+    make_synthetic_dataset(tmp_path / "real", 96, "video", size=16, frames=5, fmt="gif", seed=0)
+    make_synthetic_dataset(tmp_path / "other", 48, "video", size=16, frames=5, fmt="gif", seed=1)
+    out, net = tmp_path / "res", tmp_path / "net.safetensors"
+    args = ["--real", str(tmp_path / "real"), "--row", f"all={tmp_path / 'other'}",
+            "--row", f"first 20={tmp_path / 'other'}@20", "--size", "16",
+            "--feature-net", str(net), "--feature-steps", "20", "--bootstrap", "50",
+            "--max-samples", "48", "--output", str(out)]  # fmt: skip
+    evaluate_tool.main(args)
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["rows"]["first 20"]["num_samples"] == 20 and res["rows"]["all"]["num_samples"] == 48
+    # the real-data floor measured again at the capped row's N, against the same reference
+    assert set(res["floors"]) == {"20"} and res["floors"]["20"]["num_samples"] == 20
+    assert "| real data (first 20) |" in out.with_suffix(".md").read_text()
+    assert len(res["warnings"]) == 1 and "'first 20'" in res["warnings"][0]
+    # conditional FD: 48 clips hold caption classes of >= 16 (shapes: ~16 each); 20 do not
+    assert res["rows"]["all"]["cfd"] is not None or res["rows"]["all"]["cfd_classes"] == {}
+    assert res["rows"]["first 20"]["cfd"] is None
+    # the cached net was trained for 5-frame clips of 16 pixels: another size is refused
+    with pytest.raises(ValueError, match=r"net\.safetensors.*size 16 \(wanted 32\)"):
+        evaluate_tool.main([*args[:-2], "--size", "32"])
 
 
 def test_reads_generate_output_folders(tmp_path):
