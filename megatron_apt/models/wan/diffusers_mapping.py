@@ -40,7 +40,7 @@ class Rule:
 
 
 def _rules(cfg: WanConfig) -> list[Rule]:
-    d, f, hd = cfg.hidden_size, cfg.ffn_dim, cfg.head_dim
+    d, f = cfg.hidden_size, cfg.ffn_dim
     rules: list[Rule] = []
 
     def lin(ours: str, theirs: str, i: int, o: int) -> None:
