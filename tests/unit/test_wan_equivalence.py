@@ -4,6 +4,7 @@ exporting Wan2.1 weights (issue 31, phase 1)."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -215,7 +216,9 @@ def test_recompute_changes_nothing():
 
 def test_bf16_keeps_diffusers_fp32_modules():
     """params_dtype=bf16: time embedder, modulation tables and the cross-attention LayerNorm
-    stay fp32 (diffusers' ``_keep_in_fp32_modules``); the forward runs and stays close."""
+    stay fp32 (diffusers' ``_keep_in_fp32_modules``, transformer_wan.py:549); the velocity is
+    as close to fp32 as diffusers' own bf16 model (its fp32 modules kept as its loader keeps
+    them: a name component in that list, model_loading_utils.py:238-240)."""
     cfg, ref, ours32 = pair()
     ours = WanDiT(cfg, params_dtype=torch.bfloat16)
     ours.load_state_dict(ours32.state_dict())
@@ -224,9 +227,17 @@ def test_bf16_keeps_diffusers_fp32_modules():
     assert fp32 == {n for n, _ in ours.named_parameters() if any(k in n for k in keep)}
     assert len(fp32) == 4 + 1 + 2 * 3  # time embedder (4), final table, per block 3
     assert ours.blocks[0].fc1.weight.dtype == torch.bfloat16
+    ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    for name, p in ref_bf16.named_parameters():
+        if any(m in name.split(".") for m in ref._keep_in_fp32_modules):
+            p.data = p.data.float()
     x, t, text = inputs()
     with torch.no_grad():
-        v = ours(x.bfloat16(), t, text.bfloat16())
-        v32 = ours32(x, t, text)
-    assert v.dtype == torch.bfloat16
-    assert (v.float() - v32).abs().max() < 0.05 * v32.abs().max()
+        v = ours(x.bfloat16(), t, text.bfloat16()).float()
+        v32 = ref(hidden_states=x, timestep=t * 1000, encoder_hidden_states=text).sample
+        v_ref = ref_bf16(
+            hidden_states=x.bfloat16(), timestep=t * 1000, encoder_hidden_states=text.bfloat16()
+        ).sample.float()
+    err, err_ref = (v - v32).abs().max(), (v_ref - v32).abs().max()
+    assert err <= 1.5 * err_ref and err < 0.02 * v32.abs().max(), (err, err_ref)
+    assert (v - v_ref).abs().max() < 0.02 * v32.abs().max()
