@@ -20,6 +20,7 @@ from megatron_apt.models.wan import (
     wan_config_to_diffusers,
     wan_to_diffusers,
 )
+from megatron_apt.parallel.tensor_parallel import tp_partition_dim
 from megatron_apt.testing.wan_ref import tiny_wan_transformer, wan_transformer
 
 pytest.importorskip("diffusers")
@@ -140,6 +141,25 @@ def test_fused_qkv_is_per_head():
         rows = qkv[3 * hd * j : 3 * hd * (j + 1)]
         for part, lin in zip(rows.split(hd), (attn.to_q, attn.to_k, attn.to_v)):
             assert torch.equal(part, lin.weight[j * hd : (j + 1) * hd])
+
+
+def test_tensor_parallel_metadata():
+    """What a TP split reads (megatron's tags): the fused linears and the across-heads q/k
+    RMSNorm weights split with the heads (dim 0), the output linears along their input
+    (dim 1); embeddings, time projection, tables and LayerNorms replicated."""
+    _, _, ours = pair()
+    dims = {n: tp_partition_dim(p) for n, p in ours.named_parameters()}
+    split0 = {n for n, d in dims.items() if d == 0}
+    split1 = {n for n, d in dims.items() if d == 1}
+    assert "blocks.0.self_attn.q_norm.weight" in split0
+    assert "blocks.1.cross_attn.k_norm.weight" in split0
+    assert "blocks.0.cross_attn.kv.weight" in split0 and "blocks.0.fc1.bias" in split0
+    assert split1 == {
+        f"blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.proj", "cross_attn.proj", "fc2")
+    }
+    assert all(not n.startswith(("time_", "text_", "patch_", "final_")) for n in split0)
 
 
 @pytest.mark.parametrize("direction", ["import", "export"])

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_apt.config.model import FP8_GEMM_ROWS
 from megatron_apt.config.training import parse_recompute_layers
-from megatron_apt.models.build_options import build_options, gathered
+from megatron_apt.models.build_options import build_options, gathered, is_partitioned
 from megatron_apt.models.compile import run_compiled
 from megatron_apt.models.embeddings import (
     apply_rotation,
@@ -334,20 +334,21 @@ class WanDiT(nn.Module):
         else:
             ensure_tp_attributes(self)
         self.to(dtype=params_dtype)
-        for m in self._fp32_modules():
-            m.float()
-        for p in self._fp32_tables():
-            p.data = p.data.float()
+        self._keep_fp32()
         self.recompute_layers: tuple[int, ...] = ()
         self._timestep_range = TimestepRangeCheck()
 
-    def _fp32_modules(self) -> list[nn.Module]:
-        mods: list[nn.Module] = [self.time_embed]
-        mods += [b.cross_norm for b in self.blocks if b.cross_norm is not None]
-        return mods
-
-    def _fp32_tables(self) -> list[nn.Parameter]:
-        return [self.final_scale_shift_table] + [b.scale_shift_table for b in self.blocks]
+    def _keep_fp32(self) -> None:
+        """Time embedder, modulation tables and cross-attention LayerNorms back to fp32, as
+        diffusers' loader keeps them (tw:549). Not for ZeRO-3 partitioned parameters (their
+        storage is DeepSpeed's): those compute in fp32 from their stored dtype anyway."""
+        params = list(self.time_embed.parameters()) + [self.final_scale_shift_table]
+        for b in self.blocks:
+            params.append(b.scale_shift_table)
+            params += list(b.cross_norm.parameters()) if b.cross_norm is not None else []
+        for p in params:
+            if not is_partitioned(p):
+                p.data = p.data.float()
 
     @torch.no_grad()
     def _init_replicated(self) -> None:
