@@ -21,6 +21,8 @@ from megatron_apt.models.wan import (
     wan_to_diffusers,
 )
 from megatron_apt.parallel.tensor_parallel import tp_partition_dim
+from megatron_apt.testing.devices import LogicalDevices
+from megatron_apt.testing.host_sync import HostSyncCounter
 from megatron_apt.testing.wan_ref import tiny_wan_transformer, wan_transformer
 
 pytest.importorskip("diffusers")
@@ -261,3 +263,27 @@ def test_bf16_keeps_diffusers_fp32_modules():
     err, err_ref = (v - v32).abs().max(), (v_ref - v32).abs().max()
     assert err <= 1.5 * err_ref and err < 0.02 * v32.abs().max(), (err, err_ref)
     assert (v - v_ref).abs().max() < 0.02 * v32.abs().max()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_no_host_sync_per_step_with_a_host_mask(masked):
+    """The MMDiT's contract (models/inputs.py): weights and inputs on the (logical) GPU, the
+    text mask on the host; after a warm-up call (the timestep range check) a forward and
+    backward read no device value (text length 7 also exercises the padding path under
+    LogicalDevices when masked)."""
+    _, _, ours = pair()
+    x, t, text = inputs(frames=2)
+    mask = torch.arange(7)[None] < torch.tensor([7, 4])[:, None] if masked else None
+
+    def step():
+        ours.zero_grad(set_to_none=True)
+        ours(x, t, text, text_mask=mask).square().mean().backward()
+
+    with LogicalDevices() as dev:
+        if mask is not None:
+            dev.mark_host(mask)
+        step()
+        with HostSyncCounter(counts=dev.on_device) as syncs:
+            step()
+    assert not dev.blocking_copies, dev.blocking_copies
+    assert syncs.count == 0, syncs.summary()
