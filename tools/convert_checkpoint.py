@@ -1,12 +1,19 @@
 #!/usr/bin/env python
-"""Convert, reshard and inspect MMDiT checkpoints (library: megatron_apt.checkpoint.convert).
+"""Convert, reshard and inspect checkpoints of every model family (MMDiT / SD3, Wan2.1)
+(library: megatron_apt.checkpoint.convert; families: megatron_apt.models.families).
 
-    # diffusers SD3 / SD3.5 transformer -> ours (a .safetensors OUTPUT is one TP=1 model file,
-    # any other OUTPUT a TP-sharded directory: megatron_apt_sharded.json + tp_rank_XX.safetensors)
+    # a diffusers transformer -> ours; the family comes from its config.json's _class_name
+    # (SD3Transformer2DModel, WanTransformer3DModel); a pipeline root (transformer/) and
+    # sharded safetensors (an index json) are read too. A .safetensors OUTPUT is one TP=1
+    # model file, any other OUTPUT a TP-sharded directory (megatron_apt_sharded.json +
+    # tp_rank_XX.safetensors)
     python tools/convert_checkpoint.py import-diffusers --input sd3/transformer --output sd3-tp2 \\
         --tensor-model-parallel-size 2
-    # ours -> diffusers (sincos2d / pooled-text SD3-style models only)
+    python tools/convert_checkpoint.py import-diffusers --input Wan2.1-T2V-1.3B-Diffusers \\
+        --output wan-tp2 --tensor-model-parallel-size 2
+    # ours -> the family's diffusers class (SD3: sincos2d / pooled-text models only)
     python tools/convert_checkpoint.py export-diffusers --input sd3-tp2 --output sd3-back
+    python tools/convert_checkpoint.py export-diffusers --input wan-tp2 --output wan-back
     # a post-trained generator + the base pipeline's text encoders and VAE -> a diffusers
     # StableDiffusion3Pipeline directory that samples our one step (num_inference_steps=1)
     python tools/convert_checkpoint.py export-diffusers-pipeline --input runs/apt \
@@ -52,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
         return s
 
-    add("import-diffusers", "diffusers SD3Transformer2DModel dir -> ours", tp=True)
-    add("export-diffusers", "ours -> diffusers SD3Transformer2DModel dir")
+    add("import-diffusers", "diffusers SD3 / Wan transformer dir -> ours", tp=True)
+    add("export-diffusers", "ours -> diffusers SD3 / Wan transformer dir")
     x = add("export-diffusers-pipeline", "generator + base SD3 pipeline -> runnable pipeline")
     x.add_argument("--base", required=True, help="the SD3/SD3.5 pipeline dir it was trained on")
     x.add_argument("--copy", action="store_true", help="copy the base's folders, not symlink")
@@ -72,16 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def print_inspection(info: dict) -> None:
     split = info["tp_layout"].get("split", {})
-    print(f"{info['path']}: {info['format']} checkpoint, role {info['role']}")
+    print(f"{info['path']}: {info['format']} checkpoint, role {info['role']}, {info['family']}")
     print(
         f"  TP layout: {json.dumps({k: v for k, v in info['tp_layout'].items() if k != 'split'})}"
     )
     print(f"  parameters: {info['num_parameters']:,}")
-    cfg = info["config"]
-    print(
-        f"  model: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_heads']} "
-        f"heads, pos_embed {cfg['pos_embed']}, qk_norm {cfg['qk_norm']}"
-    )
+    print(f"  model: {info['summary']}")
     for k, t in info["tensors"].items():
         dim = split.get(k)
         tag = f"  split dim {dim}" if dim is not None else ""

@@ -1,5 +1,6 @@
-"""Checkpoint conversion: the TP-sharded layout, diffusers SD3 import/export, training-checkpoint
-export, resharding and inspection. ``tools/convert_checkpoint.py`` is a thin CLI over this.
+"""Checkpoint conversion: the TP-sharded layout, diffusers import/export (any registered model
+family: :mod:`megatron_apt.models.families`), training-checkpoint export, resharding and
+inspection. ``tools/convert_checkpoint.py`` is a thin CLI over this.
 
 Formats (see :func:`detect_format`):
 
@@ -10,7 +11,9 @@ Formats (see :func:`detect_format`):
   ``tp_rank_XX.safetensors`` per TP rank: the rank's slice of split tensors (megatron's
   contiguous split along ``partition_dim``) and a full copy of replicated ones, so a rank of a
   TP=N run reads exactly one file.
-* ``diffusers``: a ``SD3Transformer2DModel`` directory (``config.json`` + safetensors).
+* ``diffusers``: a diffusers model directory of a registered family
+  (``SD3Transformer2DModel``, ``WanTransformer3DModel``: ``config.json`` + safetensors, one
+  file or a sharded index), or a pipeline root with ``transformer/``.
 * ``training``: a ``--save`` directory of ``pretrain_apt.py`` or one of its ``iter_*``.
 
 Every reader validates (architecture, key names, shapes) before anything is written; every
@@ -19,32 +22,32 @@ writer writes into a temporary sibling and renames it into place.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_apt.checkpoint import diffusers_sd3 as sd3
+from megatron_apt.checkpoint.diffusers_dir import read_diffusers_dir, write_diffusers_dir
 from megatron_apt.checkpoint.io import (
     check_keys_match,
     read_model_file,
     save_model_file,
 )
-from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.training import parse_head_layers
+from megatron_apt.models.builders import build_skeleton, tensor_layout
+from megatron_apt.models.families import config_from_dict, config_to_dict, family_of
 from megatron_apt.utils.paths import atomic_directory
 
 SHARDED_FORMAT = "megatron-apt/tp-sharded"
 SHARDED_VERSION = 1
 SHARDED_INDEX = "megatron_apt_sharded.json"
 SHARD_FORMAT = "megatron-apt/tp-shard"
-MMDIT_ROLES = ("mmdit", "diffusion", "consistency", "generator", "sd3")
+MMDIT_ROLES = ("mmdit", "diffusion", "consistency", "generator", "sd3", "diffusers")
+__all__ = ["build_skeleton", "tensor_layout"]  # re-exported: their home is models/builders.py
 
 
 def shard_name(tp_rank: int) -> str:
@@ -58,74 +61,6 @@ def _check_output_file(path: Path, overwrite: bool) -> None:
         raise ValueError(f"{path}: a model file must end in .safetensors")
 
 
-# --------------------------------------------------------------------------------------
-# Model skeletons: full shapes and TP partition dims without allocating weights
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _meta_build() -> Iterator[None]:
-    """Build modules on the meta device (no memory, no init). Megatron's GPU init path (taken
-    by the discriminator heads on a non-CPU device) needs its RNG tracker: a temporary one."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    from megatron_apt.parallel.cpu_shim import install_cpu_shim
-
-    install_cpu_shim()
-    tracker = get_cuda_rng_tracker()
-    fresh = not tracker.is_initialized()
-    if fresh:
-        tracker.add("model-parallel-rng", 0)
-    log = logging.getLogger("megatron.core.tensor_parallel.random")  # "CPU RNG state changed"
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        log.setLevel(level)
-        if fresh:
-            tracker.reset()
-
-
-class _SoloGroup:
-    """A one-rank stand-in for a process group: enough to build layers, never communicates."""
-
-    def size(self) -> int:
-        return 1
-
-    def rank(self) -> int:
-        return 0
-
-
-def build_skeleton(
-    cfg: MMDiTConfig, role: str = "mmdit", head_layers: Sequence[int] | None = None
-) -> torch.nn.Module:
-    """A TP=1 model of ``cfg`` on the meta device: the MMDiT, or the whole discriminator
-    (``head_layers``: its heads' blocks, as trained with ``--d-head-layers``; None: the
-    paper's)."""
-    from megatron_apt.models.build_options import model_build, unpartitioned
-    from megatron_apt.models.builders import build_discriminator
-    from megatron_apt.models.discriminator import DiscriminatorConfig
-    from megatron_apt.models.mmdit import MMDiT
-    from megatron_apt.parallel.state import ParallelState
-
-    solo = _SoloGroup()  # not None: megatron would fall back to its global TP group
-    ps = ParallelState(tp_group=solo, dp_group=solo, cp_group=solo)
-    # megatron allocates on the GPU explicitly unless told to initialize "on the CPU"
-    # (model_build): on a CUDA host the meta context would not hold the model
-    # unpartitioned: a loader running inside a ZeRO-3 zero.Init build still gets a skeleton
-    with (
-        unpartitioned(),
-        _meta_build(),
-        model_build(use_cpu_initialization=True, initialize=False),
-    ):
-        if role == "discriminator":
-            heads = tuple(head_layers) if head_layers else None
-            return build_discriminator(cfg, ps, disc_cfg=DiscriminatorConfig(head_layers=heads))
-        return MMDiT(cfg, ps)
-
-
 def head_layers_of(extra: dict | None) -> tuple[int, ...] | None:
     """The discriminator head blocks recorded in a converted file's ``extra`` (None: the
     paper's default placement)."""
@@ -133,29 +68,10 @@ def head_layers_of(extra: dict | None) -> tuple[int, ...] | None:
     return tuple(int(k) for k in heads) if heads else None
 
 
-def tensor_layout(
-    cfg: MMDiTConfig,
-    role: str = "mmdit",
-    model: torch.nn.Module | None = None,
-    head_layers: Sequence[int] | None = None,
-) -> dict[str, tuple[tuple, int | None]]:
-    """``{key: (full shape, TP partition dim or None)}`` of every state-dict tensor, read from
-    the partition attributes megatron puts on the parameters of a freshly built model."""
-    from megatron_apt.parallel.tensor_parallel import tp_partition_dim
-
-    model = build_skeleton(cfg, role, head_layers) if model is None else model
-    params = dict(model.named_parameters())
-    return {
-        k: (tuple(v.shape), tp_partition_dim(params[k]) if k in params else None)
-        for k, v in model.state_dict().items()
-        if not k.endswith("_extra_state")
-    }
-
-
 def check_state(
     source: str | Path,
     state: dict[str, torch.Tensor],
-    cfg: MMDiTConfig,
+    cfg,
     role: str,
     head_layers: Sequence[int] | None = None,
 ) -> dict[str, tuple[tuple, int | None]]:
@@ -220,7 +136,7 @@ def merge_tp(
 def save_sharded(
     path: str | Path,
     state: dict[str, torch.Tensor],
-    cfg: MMDiTConfig,
+    cfg,
     tp_size: int,
     role: str = "mmdit",
     extra: dict | None = None,
@@ -239,7 +155,7 @@ def save_sharded(
         "format_version": SHARDED_VERSION,
         "tp_size": tp_size,
         "role": role,
-        "config": cfg.to_dict(),
+        "config": config_to_dict(cfg),
         "extra": extra or {},
         "shards": [shard_name(r) for r in range(tp_size)],
         "tensors": {
@@ -258,7 +174,7 @@ def save_sharded(
                 "tp_rank": str(r),
                 "tp_size": str(tp_size),
                 "role": role,
-                "config": json.dumps(cfg.to_dict()),
+                "config": json.dumps(config_to_dict(cfg)),
             }
             save_file(shard, str(tmp / shard_name(r)), metadata=meta)
         (tmp / SHARDED_INDEX).write_text(json.dumps(index, indent=1) + "\n")
@@ -294,13 +210,13 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def read_shard(path: str | Path, tp_rank: int) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
+def read_shard(path: str | Path, tp_rank: int) -> tuple[dict[str, torch.Tensor], object, dict]:
     """One TP rank's tensors of a sharded directory, validated against the index."""
     index = read_sharded_index(path)
     tp = int(index["tp_size"])
     if not 0 <= tp_rank < tp:
         raise ValueError(f"{path}: TP rank {tp_rank} outside 0..{tp - 1}")
-    cfg = MMDiTConfig.from_dict(index["config"])
+    cfg = config_from_dict(index["config"])
     f = Path(path) / shard_name(tp_rank)
     state, meta = _load_safetensors(f)
     if meta.get("format") != SHARD_FORMAT or meta.get("tp_rank") != str(tp_rank):
@@ -315,7 +231,7 @@ def read_shard(path: str | Path, tp_rank: int) -> tuple[dict[str, torch.Tensor],
     return state, cfg, index
 
 
-def read_sharded(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
+def read_sharded(path: str | Path) -> tuple[dict[str, torch.Tensor], object, dict]:
     """``(full state dict, config, index)`` of a TP-sharded directory (shards merged)."""
     index = read_sharded_index(path)
     shards, cfg = [], None
@@ -345,7 +261,7 @@ def read_sharded(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig
 
 def read_training(
     path: str | Path, role: str | None = None, ema: bool = False
-) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
+) -> tuple[dict[str, torch.Tensor], object, dict]:
     """``(full fp32 state dict, config, meta)`` of one engine of a training checkpoint (any
     ZeRO stage, any TP size): ``role`` ``generator`` (default when present), ``model``
     (diffusion / consistency stages) or ``discriminator``; ``ema`` reads the EMA shadows."""
@@ -429,31 +345,25 @@ def detect_format(path: str | Path) -> str:
         return "diffusers"
     raise ValueError(
         f"{p} is no known checkpoint: expected a model .safetensors file, a directory with "
-        f"{SHARDED_INDEX}, a diffusers SD3 directory (config.json) or a training checkpoint "
+        f"{SHARDED_INDEX}, a diffusers model directory (config.json) or a training checkpoint "
         "(latest_checkpointed_iteration.txt / trainer_state.json)"
     )
 
 
-def read_diffusers(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
-    """``(state dict in our layout, config, meta)`` of a diffusers SD3 directory."""
-    sd, config = sd3.read_sd3_dir(path)
-    cfg = sd3.sd3_config_to_mmdit(config, source=f"{path}/config.json")
-    # the diffusers keys and shapes its config.json implies (pos_embed.pos_embed optional)
-    skeleton = {k: torch.empty(s, device="meta") for k, (s, _) in tensor_layout(cfg).items()}
-    expected = sd3.mmdit_to_sd3(skeleton, cfg, pos_embed=False)
-    g = cfg.pos_embed_max_size
-    expected["pos_embed.pos_embed"] = torch.empty(1, g * g, cfg.hidden_size, device="meta")
-    if "pos_embed.pos_embed" not in sd:
-        del expected["pos_embed.pos_embed"]
-    check_keys_match(f"{path} (weights vs its config.json)", sd, expected)
-    state = sd3.sd3_to_mmdit(sd, cfg)
+def read_diffusers(path: str | Path) -> tuple[dict[str, torch.Tensor], object, dict]:
+    """``(state dict in our layout, config, meta)`` of a diffusers model directory of any
+    registered family (detected from its ``config.json``'s ``_class_name``). Every tensor
+    the config implies must be in the weights (checked on the safetensors headers, before
+    anything is loaded or built: ``diffusers_dir.read_diffusers_dir``)."""
+    family, cfg, sd, _ = read_diffusers_dir(path)
+    state = family.from_diffusers(sd, cfg)
     check_state(path, state, cfg, "mmdit")
-    return state, cfg, {"role": "sd3", "extra": {"source": str(path)}}
+    return state, cfg, {"role": family.imported_role, "extra": {"source": str(path)}}
 
 
 def read_checkpoint(
     path: str | Path, role: str | None = None, ema: bool = False
-) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
+) -> tuple[dict[str, torch.Tensor], object, dict]:
     """``(full TP=1 state dict, config, meta)`` of a checkpoint in any format, validated
     against a model built from its config. ``meta``: ``role``, ``extra``, ``format``."""
     fmt = detect_format(path)
@@ -481,7 +391,7 @@ def read_checkpoint(
 def write_checkpoint(
     path: str | Path,
     state: dict[str, torch.Tensor],
-    cfg: MMDiTConfig,
+    cfg,
     tp_size: int = 1,
     role: str = "mmdit",
     extra: dict | None = None,
@@ -523,20 +433,23 @@ def check_output(path: str | Path, tp_size: int = 1, overwrite: bool = False) ->
 
 
 def import_diffusers(src, dst, tp_size: int = 1, overwrite: bool = False) -> Path:
-    """A diffusers SD3 directory -> our format (model file, or TP-sharded directory)."""
+    """A diffusers model directory (``SD3Transformer2DModel``, ``WanTransformer3DModel``, or
+    a pipeline root with ``transformer/``) -> our format (model file, or TP-sharded dir)."""
     check_output(dst, tp_size, overwrite)
     state, cfg, meta = read_diffusers(src)
-    return write_checkpoint(dst, state, cfg, tp_size, "sd3", meta["extra"], overwrite)
+    return write_checkpoint(dst, state, cfg, tp_size, meta["role"], meta["extra"], overwrite)
 
 
 def export_diffusers(src, dst, overwrite: bool = False) -> Path:
-    """Any checkpoint of an SD3-style MMDiT -> a diffusers ``SD3Transformer2DModel`` dir."""
+    """Any checkpoint of a velocity model -> the diffusers model directory of its family
+    (``SD3Transformer2DModel`` for SD3-style MMDiTs, ``WanTransformer3DModel``)."""
     check_output(dst, 1, overwrite)
     state, cfg, meta = read_checkpoint(src)
     if meta["role"] == "discriminator":
         raise ValueError(f"{src} holds a discriminator, which has no diffusers equivalent")
-    config = sd3.mmdit_to_sd3_config(cfg)  # refuses rope3d and other non-SD3 configs
-    return sd3.write_sd3_dir(dst, sd3.mmdit_to_sd3(state, cfg), config, overwrite)
+    family = family_of(cfg)
+    config = family.config_to_diffusers(cfg)  # refuses configs without a diffusers twin
+    return write_diffusers_dir(dst, family.to_diffusers(state, cfg), config, overwrite)
 
 
 def export_training(
@@ -560,7 +473,8 @@ def reshard(src, dst, tp_size: int, overwrite: bool = False) -> Path:
 
 
 def inspect(path, role: str | None = None, ema: bool = False) -> dict:
-    """Format, role, config, TP layout, keys with shapes and dtypes, parameter count."""
+    """Format, role, model family (and a one-line summary), config, TP layout, keys with
+    shapes and dtypes, parameter count."""
     fmt = detect_format(path)
     tp_layout = {}
     if fmt == "tp-sharded":
@@ -583,7 +497,9 @@ def inspect(path, role: str | None = None, ema: bool = False) -> dict:
         "path": str(path),
         "format": fmt,
         "role": meta["role"],
-        "config": cfg.to_dict(),
+        "family": family_of(cfg).name,
+        "summary": family_of(cfg).describe(cfg),
+        "config": config_to_dict(cfg),
         "tp_layout": tp_layout,
         "num_parameters": sum(t.numel() for t in state.values()),
         "tensors": {

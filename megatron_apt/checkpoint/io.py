@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.families import config_from_dict, config_to_dict, family_of
 
 FORMAT = "megatron-apt/model"
 FORMAT_VERSION = 1
@@ -24,11 +24,12 @@ FORMAT_VERSION = 1
 def save_model_file(
     path: str | Path,
     state_dict: dict[str, torch.Tensor],
-    cfg: MMDiTConfig,
+    cfg,
     role: str = "mmdit",
     extra: dict | None = None,
 ) -> Path:
-    """Write a full (TP=1) state dict with the model config; atomic (tmp file + rename)."""
+    """Write a full (TP=1) state dict with the model config (any family: the header names
+    it); atomic (tmp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -42,19 +43,19 @@ def save_model_file(
     return path
 
 
-def model_file_metadata(cfg: MMDiTConfig, role: str = "mmdit", extra: dict | None = None) -> dict:
+def model_file_metadata(cfg, role: str = "mmdit", extra: dict | None = None) -> dict:
     """The safetensors header metadata of a model file (what :func:`read_model_file` checks);
     also written by the streaming export (``megatron_apt.engine.export``)."""
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "role": role,
-        "config": json.dumps(cfg.to_dict()),
+        "config": json.dumps(config_to_dict(cfg)),
         "extra": json.dumps(extra or {}),
     }
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict]:
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], object, dict]:
     """``(state_dict, config, metadata)`` of a file written by :func:`save_model_file`."""
     path = Path(path)
     if not path.is_file():
@@ -81,31 +82,31 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MMDiTCon
 POS_TABLE_FLOOR_BYTES = 64 << 20  # a sincos table may always take this much
 
 
-def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> MMDiTConfig:
+def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]):
     """The model config of a file's header, checked before anything is built from it: the
-    header is data from whoever wrote the file. Types and ranges (one ``ValueError`` naming
-    the file and the field); the size of the one buffer no tensor bounds (SD3's sin-cos
+    header is data from whoever wrote the file. Its family (``family``; none: an MMDiT, the
+    files written before there was a second one), types and ranges (one ``ValueError``
+    naming the file and the field); the size of the buffers no tensor bounds (SD3's sin-cos
     position table, ``pos_embed_max_size``^2 x hidden: 1500 made a 1 MB file take 2.6 GB) may
     not exceed the file's weights (or 64 MiB); every tensor's shape must be the one the
     config gives (checked on a meta-device skeleton, so a header claiming a huge model
     allocates nothing)."""
     try:
         raw = json.loads(meta["config"])
-        cfg = MMDiTConfig.from_dict(raw)
+        cfg = config_from_dict(raw)
     except KeyError:
         raise ValueError(f"{path}: the header has no model config") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model config in the header: {e}") from None
-    if cfg.pos_embed == "sincos2d":
-        table = cfg.pos_embed_max_size**2 * cfg.hidden_size * 4
-        weights = sum(t.numel() * t.element_size() for t in state.values())
-        if table > max(POS_TABLE_FLOOR_BYTES, weights):
-            raise ValueError(
-                f"{path}: pos_embed_max_size={cfg.pos_embed_max_size} would build a "
-                f"{table / 2**30:.1f} GiB position table for {weights / 2**20:.1f} MiB of "
-                "weights; the header is not that of a real model"
-            )
-    from megatron_apt.checkpoint.convert import head_layers_of, tensor_layout
+    table, field = family_of(cfg).unbounded_buffers(cfg)
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    if table > max(POS_TABLE_FLOOR_BYTES, weights):
+        raise ValueError(
+            f"{path}: {field} would build a {table / 2**30:.1f} GiB buffer (position table) "
+            f"for {weights / 2**20:.1f} MiB of weights; the header is not that of a real model"
+        )
+    from megatron_apt.checkpoint.convert import head_layers_of
+    from megatron_apt.models.builders import tensor_layout
 
     role = meta.get("role", "mmdit")
     kind = "discriminator" if role == "discriminator" else "mmdit"
@@ -121,8 +122,12 @@ def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]) -
     return cfg
 
 
-def check_config_matches(path: str | Path, found: MMDiTConfig, expected: MMDiTConfig) -> None:
-    """``ValueError`` naming every architecture field that differs."""
+def check_config_matches(path: str | Path, found, expected) -> None:
+    """``ValueError`` naming the families when they differ, else every architecture field
+    that differs."""
+    fa, fb = family_of(found).name, family_of(expected).name
+    if fa != fb:
+        raise ValueError(f"{path} holds a {fa!r} model, the model built is a {fb!r} one")
     a, b = found.to_dict(), expected.to_dict()
     diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     if diff:

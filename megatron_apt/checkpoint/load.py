@@ -13,14 +13,14 @@ import torch
 
 from megatron_apt.checkpoint import convert
 from megatron_apt.checkpoint.io import check_keys_match
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.families import family_of
 from megatron_apt.parallel.state import ParallelState, single_process_state
 from megatron_apt.parallel.tensor_parallel import shard_state_dict, tp_partition_dim
 
 
 def _read_for_rank(
     path: str | Path, ps: ParallelState | None, role: str | None, ema: bool
-) -> tuple[dict[str, torch.Tensor], MMDiTConfig, dict, bool]:
+) -> tuple[dict[str, torch.Tensor], object, dict, bool]:
     """``(state, config, meta, is_local_shard)``: a TP-sharded directory written for this
     TP size gives this rank's file alone; everything else is read whole."""
     if ps is not None and ps.tp_size > 1 and convert.detect_format(path) == "tp-sharded":
@@ -93,21 +93,21 @@ def _check_local_shard(path, model, state: dict, partition_dims: dict) -> None:
         raise ValueError(f"{path}: split along other dims than the model's: {wrong[:10]}")
 
 
-def _build_uninitialized(cfg: MMDiTConfig, ps: ParallelState | None, spec, dtype):
-    """The MMDiT without its random initialization (minutes for billions of parameters):
-    built on the meta device, then given empty CPU storage; parameters keep megatron's TP
-    attributes; the sin-cos table buffer is recomputed. TE specs build on the GPU without
-    their random initialization (:func:`model_build`)."""
+def _build_uninitialized(cfg, ps: ParallelState | None, spec, dtype):
+    """The velocity model of ``cfg``'s family without its random initialization (minutes
+    for billions of parameters): built on the meta device, then given empty CPU storage;
+    parameters keep megatron's TP attributes; the sin-cos table buffer is recomputed. TE
+    specs build on the GPU without their random initialization (:func:`model_build`)."""
     from megatron_apt.models.build_options import model_build
     from megatron_apt.models.embeddings import sincos_2d_table
-    from megatron_apt.models.mmdit import MMDiT
 
+    build = family_of(cfg).build
     if spec not in (None, "local"):  # TE: on the GPU, built without its random init
         with model_build(initialize=False):
-            return MMDiT(cfg, ps, spec=spec, params_dtype=dtype)
+            return build(cfg, ps, spec=spec, params_dtype=dtype)
     ps = ps or single_process_state()
     with torch.device("meta"):
-        model = MMDiT(cfg, ps, spec=spec, params_dtype=dtype, use_cpu_initialization=True)
+        model = build(cfg, ps, spec=spec, params_dtype=dtype, use_cpu_initialization=True)
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:

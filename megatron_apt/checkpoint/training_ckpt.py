@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.families import config_from_dict
 
 LATEST = "latest_checkpointed_iteration.txt"
 ENGINES = ("generator", "discriminator", "model")
@@ -70,12 +70,12 @@ def torch_load(path: Path) -> dict:
             raise ValueError(f"cannot read {path} (weights-only): {e}") from e
 
 
-def training_config(d: Path) -> tuple[dict, MMDiTConfig]:
+def training_config(d: Path) -> tuple[dict, object]:
     """``(trainer_state, model config)`` of an iteration directory."""
     f = d / "trainer_state.json"
     try:
         state = json.loads(f.read_text())
-        cfg = MMDiTConfig.from_dict(state["config"]["model"])
+        cfg = config_from_dict(state["config"]["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{f} has no readable model config: {e!r}") from e
     return state, cfg

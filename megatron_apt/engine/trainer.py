@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_apt.checkpoint.model_init import build_discriminator, build_generator, build_mmdit
 from megatron_apt.config.training import TrainConfig, parse_head_layers, plan_batch, validate
 from megatron_apt.engine.checkpointing import (
     LATEST,
@@ -52,7 +53,6 @@ from megatron_apt.engine.zero_init import (
     partitioned_build,
     uses_zero_init,
 )
-from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
 from megatron_apt.models.compile import compile_mmdits
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel

@@ -1,4 +1,9 @@
-from megatron_apt.models.builders import build_discriminator, build_generator, build_mmdit
+from megatron_apt.models.builders import (
+    build_discriminator,
+    build_generator,
+    build_mmdit,
+    build_model,
+)
 from megatron_apt.models.discriminator import (
     Discriminator,
     DiscriminatorConfig,
@@ -18,6 +23,7 @@ __all__ = [
     "build_discriminator",
     "build_generator",
     "build_mmdit",
+    "build_model",
     "default_head_layers",
     "get_spec",
     "local_spec",

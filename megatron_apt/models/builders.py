@@ -1,38 +1,142 @@
-"""Build the MMDiT, the generator and the discriminator, optionally from a model file.
+"""Build a model of any registered family (:mod:`megatron_apt.models.families`), the
+generator and the discriminator around it, and weightless meta-device skeletons of them.
 
-Initialization follows the paper: the consistency student and the discriminator backbone
-start from the *diffusion* weights, the APT generator from the *distilled* (consistency)
-weights. A file of another architecture is refused with the differing config fields; missing
-or unexpected keys are named.
+Loading weights into a build (``init_from``) is checkpoint code:
+:mod:`megatron_apt.checkpoint.model_init` (``models/`` never imports ``checkpoint/``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from megatron_apt.checkpoint.io import (
-    check_config_matches,
-    check_keys_match,
-    load_weights,
-    read_model_file,
-)
-from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.models.build_options import gathered, is_partitioned, model_build
+from megatron_apt.models.build_options import model_build, unpartitioned
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
+from megatron_apt.models.families import family_of
 from megatron_apt.models.generator import Generator
-from megatron_apt.models.mmdit import MMDiT
 from megatron_apt.models.specs import LayerSpec, get_spec
 from megatron_apt.parallel.state import ParallelState
-from megatron_apt.parallel.tensor_parallel import shard_state_dict, tp_partition_dim
-
-log = logging.getLogger(__name__)
+from megatron_apt.parallel.tensor_parallel import tp_partition_dim
 
 
-def full_shapes(model: MMDiT) -> dict[str, torch.Size]:
+def build_model(
+    cfg,
+    ps: ParallelState | None = None,
+    spec: LayerSpec | str | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: str | Sequence[int] | None = None,
+    initialize: bool | None = None,
+) -> torch.nn.Module:
+    """The velocity model of ``cfg``'s family (an ``MMDiTConfig`` gives an MMDiT, a
+    ``WanConfig`` a WanDiT); ``initialize=False`` skips the random init (weights loaded
+    next); ``recompute``: the blocks whose activations are recomputed in backward."""
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    with model_build(initialize=initialize):
+        model = family_of(cfg).build(cfg, ps, spec=spec, params_dtype=params_dtype)
+    model.set_recompute(recompute)
+    return model
+
+
+build_mmdit = build_model  # the name the MMDiT-only code used
+
+
+def build_generator(cfg, ps: ParallelState | None = None, **kw) -> Generator:
+    """G(z, c) = z - Ĝ(z, c, T), randomly initialized (``kw``: :func:`build_model`'s)."""
+    return Generator(build_model(cfg, ps, **kw))
+
+
+def build_discriminator(
+    cfg, ps: ParallelState | None = None, disc_cfg: DiscriminatorConfig | None = None, **kw
+) -> Discriminator:
+    """D̂: a backbone (``kw``: :func:`build_model`'s) and new heads, randomly initialized."""
+    return Discriminator(build_model(cfg, ps, **kw), disc_cfg)
+
+
+# --------------------------------------------------------------------------------------
+# Skeletons: full shapes and TP partition dims without allocating weights
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def meta_build() -> Iterator[None]:
+    """Build modules on the meta device (no memory, no init). Megatron's GPU init path (taken
+    by the discriminator heads on a non-CPU device) needs its RNG tracker: a temporary one."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from megatron_apt.parallel.cpu_shim import install_cpu_shim
+
+    install_cpu_shim()
+    tracker = get_cuda_rng_tracker()
+    fresh = not tracker.is_initialized()
+    if fresh:
+        tracker.add("model-parallel-rng", 0)
+    log = logging.getLogger("megatron.core.tensor_parallel.random")  # "CPU RNG state changed"
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        log.setLevel(level)
+        if fresh:
+            tracker.reset()
+
+
+class _SoloGroup:
+    """A one-rank stand-in for a process group: enough to build layers, never communicates."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+def build_skeleton(
+    cfg, role: str = "mmdit", head_layers: Sequence[int] | None = None
+) -> torch.nn.Module:
+    """A TP=1 model of ``cfg`` on the meta device: the velocity model, or for ``role``
+    ``discriminator`` the whole discriminator (``head_layers``: its heads' blocks, as
+    trained with ``--d-head-layers``; None: the paper's)."""
+    solo = _SoloGroup()  # not None: megatron would fall back to its global TP group
+    ps = ParallelState(tp_group=solo, dp_group=solo, cp_group=solo)
+    # megatron allocates on the GPU explicitly unless told to initialize "on the CPU"
+    # (model_build): on a CUDA host the meta context would not hold the model
+    # unpartitioned: a loader running inside a ZeRO-3 zero.Init build still gets a skeleton
+    with (
+        unpartitioned(),
+        meta_build(),
+        model_build(use_cpu_initialization=True, initialize=False),
+    ):
+        model = family_of(cfg).build(cfg, ps)
+        if role == "discriminator":
+            heads = tuple(head_layers) if head_layers else None
+            return Discriminator(model, DiscriminatorConfig(head_layers=heads))
+        return model
+
+
+def tensor_layout(
+    cfg,
+    role: str = "mmdit",
+    model: torch.nn.Module | None = None,
+    head_layers: Sequence[int] | None = None,
+) -> dict[str, tuple[tuple, int | None]]:
+    """``{key: (full shape, TP partition dim or None)}`` of every state-dict tensor, read from
+    the partition attributes megatron puts on the parameters of a freshly built model."""
+    model = build_skeleton(cfg, role, head_layers) if model is None else model
+    params = dict(model.named_parameters())
+    return {
+        k: (tuple(v.shape), tp_partition_dim(params[k]) if k in params else None)
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
+
+
+def full_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     """TP=1 shapes of a (possibly TP-sharded) model's state dict entries."""
     params = dict(model.named_parameters())
     out = {}
@@ -45,99 +149,3 @@ def full_shapes(model: MMDiT) -> dict[str, torch.Size]:
             shape[dim] *= model.ps.tp_size
         out[name] = torch.Size(shape)
     return out
-
-
-def load_model_file_into(model: MMDiT, path: str | Path, expect_roles: tuple[str, ...] = ()):
-    """Load a TP=1 model file into ``model`` (cut into this rank's TP shard); returns the
-    file's metadata. Refuses another architecture; warns when the role is unexpected."""
-    state, file_cfg, meta = read_model_file(path)
-    check_config_matches(path, file_cfg, model.cfg)
-    expected = {k: torch.empty(s, device="meta") for k, s in full_shapes(model).items()}
-    check_keys_match(path, state, expected)
-    if expect_roles and meta.get("role") not in expect_roles:
-        log.warning(
-            "%s holds role %r weights, expected one of %s", path, meta.get("role"), expect_roles
-        )
-    if any(is_partitioned(p) for p in model.parameters()):
-        _load_partitioned(model, state, path)
-    else:
-        load_weights(model, shard_state_dict(state, model, model.ps), path)
-    return meta
-
-
-@torch.no_grad()
-def _load_partitioned(model: torch.nn.Module, state: dict, path) -> None:
-    """Load a TP=1 state dict into a model whose parameters are ZeRO-3 partitioned: one
-    module's own parameters gathered at a time (peak: one block's weights, not the model's),
-    cut to this rank's TP shard, written, re-partitioned from rank 0 of the partitioning
-    group. Keys were checked against the model before (``check_keys_match``)."""
-    ps = model.ps
-    for prefix, mod in model.named_modules():
-        own = list(mod.named_parameters(recurse=False))
-        if not own:
-            continue
-        with gathered([p for _, p in own], modify=True):
-            for name, p in own:
-                key = f"{prefix}.{name}" if prefix else name
-                value = state[key]
-                dim = tp_partition_dim(p)
-                if dim is not None:
-                    value = value.chunk(ps.tp_size, dim=dim)[ps.tp_rank]
-                if value.shape != p.shape:
-                    raise ValueError(
-                        f"{path}: {key} has shape {tuple(value.shape)}, the model's shard "
-                        f"{tuple(p.shape)}"
-                    )
-                p.data.copy_(value.to(p.dtype))
-    params = dict(model.named_parameters())
-    for name, buf in model.state_dict().items():  # persistent buffers are not partitioned
-        if name not in params and not name.endswith("_extra_state") and name in state:
-            buf.copy_(state[name])
-
-
-def build_mmdit(
-    cfg: MMDiTConfig,
-    ps: ParallelState | None = None,
-    spec: LayerSpec | str | None = None,
-    params_dtype: torch.dtype = torch.float32,
-    init_from: str | Path | None = None,
-    expect_roles: tuple[str, ...] = (),
-    recompute: str | Sequence[int] | None = None,
-) -> MMDiT:
-    """An MMDiT, loaded from ``init_from`` when given; ``recompute``: the blocks whose
-    activations are recomputed in backward (see :meth:`MMDiT.set_recompute`)."""
-    if isinstance(spec, str):
-        spec = get_spec(spec)
-    # TE weights live on the GPU and are initialized there (minutes for 8B parameters): skip
-    # that when every weight is loaded next. CPU specs keep their init, whose RNG draws the
-    # layers built after this one (the discriminator heads) and the equivalence tests rely on.
-    skip_init = init_from is not None and spec is not None and spec.uses_te
-    with model_build(initialize=False if skip_init else None):
-        model = MMDiT(cfg, ps, spec=spec, params_dtype=params_dtype)
-    if init_from is not None:
-        load_model_file_into(model, init_from, expect_roles)
-    model.set_recompute(recompute)
-    return model
-
-
-def build_generator(
-    cfg: MMDiTConfig, ps: ParallelState | None = None, init_from: str | Path | None = None, **kw
-) -> Generator:
-    """G(z, c) = z - Ĝ(z, c, T) with Ĝ from the consistency-distilled weights (or random)."""
-    return Generator(
-        build_mmdit(cfg, ps, init_from=init_from, expect_roles=("consistency", "generator"), **kw)
-    )
-
-
-def build_discriminator(
-    cfg: MMDiTConfig,
-    ps: ParallelState | None = None,
-    init_from: str | Path | None = None,
-    disc_cfg: DiscriminatorConfig | None = None,
-    **kw,
-) -> Discriminator:
-    """D̂ with its backbone from the ORIGINAL diffusion weights (or random) and new heads
-    (``recompute`` in ``kw`` applies to the backbone's blocks)."""
-    # "sd3": a diffusion model imported from diffusers (tools/convert_checkpoint.py)
-    backbone = build_mmdit(cfg, ps, init_from=init_from, expect_roles=("diffusion", "sd3"), **kw)
-    return Discriminator(backbone, disc_cfg)

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_apt.checkpoint.io import save_model_file
+from megatron_apt.checkpoint.model_init import build_discriminator, build_mmdit
 from megatron_apt.config.recipes import get_recipe
 from megatron_apt.config.training import plan_batch
 from megatron_apt.engine.zero_init import copy_weights, partitioned_build
 from megatron_apt.models.build_options import gathered, is_partitioned
-from megatron_apt.models.builders import build_discriminator, build_mmdit
 from megatron_apt.models.discriminator import Discriminator
 from megatron_apt.models.mmdit import MMDiT
 from megatron_apt.parallel import initialize_parallel

@@ -113,9 +113,9 @@ def test_reshard_round_trip_2_1_2(sd3, tmp_path):
 
 
 def info_cfg(info):
-    from megatron_apt.config import MMDiTConfig
+    from megatron_apt.models.families import config_from_dict
 
-    return MMDiTConfig.from_dict(info["config"])
+    return config_from_dict(info["config"])
 
 
 # ---- bad inputs: a clear error naming the file / key, nothing written -------------------

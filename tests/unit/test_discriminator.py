@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from megatron_apt.checkpoint.io import save_model_file
+from megatron_apt.checkpoint.model_init import build_discriminator, build_generator
 from megatron_apt.config import get_preset
 from megatron_apt.models import (
     Discriminator,
     DiscriminatorConfig,
     Generator,
     MMDiT,
-    build_discriminator,
-    build_generator,
     default_head_layers,
 )
 from megatron_apt.stages.diffusion import euler_sample

@@ -90,7 +90,7 @@ def test_init_from_a_model_file_into_a_model_with_extra_state(tmp_path):
     """--init-generator / --init-discriminator with the te spec (issue 14, item 3): the file has
     no ``_extra_state``, the model does; the load succeeds, real keys stay checked."""
     from megatron_apt.checkpoint.io import save_model_file
-    from megatron_apt.models.builders import load_model_file_into
+    from megatron_apt.checkpoint.model_init import load_model_file_into
 
     cfg = get_preset("tiny", num_layers=2)
     src = MMDiT(cfg)

@@ -180,3 +180,19 @@ def get_wan_preset(name: str, **overrides) -> WanConfig:
         raise ValueError(f"unknown Wan preset {name!r}; choose one of {sorted(WAN_PRESETS)}")
     cfg = WAN_PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def forward_flops(cfg: WanConfig, n_visual: int, n_text: int, batch: int = 1) -> float:
+    """Analytic FLOPs of one forward (2 per multiply-add; linears and attention, as
+    :func:`megatron_apt.config.flops.forward_flops` counts the MMDiT's): per block the
+    self-attention (q, k, v, out and QK^T, AV over the visual tokens), the cross-attention
+    (q and out on the visual tokens, k and v on the text, QK^T and AV visual x text) and the
+    FFN; plus the patch, text and output projections. Norms, RoPE, softmax and the time
+    embedding are left out."""
+    d, f, nv, nt = cfg.hidden_size, cfg.ffn_dim, n_visual, n_text
+    block = 2 * nv * 4 * d * d + 4 * nv * nv * d  # self-attention
+    block += 2 * nv * 2 * d * d + 2 * nt * 2 * d * d + 4 * nv * nt * d  # cross-attention
+    block += 2 * nv * 2 * d * f  # FFN
+    embed = 2 * nv * (cfg.patch_dim * d + d * cfg.out_patch_dim)
+    embed += 2 * nt * (cfg.text_dim * d + d * d)  # text projection (two linears)
+    return float(cfg.num_layers * block + embed) * batch
