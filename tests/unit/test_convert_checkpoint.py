@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from megatron_apt.checkpoint import convert, load_mmdit
 from megatron_apt.checkpoint.diffusers_sd3 import WEIGHTS_NAME
@@ -221,3 +223,46 @@ def test_cli(sd3, tmp_path, capsys):
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "tp-sharded checkpoint, role sd3" in p.stdout and "split dim 0" in p.stdout
+
+
+class NoLargeAllocations(TorchDispatchMode):
+    """Fails any torch op that returns a real (non-meta) tensor above ``limit`` bytes."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                size = t.numel() * t.element_size()
+                assert size <= self.limit, f"{func} allocated {size / 2**20:.0f} MiB"
+        return out
+
+
+def test_a_config_implied_tensor_the_weights_lack_is_refused_first(sd3, tmp_path):
+    """Issue 31 item 3: a 1 MB SD3 directory whose config.json claims pos_embed_max_size
+    1600 and whose weights lack pos_embed.pos_embed used to load by building the table
+    (1600^2 positions x hidden); now the missing tensor is named, from the safetensors
+    headers, before any large allocation (the Wan case: test_convert_wan.py)."""
+    _, d = sd3
+    bad = tmp_path / "claims-1600"
+    bad.mkdir()
+    config = json.loads((d / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "pos_embed_max_size": 1600}))
+    sd = load_file(str(d / WEIGHTS_NAME))
+    del sd["pos_embed.pos_embed"]
+    save_file(sd, str(bad / WEIGHTS_NAME))
+    assert (bad / WEIGHTS_NAME).stat().st_size < 2 * 2**20  # the table: 1600^2 x 64 x 4 B
+    with NoLargeAllocations(limit=16 << 20):
+        with pytest.raises(ValueError, match=r"missing keys \['pos_embed\.pos_embed'\]"):
+            convert.import_diffusers(bad, tmp_path / "out.safetensors")
+        with pytest.raises(ValueError, match=rf"{bad} \(weights vs its config.json\)"):
+            load_mmdit(bad)
+    assert not (tmp_path / "out.safetensors").exists()
+    # the guard itself sees such a table being built (a small one against a smaller limit)
+    from megatron_apt.models.embeddings import sincos_2d_table
+
+    with pytest.raises(AssertionError, match="allocated"), NoLargeAllocations(limit=1 << 20):
+        sincos_2d_table(64, 160)
