@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from megatron_apt.checkpoint.diffusers_dir import read_diffusers_dir, write_diffusers_dir
 from megatron_apt.checkpoint.io import (
     check_keys_match,
+    check_unbounded_buffers,
     read_model_file,
     save_model_file,
 )
@@ -217,6 +218,7 @@ def read_shard(path: str | Path, tp_rank: int) -> tuple[dict[str, torch.Tensor],
     if not 0 <= tp_rank < tp:
         raise ValueError(f"{path}: TP rank {tp_rank} outside 0..{tp - 1}")
     cfg = config_from_dict(index["config"])
+    check_unbounded_buffers(Path(path) / SHARDED_INDEX, cfg, _index_bytes(index))
     f = Path(path) / shard_name(tp_rank)
     state, meta = _load_safetensors(f)
     if meta.get("format") != SHARD_FORMAT or meta.get("tp_rank") != str(tp_rank):
@@ -229,6 +231,15 @@ def read_shard(path: str | Path, tp_rank: int) -> tuple[dict[str, torch.Tensor],
         expected[k] = torch.empty(shape, device="meta")
     check_keys_match(f, state, expected)
     return state, cfg, index
+
+
+def _index_bytes(index: dict) -> int:
+    """The full (TP=1) bytes of the tensors a sharded index lists."""
+    total = 0
+    for info in index["tensors"].values():
+        itemsize = getattr(torch, str(info["dtype"]), torch.float32).itemsize
+        total += itemsize * int(torch.Size(info["shape"]).numel())
+    return total
 
 
 def read_sharded(path: str | Path) -> tuple[dict[str, torch.Tensor], object, dict]:
@@ -313,6 +324,7 @@ def read_training(
         check_keys_match(f"{src} (TP rank {r})", state, expected)
         shards.append(state)
     full = merge_tp(shards, layout, d, strict=False)
+    check_unbounded_buffers(d, cfg, sum(t.numel() * t.element_size() for t in full.values()))
     out_role = train.get("stage", "diffusion") if role == "model" else role
     extra = {"source": str(d), "step": trainer_state.get("step"), "ema": ema}
     if heads:

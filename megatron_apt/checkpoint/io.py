@@ -82,6 +82,21 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], object, 
 POS_TABLE_FLOOR_BYTES = 64 << 20  # a sincos table may always take this much
 
 
+def check_unbounded_buffers(path, cfg, weight_bytes: int) -> None:
+    """``ValueError`` naming ``path`` and the config field when a build of ``cfg`` would
+    compute buffers that no stored tensor bounds (SD3's sin-cos table) much larger than the
+    checkpoint's ``weight_bytes`` (more than those and 64 MiB): a config from a file is data,
+    refused before anything is built from it. Every format whose files do not hold such a
+    buffer calls this (model files, TP-sharded directories, training checkpoints)."""
+    table, field = family_of(cfg).unbounded_buffers(cfg)
+    if table > max(POS_TABLE_FLOOR_BYTES, weight_bytes):
+        raise ValueError(
+            f"{path}: {field} would build a {table / 2**30:.1f} GiB buffer (position table) "
+            f"for {weight_bytes / 2**20:.1f} MiB of weights; the config is not that of a real "
+            "model"
+        )
+
+
 def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]):
     """The model config of a file's header, checked before anything is built from it: the
     header is data from whoever wrote the file. Its family (``family``; none: an MMDiT, the
@@ -98,13 +113,7 @@ def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]):
         raise ValueError(f"{path}: the header has no model config") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model config in the header: {e}") from None
-    table, field = family_of(cfg).unbounded_buffers(cfg)
-    weights = sum(t.numel() * t.element_size() for t in state.values())
-    if table > max(POS_TABLE_FLOOR_BYTES, weights):
-        raise ValueError(
-            f"{path}: {field} would build a {table / 2**30:.1f} GiB buffer (position table) "
-            f"for {weights / 2**20:.1f} MiB of weights; the header is not that of a real model"
-        )
+    check_unbounded_buffers(path, cfg, sum(t.numel() * t.element_size() for t in state.values()))
     from megatron_apt.checkpoint.convert import head_layers_of
     from megatron_apt.models.builders import tensor_layout
 

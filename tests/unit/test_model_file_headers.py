@@ -77,3 +77,19 @@ def test_bad_extra_is_named(tmp_path):
     f = write(tmp_path / "m.safetensors", meta_over={"extra": "[1, 2]"})
     with pytest.raises(ValueError, match=rf"{f}: bad 'extra' in the header"):
         read_model_file(f)
+
+
+def test_a_sharded_index_claiming_a_huge_table_is_refused(tmp_path):
+    """The same bound for TP-sharded directories (their index holds the config; the table
+    is no stored tensor): refused naming the index before anything is built."""
+    from megatron_apt.checkpoint import convert
+
+    cfg = get_preset("tiny-sd3")
+    d = convert.save_sharded(tmp_path / "ck", MMDiT(cfg).state_dict(), cfg, tp_size=2)
+    index_file = d / convert.SHARDED_INDEX
+    index = json.loads(index_file.read_text())
+    index["config"]["pos_embed_max_size"] = 1600
+    index_file.write_text(json.dumps(index))
+    for read in (load_mmdit, convert.read_checkpoint):
+        with pytest.raises(ValueError, match=rf"{index_file}: pos_embed_max_size=1600 would"):
+            read(d)
