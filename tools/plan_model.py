@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Size an MMDiT preset without building it: parameters (analytic), weight memory, and the
-FLOPs and tokens of one forward for a latent shape.
+"""Size a model preset of any family without building it: parameters (analytic), weight
+memory, and the FLOPs and tokens of one forward for a latent shape (the family's own counts,
+megatron_apt.models.families).
 
     python tools/plan_model.py --preset mmdit-8b
     python tools/plan_model.py --preset mmdit-8b --latent 13x90x160 --text-len 256
+    python tools/plan_model.py --preset wan2.1-t2v-14b --latent 21x90x160 --text-len 512
     python tools/plan_model.py --all --json
 """
 
@@ -16,8 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_apt.config.flops import forward_flops, visual_tokens  # noqa: E402
-from megatron_apt.config.model import PRESETS, count_parameters, get_preset  # noqa: E402
+from megatron_apt.config.flops import visual_tokens  # noqa: E402
+from megatron_apt.models.families import FAMILIES, family_of, get_preset  # noqa: E402
+
+PRESETS = {name: fam for fam in FAMILIES.values() for name in fam.presets}
 
 
 def parse_latent(text: str) -> tuple[int, int, int]:
@@ -32,18 +36,17 @@ def parse_latent(text: str) -> tuple[int, int, int]:
 
 def plan(preset: str, latent: tuple[int, int, int] | None, text_len: int) -> dict:
     cfg = get_preset(preset)
-    pc = count_parameters(cfg)
+    family = family_of(cfg)
+    params = family.count_parameters(cfg)
     row = {
         "preset": preset,
+        "family": family.name,
         "layers": cfg.num_layers,
         "hidden": cfg.hidden_size,
         "heads": cfg.num_heads,
         "head_dim": cfg.head_dim,
-        "params": pc.total,
-        "params_embed": pc.embed,
-        "params_blocks": pc.blocks,
-        "params_final": pc.final,
-        "weights_bf16_gib": pc.total * 2 / 2**30,
+        "params": params,
+        "weights_bf16_gib": params * 2 / 2**30,
     }
     if latent is not None:
         n = visual_tokens(cfg, *latent)
@@ -51,7 +54,7 @@ def plan(preset: str, latent: tuple[int, int, int] | None, text_len: int) -> dic
             latent=list(latent),
             visual_tokens=n,
             text_tokens=text_len,
-            forward_tflop=forward_flops(cfg, n, text_len) / 1e12,
+            forward_tflop=family.forward_flops(cfg, n, text_len) / 1e12,
         )
     return row
 

@@ -55,3 +55,19 @@ def test_plan_model_rejects_bad_latent():
         timeout=60,
     )
     assert proc.returncode == 2 and "TxHxW" in proc.stderr
+
+
+def test_plan_model_lists_every_family():
+    """Presets of every registered family, counted by their family (Wan2.1 14B: diffusers'
+    model on the meta device has 14,288,491,584 parameters, test_wan_equivalence.py)."""
+    from megatron_apt.models.families import get_preset as family_preset
+    from megatron_apt.models.wan.config import forward_flops as wan_flops
+
+    rows = json.loads(run_tool("--all", "--json", "--latent", "21x90x160", "--text-len", "512"))
+    by_name = {r["preset"]: r for r in rows}
+    assert by_name["mmdit-8b"]["family"] == "mmdit"
+    r = by_name["wan2.1-t2v-14b"]
+    assert r["family"] == "wan" and r["params"] == 14_288_491_584
+    assert r["visual_tokens"] == 21 * 45 * 80
+    want = wan_flops(family_preset("wan2.1-t2v-14b"), 21 * 45 * 80, 512)
+    assert abs(r["forward_tflop"] * 1e12 - want) < 1e6
