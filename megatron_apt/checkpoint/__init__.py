@@ -1,9 +1,13 @@
 """Checkpoint formats, conversion and loading.
 
 * :mod:`~megatron_apt.checkpoint.io`: the consolidated (TP=1) model file;
-* :mod:`~megatron_apt.checkpoint.convert`: the TP-sharded directory, diffusers SD3 import /
-  export, training-checkpoint export, resharding, inspection (``tools/convert_checkpoint.py``);
-* :func:`load_mmdit`: the MMDiT of a checkpoint in any of those formats, for inference.
+* :mod:`~megatron_apt.checkpoint.convert`: the TP-sharded directory, diffusers import /
+  export of every registered model family (SD3, Wan2.1), training-checkpoint export,
+  resharding, inspection (``tools/convert_checkpoint.py``);
+* :mod:`~megatron_apt.checkpoint.diffusers_dir`: diffusers model directories of any family;
+* :mod:`~megatron_apt.checkpoint.model_init`: the trainer's builders with ``init_from``;
+* :func:`load_mmdit`: the velocity model (any family) of a checkpoint in any of those
+  formats, for inference.
 """
 
 from __future__ import annotations

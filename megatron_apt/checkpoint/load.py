@@ -1,6 +1,9 @@
-"""``load_mmdit``: the MMDiT of any checkpoint, ready for inference.
+"""``load_mmdit``: the velocity model of any checkpoint, ready for inference: an MMDiT, or
+the model of the checkpoint's family (``megatron_apt.models.families``; a Wan checkpoint
+gives a ``WanDiT``).
 
-Formats: a model file (``*.safetensors``), a TP-sharded directory, a diffusers SD3 directory,
+Formats: a model file (``*.safetensors``), a TP-sharded directory, a diffusers directory
+(``SD3Transformer2DModel``, ``WanTransformer3DModel``),
 a training checkpoint (``--save`` root or ``iter_*``; the generator, or the diffusion /
 consistency model, or their EMA). See :mod:`megatron_apt.checkpoint.convert`.
 """

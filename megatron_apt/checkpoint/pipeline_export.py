@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from megatron_apt.checkpoint import diffusers_sd3 as sd3
+from megatron_apt.models.families import family_of
 from megatron_apt.text.sd3 import is_sd3_pipeline_dir
 from megatron_apt.utils.paths import atomic_directory, read_json_object
 
@@ -119,6 +120,12 @@ def export_diffusers_pipeline(
     state, cfg, meta = read_checkpoint(src, None, ema)
     if meta["role"] == "discriminator":
         raise ValueError(f"{src} holds a discriminator; export the generator")
+    family = family_of(cfg)
+    if family.diffusers_class != sd3.SD3_CLASS:
+        raise ValueError(
+            f"{src} holds a {family.name!r} model; the pipeline export writes a "
+            "StableDiffusion3Pipeline (SD3-style MMDiTs only)"
+        )
     config = sd3.mmdit_to_sd3_config(cfg)  # refuses rope3d and other non-SD3 configs
     index = _check_base(base, cfg)
     weights = sd3.mmdit_to_sd3(state, cfg)

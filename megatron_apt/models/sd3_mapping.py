@@ -178,6 +178,8 @@ def sd3_config_to_mmdit(config: dict, source: str = "config.json") -> MMDiTConfi
 def mmdit_to_sd3_config(cfg: MMDiTConfig) -> dict:
     """The diffusers ``config.json`` dict of an SD3-style :class:`MMDiTConfig`; ``ValueError``
     listing every field without a diffusers equivalent (e.g. rope3d video models)."""
+    if not isinstance(cfg, MMDiTConfig):
+        raise ValueError(f"a {type(cfg).__name__} has no diffusers {SD3_CLASS} equivalent")
     pt, ph, pw = cfg.patch_size
     wrong = {
         "pos_embed": (cfg.pos_embed, "sincos2d"),

@@ -157,3 +157,16 @@ def test_a_missing_tensor_is_named(wan, tmp_path):
     with pytest.raises(ValueError, match=rf"weights vs its config.json.*missing keys \['{key}'\]"):
         convert.import_diffusers(bad, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sd3_only_exports_refuse_a_wan_model(wan, tmp_path):
+    from megatron_apt.checkpoint.pipeline_export import export_diffusers_pipeline
+    from megatron_apt.models.sd3_mapping import mmdit_to_sd3_config
+
+    _, root, _ = wan
+    f = convert.import_diffusers(root, tmp_path / "wan.safetensors")
+    with pytest.raises(ValueError, match=r"wan.safetensors holds a 'wan' model; the pipeline"):
+        export_diffusers_pipeline(f, tmp_path / "no-base", tmp_path / "pipe")
+    with pytest.raises(ValueError, match="a WanConfig has no diffusers SD3Transformer2DModel"):
+        mmdit_to_sd3_config(get_wan_preset("wan-debug"))
+    assert not (tmp_path / "pipe").exists()
