@@ -1,6 +1,7 @@
 """Checkpoint tools against real multi-process runs (gloo, torchrun):
 
-* an imported diffusers SD3 transformer at TP=2 + SP computes diffusers' velocity;
+* an imported diffusers SD3 transformer and Wan2.1 transformer at TP=2 + SP compute
+  diffusers' velocity;
 * ``export`` of APT training checkpoints (ZeRO-3 at TP=2 x DP=2, ZeRO-2 at TP=1 x DP=2) equals
   the weights the trainer itself gathered from the live engines (its exported model files),
   with and without ``--ema``, for the generator and the discriminator;
@@ -145,7 +146,7 @@ def test_sd3_import_at_tp2_matches_diffusers(tmp_path):
     run_launcher(worker, ["--dir", tmp_path, "--out", out], nproc=2, marker="CKPT-SD3-TP-DONE")
     r = json.loads(out.read_text())
     assert r["tp_size"] == 2 and r["sequence_parallel"]
-    for source in ("sharded", "diffusers"):
+    for source in ("sharded", "diffusers", "wan-sharded", "wan-diffusers"):
         v = r[source]
         print(f"TP=2+SP velocity from the {source} checkpoint: max |diff| {v['diff']:.2e}")
         assert v["max"] > 0.1 and v["diff"] < 1e-5, v
