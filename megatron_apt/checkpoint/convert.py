@@ -35,6 +35,7 @@ from megatron_apt.checkpoint.diffusers_dir import read_diffusers_dir, write_diff
 from megatron_apt.checkpoint.io import (
     check_keys_match,
     check_unbounded_buffers,
+    head_layers_of,
     read_model_file,
     save_model_file,
 )
@@ -48,7 +49,8 @@ SHARDED_VERSION = 1
 SHARDED_INDEX = "megatron_apt_sharded.json"
 SHARD_FORMAT = "megatron-apt/tp-shard"
 MMDIT_ROLES = ("mmdit", "diffusion", "consistency", "generator", "sd3", "diffusers")
-__all__ = ["build_skeleton", "tensor_layout"]  # re-exported: their home is models/builders.py
+# re-exported: their homes are models/builders.py and checkpoint/io.py
+__all__ = ["build_skeleton", "head_layers_of", "tensor_layout"]
 
 
 def shard_name(tp_rank: int) -> str:
@@ -60,13 +62,6 @@ def _check_output_file(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a model file must end in .safetensors")
-
-
-def head_layers_of(extra: dict | None) -> tuple[int, ...] | None:
-    """The discriminator head blocks recorded in a converted file's ``extra`` (None: the
-    paper's default placement)."""
-    heads = (extra or {}).get("head_layers")
-    return tuple(int(k) for k in heads) if heads else None
 
 
 def check_state(

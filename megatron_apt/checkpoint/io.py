@@ -79,6 +79,13 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], object, 
     return state, cfg, meta
 
 
+def head_layers_of(extra: dict | None) -> tuple[int, ...] | None:
+    """The discriminator head blocks recorded in a converted file's ``extra`` (None: the
+    paper's default placement)."""
+    heads = (extra or {}).get("head_layers")
+    return tuple(int(k) for k in heads) if heads else None
+
+
 POS_TABLE_FLOOR_BYTES = 64 << 20  # a sincos table may always take this much
 
 
@@ -114,8 +121,7 @@ def config_from_header(path: Path, meta: dict, state: dict[str, torch.Tensor]):
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model config in the header: {e}") from None
     check_unbounded_buffers(path, cfg, sum(t.numel() * t.element_size() for t in state.values()))
-    from megatron_apt.checkpoint.convert import head_layers_of
-    from megatron_apt.models.builders import tensor_layout
+    from megatron_apt.models.builders import tensor_layout  # lazy: keeps io light
 
     role = meta.get("role", "mmdit")
     kind = "discriminator" if role == "discriminator" else "mmdit"
