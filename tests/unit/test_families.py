@@ -101,6 +101,11 @@ def test_every_preset_counts_on_meta(name):
     assert family_of(cfg).count_parameters(cfg) == sum(p.numel() for p in skeleton.parameters())
 
 
+def test_preset_names_are_unique_across_families():
+    names = [n for f in FAMILIES.values() for n in f.presets]
+    assert len(names) == len(set(names)), names
+
+
 def test_config_serialization_carries_the_family():
     for cfg in (mmdit_preset("tiny-sd3"), get_wan_preset("wan-debug")):
         d = config_to_dict(cfg)
