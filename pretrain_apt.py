@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="named recipe (default tiny-apt: 2-layer models, synthetic data, seconds on a CPU)",
     )
     a("--stage", choices=STAGES, help="override the recipe's stage")
-    a("--model", help="model preset (tools/plan_model.py --all lists them)")
+    a("--model", help="MMDiT model preset (tools/plan_model.py --all lists them; Wan: not yet)")
     a("--layer-spec", help="local | te | te-fp8 | te-flash | auto")
     g = p.add_argument_group("parallelism")
     g.add_argument(
