@@ -25,7 +25,8 @@ Supported (``load_vae(spec)``):
     ``latents_mean``/``latents_std`` in the config,
     ``latents = (mean - latents_mean) * scaling_factor / latents_std``;
   - ``AutoencoderKLWan`` (causal video VAE, Wan 2.1/2.2): ``T = 1 + 4k`` frames ->
-    ``T' = 1 + k``; ``latents = (mean - latents_mean) / latents_std`` (per channel).
+    ``T' = 1 + k``; ``latents = (mean - latents_mean) * (1 / latents_std)`` (per channel,
+    in the Wan pipelines' order).
 
   ``AutoencoderKLCogVideoX`` is not supported: its decoder maps ``T'`` latent frames back to
   ``1 + 4 (T' - 1)`` frames only for odd ``T'``.
@@ -291,7 +292,9 @@ class DiffusersImageVAE(_DiffusersVAE):
 
 class WanVideoVAE(_DiffusersVAE):
     """diffusers ``AutoencoderKLWan`` (causal 3-D VAE): ``T = 1 + 4k`` frames ->
-    ``T' = 1 + k``; ``latents = (mean - latents_mean) / latents_std`` per channel."""
+    ``T' = 1 + k`` (any other frame count is refused, naming it), ``H' = H / 8`` for Wan2.1's
+    ``dim_mult`` of 4 entries; ``latents = (mode - latents_mean) * (1 / latents_std)`` per
+    channel, exactly as diffusers' Wan pipelines normalize (see :meth:`normalize`)."""
 
     causal = True
 
@@ -311,6 +314,20 @@ class WanVideoVAE(_DiffusersVAE):
                 "AutoencoderKLWan: only temporal compression 4 is supported, got "
                 f"{self.temporal_compression} (temperal_downsample={cfg.temperal_downsample})"
             )
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> ``(raw - latents_mean) * (1 / latents_std)`` in float32: the
+        pipelines' order (``pipeline_wan_video2video.py:428-435``, ``pipeline_wan_i2v.py:443-462``:
+        the reciprocal is taken first, then multiplied), bitwise theirs for an fp32 VAE."""
+        return (raw.float() - self.shift) * (1.0 / self.div)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize` as ``WanPipeline.__call__`` does it before
+        ``vae.decode`` (``pipeline_wan.py:663-672``): in the VAE's dtype,
+        ``latents / (1 / latents_std) + latents_mean``, the reciprocal taken in that dtype."""
+        dtype = self.dtype
+        recip = 1.0 / self.div.to(dtype)
+        return latents.to(dtype) / recip + self.shift.to(dtype)
 
     def _encode(
         self, pixels: torch.Tensor, sample: bool, generator: torch.Generator | None

@@ -126,7 +126,7 @@ def test_video_vae_shapes_and_normalization(tiny_dirs):
     std = torch.tensor(cfg["latents_std"]).view(1, 4, 1, 1, 1)
     with torch.no_grad():
         mode = raw.encode(x).latent_dist.mode()
-    assert torch.equal(z, (mode - mean) / std)  # Wan's per-channel formula
+    assert torch.equal(z, (mode - mean) * (1.0 / std))  # the Wan pipelines' order, bitwise
 
     y = vae.decode(z)
     assert tuple(y.shape) == tuple(x.shape) and y.abs().max() <= 1
