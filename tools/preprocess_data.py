@@ -5,6 +5,9 @@ r"""Captioned images and videos -> latent shards (VAE latents + text embeddings)
         --vae /models/sd3/vae --text-encoder /models/t5-v1_1-xxl --batch-size 16
     # SD3 / SD3.5: its VAE (vae/) and its three text encoders, from the pipeline directory
     python tools/preprocess_data.py ... --vae /models/sd3.5-large --text-encoder /models/sd3.5-large
+    # Wan2.1: its VAE (vae/, 1 + 4k frames, 8x spatial) and umT5 (512 tokens) from the pipeline
+    python tools/preprocess_data.py ... --vae /models/Wan2.1-T2V-1.3B-Diffusers \
+        --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers
     torchrun --nproc-per-node 8 tools/preprocess_data.py ... --device cuda   # one rank per GPU
 
 ``--input``: a folder (media + same-stem .txt captions, or a captions.jsonl) or a manifest
@@ -42,13 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--text-encoder",
         required=True,
-        help="local T5 directory, or an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5, "
-        "pooled vectors stored in the shards)",
+        help="local T5 directory, an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5, "
+        "pooled vectors stored in the shards) or a Wan pipeline directory (umT5)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="inputs per VAE/text batch")
     p.add_argument("--samples-per-shard", type=int, default=64, help="inputs per work unit")
     p.add_argument(
-        "--max-text-length", type=int, default=256, help="L: T5 tokens (fixed pad; SD3 adds 77)"
+        "--max-text-length",
+        type=int,
+        default=None,
+        help="L: T5 / umT5 tokens (fixed pad; SD3 adds 77); default: the family's, 512 for a "
+        "Wan pipeline directory, 256 otherwise",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="storage dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK per rank)")
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    vae, enc = load_models(args, device)
     cfg = PreprocessConfig(
         input=args.input,
         output=args.output,
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         text_encoder=args.text_encoder,
         batch_size=args.batch_size,
         samples_per_shard=args.samples_per_shard,
-        max_text_length=args.max_text_length,
+        max_text_length=enc.max_length,  # the flag, or the family's default
         dtype=args.dtype,
         device=device,
         resume=args.resume,
@@ -98,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
     )
-    vae, enc = load_models(args, device)
     barrier = dist.barrier if world > 1 else None
     index = preprocess(cfg, vae, enc, rank=rank, world_size=world, barrier=barrier)
     if world > 1:
