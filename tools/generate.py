@@ -68,9 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--text-encoder",
         required=True,
-        help="local T5 directory, or an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5)",
+        help="local T5 directory, an SD3/SD3.5 pipeline directory (CLIP-L + CLIP-G + T5) or a "
+        "Wan pipeline directory (umT5)",
     )
-    a("--max-text-length", type=int, default=256, help="L: T5 tokens (fixed padding)")
+    a(
+        "--max-text-length",
+        type=int,
+        default=None,
+        help="L: T5 / umT5 tokens (fixed padding); default: the family's, 512 for a Wan "
+        "pipeline directory, 256 otherwise",
+    )
     a("--vae", default="identity", help="identity, identity:<p> or a local diffusers VAE dir")
     a("--output", required=True, help="folder for the samples and summary.json")
     m = p.add_argument_group("sampling")
@@ -142,7 +149,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give either --latent-shape or --frames/--height/--width, not both")
     if args.latent_shape is None and (args.height is None or args.width is None):
         p.error("give --height and --width in pixels (and --frames for videos), or --latent-shape")
-    if args.batch_size < 1 or args.warmup < 0 or args.max_text_length < 1:
+    text_length_bad = args.max_text_length is not None and args.max_text_length < 1
+    if args.batch_size < 1 or args.warmup < 0 or text_length_bad:
         p.error("--batch-size and --max-text-length must be >= 1, --warmup >= 0")
     for flag in ("guidance_scale", "shift"):  # a NaN scale made a NaN image and exit 0
         v = getattr(args, flag, None)
