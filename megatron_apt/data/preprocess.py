@@ -51,8 +51,9 @@ class PreprocessConfig:
     """Settings of one preprocessing run (the CLI flags of ``tools/preprocess_data.py``).
 
     ``vae``: a ``load_vae`` spec (``identity``, a local diffusers directory ...);
-    ``text_encoder``: a local T5 or SD3 pipeline directory; ``max_text_length``: ``L`` of the
-    stored T5 text (fixed padding; SD3 adds its CLIP context); ``dtype``: storage dtype of
+    ``text_encoder``: a local T5, SD3 or Wan pipeline directory; ``max_text_length``: ``L`` of
+    the stored T5 / umT5 text (fixed padding; SD3 adds its CLIP context; the CLI passes the
+    encoder's own, 512 for Wan, when no flag is given); ``dtype``: storage dtype of
     latents and text embeddings;
     ``max_shards``: debug limit, stop after this many units per rank in this run;
     ``num_workers``: threads decoding and resizing media ahead of the encoders."""

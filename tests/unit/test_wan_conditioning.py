@@ -117,6 +117,40 @@ def test_embeddings_equal_wan_pipeline_encode_prompt(wan_dir, pipe, length):
     assert torch.equal(enc.encode(PROMPTS, batch_size=1).text, ref)  # batch-independent here
 
 
+def test_a_wrong_reading_of_wan_conditioning_is_caught(wan_dir, pipe):
+    """Negative controls: without the cleaning, or umT5 run without the mask (as SD3's T5 is),
+    or the padding left as umT5 outputs it, the embeddings differ from the pipeline's."""
+    enc = load_text_encoder(wan_dir, max_length=64)
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(
+            PROMPTS, do_classifier_free_guidance=False, max_sequence_length=64, device="cpu"
+        )
+        raw = enc.tokenizer(
+            PROMPTS, padding="max_length", max_length=64, truncation=True, return_tensors="pt"
+        )
+        unclean = enc.model(raw.input_ids, raw.attention_mask).last_hidden_state
+        ids, mask = enc.tokenize(PROMPTS)
+        unmasked = enc.model(ids).last_hidden_state * mask[..., None]
+        unpadded = enc.model(ids, mask).last_hidden_state
+    assert torch.equal(enc.encode(PROMPTS).text, ref)
+    assert not torch.equal(unclean[1] * raw.attention_mask[1, :, None], ref[1])
+    assert (unmasked - ref).abs().max() > 1e-3
+    assert not torch.equal(unpadded, ref) and torch.equal(unpadded * mask[..., None], ref)
+
+
+def test_bf16_embeddings_equal_the_bf16_pipeline(wan_dir):
+    ref_pipe = WanPipeline.from_pretrained(
+        wan_dir, local_files_only=True, transformer=None, torch_dtype=torch.bfloat16
+    )
+    enc = load_text_encoder(wan_dir, dtype=torch.bfloat16, max_length=24)
+    with torch.no_grad():
+        ref, _ = ref_pipe.encode_prompt(
+            PROMPTS, do_classifier_free_guidance=False, max_sequence_length=24, device="cpu"
+        )
+    emb = enc.encode(PROMPTS)
+    assert emb.text.dtype == ref.dtype == torch.bfloat16 and torch.equal(emb.text, ref)
+
+
 def test_default_negative_prompt_is_empty_string(wan_dir, pipe):
     enc = load_text_encoder(wan_dir, max_length=16)
     with torch.no_grad():
@@ -185,6 +219,12 @@ def test_wan_vae_normalization_equals_the_pipelines(wan_dir, pipe):
         raw = pipe.vae.encode(x).latent_dist.mode()
         ref = _pipeline_normalize(pipe.vae, raw)
         assert torch.equal(z, ref)  # bitwise
+        # pipeline_wan_video2video.py:424-435 encodes one video per VAE call: the convolutions
+        # of a batch of 1 round differently on CPU (6.4e-7 seen, latents up to 0.4)
+        per_video = torch.cat([pipe.vae.encode(v[None]).latent_dist.mode() for v in x])
+        per_video = _pipeline_normalize(pipe.vae, per_video)
+        assert torch.equal(torch.cat([vae.encode(v[None]) for v in x]), per_video)
+        torch.testing.assert_close(z, per_video, atol=5e-6, rtol=0)
         video = pipe.vae.decode(_pipeline_denormalize(pipe.vae, z), return_dict=False)[0]
     assert torch.equal(vae.decode(z), video.clamp(-1, 1))
     assert vae.pixel_shape(2, 4, 2) == (3, 5, 32, 16)
