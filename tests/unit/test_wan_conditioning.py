@@ -257,7 +257,9 @@ def test_wan_vae_refuses_frames_that_are_not_4k_plus_1(wan_dir):
 def test_preprocess_a_wan_directory_writes_512_token_shards(wan_dir, tmp_path):
     import importlib.util
 
+    from megatron_apt.data.preprocess import NEGATIVE_PROMPT_FILE
     from megatron_apt.data.synthetic import make_synthetic_dataset
+    from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT
 
     if importlib.util.find_spec("imageio") is None:
         pytest.skip("imageio (GIF reader) is not installed")
@@ -284,3 +286,6 @@ def test_preprocess_a_wan_directory_writes_512_token_shards(wan_dir, tmp_path):
     for text, mask in zip(shard["text"], shard["text_mask"]):
         match = [c for c, e in expect.items() if torch.equal(e, text)]
         assert len(match) == 1 and torch.equal(mask, text.abs().sum(-1) > 0)
+    negative = load_file(str(out / NEGATIVE_PROMPT_FILE))  # the fixed negative prompt, 512 long
+    assert torch.equal(negative["text"], enc.encode([DEFAULT_NEGATIVE_PROMPT]).text)
+    assert negative["text_mask"].shape == (1, 512) and "pooled_text" not in negative
