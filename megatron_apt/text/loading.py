@@ -34,9 +34,14 @@ def load_text_encoder(
     ``max_length``: T5 / umT5 tokens per caption; None takes the family's: 512 for Wan
     (:data:`WAN_TEXT_LENGTH`), 256 for SD3 and a plain T5 directory.
     """
+
+    def length(default: int) -> int:
+        return default if max_length is None else max_length
+
     if Path(path).is_dir() and is_sd3_pipeline_dir(path):
-        return SD3TextEncoder.from_pretrained(path, device, dtype, max_length=max_length or 256)
+        return SD3TextEncoder.from_pretrained(path, device, dtype, max_length=length(256))
     if Path(path).is_dir() and is_wan_pipeline_dir(path):
-        length = max_length or WAN_TEXT_LENGTH
-        return WanTextEncoder.from_pretrained(path, device, dtype, max_length=length)
-    return TextEncoder.from_pretrained(path, device, dtype, max_length=max_length or 256)
+        return WanTextEncoder.from_pretrained(
+            path, device, dtype, max_length=length(WAN_TEXT_LENGTH)
+        )
+    return TextEncoder.from_pretrained(path, device, dtype, max_length=length(256))

@@ -160,6 +160,8 @@ def test_default_negative_prompt_is_empty_string(wan_dir, pipe):
 
 
 def test_wan_text_errors(wan_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_length must be an int >= 1, got 0"):
+        load_text_encoder(wan_dir, max_length=0)
     enc = load_text_encoder(wan_dir, max_length=8)
     with pytest.raises(ValueError, match="fixed length"):
         enc.encode(["a"], padding="longest")
