@@ -13,6 +13,11 @@ writes summary.json next to the outputs.
     python tools/generate.py --checkpoint sd35.safetensors --text-encoder /models/sd3.5-large \
         --vae /models/sd3.5-large --scheduler /models/sd3.5-large --mode diffusion --steps 28 \
         --guidance-scale 3.5 --negative-prompt "" --height 1024 --width 1024 --output out/
+    # Wan2.1: its umT5, VAE and UniPC scheduler; the pretrained model sees unmasked text
+    python tools/generate.py --checkpoint /models/Wan2.1-T2V-1.3B-Diffusers \
+        --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers --vae /models/Wan2.1-T2V-1.3B-Diffusers \
+        --scheduler /models/Wan2.1-T2V-1.3B-Diffusers --mode diffusion --steps 50 \
+        --guidance-scale 5 --negative-prompt "" --frames 81 --height 480 --width 832 --output out/
     torchrun --nproc-per-node 4 tools/generate.py ... --device cuda --dtype bf16 --layer-spec te
 
 Sizes are in pixels (checked against the VAE's compression) or given as latents with
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         help="the generator (or, --mode diffusion, the diffusion model): model file, TP-sharded\n"
-        "dir, diffusers SD3 dir or training checkpoint (megatron_apt.checkpoint.load_mmdit)",
+        "dir, diffusers SD3 or Wan dir (a pipeline root or its transformer/) or training\n"
+        "checkpoint (megatron_apt.checkpoint.load_mmdit)",
     )
     a("--checkpoint-role", choices=("generator", "model"), help="training checkpoints only")
     a("--ema", action="store_true", help="training checkpoints only: the EMA weights")
@@ -90,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shift", type=float, help="diffusion: timestep shift of the schedule (1)")
     m.add_argument(
         "--scheduler",
-        help="diffusion: sample with the sigmas of this diffusers FlowMatchEulerDiscreteScheduler\n"
-        "(a pipeline dir, e.g. an SD3.5 one, its scheduler/ or scheduler_config.json; takes\n"
-        "its shift): the same steps as diffusers' StableDiffusion3Pipeline",
+        help="diffusion: sample with this diffusers scheduler (a pipeline dir, e.g. an SD3.5 or\n"
+        "Wan one, its scheduler/ or scheduler_config.json; takes its shift):\n"
+        "FlowMatchEulerDiscreteScheduler (its sigmas, our Euler steps) or Wan's\n"
+        "UniPCMultistepScheduler (diffusers' own object): the steps of diffusers' pipeline",
     )
     m.add_argument("--seed", type=int, default=0, help="noise of sample i is f(seed, i)")
     m.add_argument("--batch-size", type=int, default=1, help="prompts per DiT call")
@@ -254,11 +261,9 @@ def sampling_config(args) -> SamplingConfig:
             shift=1.0 if args.shift is None else args.shift,
         )
         if args.scheduler is not None:
-            from megatron_apt.inference.schedule import read_flow_match_scheduler
+            from megatron_apt.inference.schedule import read_scheduler
 
-            diffusion.update(
-                schedule="flow-match-euler", **read_flow_match_scheduler(args.scheduler)
-            )
+            diffusion.update(read_scheduler(args.scheduler))
     return SamplingConfig(
         mode=args.mode, steps=args.steps, t_mid=args.t_mid, renoise=args.renoise, **diffusion
     )

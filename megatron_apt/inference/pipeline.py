@@ -27,8 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_apt.inference.schedule import SCHEDULES, flow_match_euler_sigmas
+from megatron_apt.inference.schedule import (
+    SCHEDULES,
+    diffusers_scheduler_sample,
+    flow_match_euler_sigmas,
+)
 from megatron_apt.models import Generator, MMDiT
+from megatron_apt.models.families import family_of
 from megatron_apt.parallel.state import ParallelState
 from megatron_apt.stages.diffusion import euler_sample
 from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT, SD3TextEncoder, TextEmbeddings, TextEncoder
@@ -61,9 +66,11 @@ class SamplingConfig:
         instead of reusing ``z`` (the ODE's Euler step).
     guidance_scale, negative_prompt, shift: diffusion mode (CFG ``v_u + g (v_c - v_u)`` with
         the negative prompt as ``u``; timestep shift of the Euler schedule).
-    schedule, num_train_timesteps: diffusion mode: ``"linear"`` (shifted ``linspace(1, 0)``)
-        or ``"flow-match-euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas, as
-        SD3's pipeline samples; :mod:`megatron_apt.inference.schedule`).
+    schedule, num_train_timesteps: diffusion mode: ``"linear"`` (shifted ``linspace(1, 0)``),
+        ``"flow-match-euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas, as
+        SD3's pipeline samples) or ``"unipc"`` (diffusers' ``UniPCMultistepScheduler`` of
+        ``scheduler_config``, Wan's default; :mod:`megatron_apt.inference.schedule`).
+    scheduler_config: ``"unipc"`` only: the scheduler's config (``read_scheduler``).
     """
 
     mode: str = "generator"
@@ -75,12 +82,18 @@ class SamplingConfig:
     shift: float = 1.0
     schedule: str = "linear"
     num_train_timesteps: int = 1000
+    scheduler_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if (self.schedule == "unipc") != (self.scheduler_config is not None):
+            raise ValueError(
+                "schedule 'unipc' takes the scheduler's config (scheduler_config), the "
+                f"others none; got schedule={self.schedule!r}"
+            )
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if self.mode == "generator" and self.steps not in (1, 2):
@@ -203,6 +216,8 @@ class GenerationPipeline:
                 "updated in training; generate with the BF16 spec 'te' (or 'auto')"
             )
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
+        # the pretrained Wan attends to the zero-padded text: no mask (families.py)
+        self.text_mask = family_of(model.cfg).sampling_text_mask
         self.generator = Generator(model)
         self.ps = ps or model.ps
         self.device = torch.device(device)
@@ -304,27 +319,41 @@ class GenerationPipeline:
     ) -> torch.Tensor:
         """Noise ``[B, C, T', H', W']`` (fp32) -> latents ``[B, C, T', H', W']`` (fp32)."""
         noise = noise.to(self.device)
+
+        def mask(e: TextEmbeddings) -> torch.Tensor | None:
+            return e.text_mask if self.text_mask else None
+
         with self.timer("dit"):
             if sampling.mode == "generator":
                 return self.generator.sample(
                     noise,
                     emb.text,
-                    emb.text_mask,
+                    mask(emb),
                     emb.pooled,
                     steps=sampling.steps,
                     t_mid=sampling.t_mid,
                     renoise=None if renoise is None else renoise.to(self.device),
                 ).float()
-            cond = {"text": emb.text, "text_mask": emb.text_mask, "pooled_text": emb.pooled}
+            cond = {"text": emb.text, "text_mask": mask(emb), "pooled_text": emb.pooled}
             uncond = None
             if sampling.uses_cfg:
                 if negative is None:
                     raise ValueError("classifier-free guidance needs the negative embeddings")
                 uncond = {
                     "text": negative.text,
-                    "text_mask": negative.text_mask,
+                    "text_mask": mask(negative),
                     "pooled_text": negative.pooled,
                 }
+            if sampling.schedule == "unipc":
+                return diffusers_scheduler_sample(
+                    self.model,
+                    noise,
+                    num_steps=sampling.steps,
+                    scheduler_config=sampling.scheduler_config,
+                    cond=cond,
+                    uncond=uncond,
+                    guidance_scale=sampling.guidance_scale,
+                ).float()
             return euler_sample(
                 self.model,
                 noise,

@@ -60,6 +60,10 @@ class ModelFamily:
     # stored tensor bounds (SD3's sin-cos table): a file header claiming much more than its
     # weights is refused before anything is built
     unbounded_buffers: Callable[[Any], tuple[int, str]] = lambda cfg: (0, "")
+    # generation passes the text mask to the model (the MMDiT's convention); False: the zero
+    # padded text goes in unmasked, as the pretrained model was trained (diffusers'
+    # WanTransformer3DModel takes no mask and attends to the zero padding, docs/wan.md)
+    sampling_text_mask: bool = True
 
     def config_from_dict(self, d: dict) -> Any:
         return self.config_cls.from_dict(d)
@@ -132,6 +136,7 @@ FAMILIES: dict[str, ModelFamily] = {
         from_diffusers=wan_mapping.diffusers_to_wan,
         to_diffusers=wan_mapping.wan_to_diffusers,
         imported_role="diffusers",
+        sampling_text_mask=False,
     ),
 }
 
