@@ -15,9 +15,12 @@
     python tools/convert_checkpoint.py export-diffusers --input sd3-tp2 --output sd3-back
     python tools/convert_checkpoint.py export-diffusers --input wan-tp2 --output wan-back
     # a post-trained generator + the base pipeline's text encoders and VAE -> a diffusers
-    # StableDiffusion3Pipeline directory that samples our one step (num_inference_steps=1)
+    # StableDiffusion3Pipeline / WanPipeline directory that samples our one step
+    # (num_inference_steps=1; Wan: num_inference_steps=2 is our two-step at --t-mid)
     python tools/convert_checkpoint.py export-diffusers-pipeline --input runs/apt \
         --ema --base /models/sd3.5-large --output out/sd35-apt [--copy]
+    python tools/convert_checkpoint.py export-diffusers-pipeline --input wan-apt.safetensors \
+        --base /models/Wan2.1-T2V-1.3B-Diffusers --output out/wan-apt [--t-mid 0.5]
     # a training checkpoint (any ZeRO stage, any TP size) -> one TP=1 model file
     python tools/convert_checkpoint.py export --input runs/apt --output g_ema.safetensors --ema
     python tools/convert_checkpoint.py reshard --input sd3-tp2 --output sd3-tp4 \\
@@ -61,8 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add("import-diffusers", "diffusers SD3 / Wan transformer dir -> ours", tp=True)
     add("export-diffusers", "ours -> diffusers SD3 / Wan transformer dir")
-    x = add("export-diffusers-pipeline", "generator + base SD3 pipeline -> runnable pipeline")
-    x.add_argument("--base", required=True, help="the SD3/SD3.5 pipeline dir it was trained on")
+    x = add("export-diffusers-pipeline", "generator + base SD3/Wan pipeline -> runnable pipeline")
+    x.add_argument("--base", required=True, help="the SD3/SD3.5 or Wan pipeline dir it came from")
+    x.add_argument(
+        "--t-mid",
+        type=float,
+        default=0.5,
+        help="two-step middle time: Wan, the exported scheduler's two steps; SD3, its README",
+    )
     x.add_argument("--copy", action="store_true", help="copy the base's folders, not symlink")
     x.add_argument("--ema", action="store_true", help="training checkpoints: the EMA weights")
     e = add("export", "training checkpoint -> one TP=1 model file")
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_apt.checkpoint.pipeline_export import export_diffusers_pipeline
 
             out = export_diffusers_pipeline(
-                a.input, a.base, a.output, a.overwrite, copy=a.copy, ema=a.ema
+                a.input, a.base, a.output, a.overwrite, copy=a.copy, ema=a.ema, t_mid=a.t_mid
             )
         elif a.command == "export":
             out = convert.export_training(a.input, a.output, a.role, a.ema, a.overwrite)

@@ -15,21 +15,41 @@ Why the scheduler is ``FlowMatchEulerDiscreteScheduler(shift=1.0)``:
   (The default ``num_inference_steps=2`` would give ``[1, 0.001, 0]``: pass ``sigmas``.)
 
 ``guidance_scale=1.0``: the generator was distilled with guidance, it samples without CFG.
+
+A Wan generator (``WanTransformer3DModel``) goes into a ``WanPipeline`` directory around the
+base's umT5, tokenizer and VAE. ``WanPipeline.__call__`` takes no ``sigmas``
+(``pipeline_wan.py:549``: ``set_timesteps(num_inference_steps)``), so the two-step schedule is
+put into the scheduler's shift instead: ``FlowMatchEulerDiscreteScheduler.set_timesteps(2)``
+gives the sigmas ``[1, S(1 / N), 0]`` where ``S`` is the shift applied twice (once in
+``__init__``, once in ``set_timesteps``), i.e. the shift ``s^2``;
+``s = sqrt(m (N - 1) / (1 - m))`` makes that middle sigma ``m`` (to float32 rounding), and one
+step stays ``[1, 0]`` under any shift. So ``pipe(prompt, num_inference_steps=1,
+guidance_scale=1.0)`` is our one step and ``num_inference_steps=2`` our zero-shot two steps
+through ``t_mid = m``; other step counts of that scheduler are not meaningful.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 from megatron_apt.checkpoint import diffusers_sd3 as sd3
+from megatron_apt.checkpoint.diffusers_dir import write_diffusers_dir
 from megatron_apt.models.families import family_of
+from megatron_apt.models.wan.diffusers_mapping import WAN_CLASS
 from megatron_apt.text.sd3 import is_sd3_pipeline_dir
+from megatron_apt.text.wan import is_wan_pipeline_dir
 from megatron_apt.utils.paths import atomic_directory, read_json_object
 
-__all__ = ["EXPORT_README", "SCHEDULER_CONFIG", "export_diffusers_pipeline"]
+__all__ = [
+    "EXPORT_README",
+    "SCHEDULER_CONFIG",
+    "export_diffusers_pipeline",
+    "wan_scheduler_config",
+]
 
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -39,8 +59,22 @@ SCHEDULER_CONFIG = {
 }
 """The exported pipeline's scheduler (module docstring: why shift 1)."""
 
-_OURS = ("transformer", "scheduler")
+_OURS = ("transformer", "transformer_2", "scheduler")  # transformer_2: Wan2.2's second expert
 EXPORT_README = "README.md"
+
+
+def wan_scheduler_config(t_mid: float = 0.5, num_train_timesteps: int = 1000) -> dict:
+    """The exported Wan pipeline's scheduler: ``FlowMatchEulerDiscreteScheduler`` whose one
+    step is ``[1, 0]`` and whose two steps are ``[1, t_mid, 0]`` (module docstring)."""
+    if not 0.0 < t_mid < 1.0:
+        raise ValueError(f"t_mid={t_mid} must lie in (0, 1)")
+    n = num_train_timesteps
+    return {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": n,
+        "shift": math.sqrt(t_mid * (n - 1) / (1 - t_mid)),
+        "use_dynamic_shifting": False,
+    }
 
 
 def _components(index: dict) -> list[str]:
@@ -53,7 +87,7 @@ def _components(index: dict) -> list[str]:
     )
 
 
-def _check_base(base: Path, cfg) -> dict:
+def _check_sd3_base(base: Path, cfg) -> dict:
     """The base pipeline's ``model_index.json`` after checking that its components fit the
     transformer of ``cfg`` (text width, pooled width, latent channels)."""
     if not base.is_dir() or not is_sd3_pipeline_dir(base):
@@ -97,6 +131,49 @@ def _check_base(base: Path, cfg) -> dict:
     return index
 
 
+def _check_wan_base(base: Path, cfg) -> dict:
+    """The base Wan pipeline's ``model_index.json`` after checking that its umT5 and VAE fit
+    the transformer of ``cfg`` (text width, latent channels)."""
+    index_file = base / "model_index.json"
+    if not (base.is_dir() and index_file.is_file() and is_wan_pipeline_dir(base)):
+        raise ValueError(
+            f"--base {base} is not a Wan pipeline directory (model_index.json of WanPipeline "
+            "with text_encoder/, tokenizer/, vae/)"
+        )
+    index = read_json_object(index_file)
+    if index.get("_class_name") != "WanPipeline":
+        raise ValueError(
+            f"{index_file}: _class_name {index.get('_class_name')!r}; the export writes a "
+            "text-to-video WanPipeline"
+        )
+    if index.get("expand_timesteps"):
+        raise ValueError(
+            f"{index_file}: expand_timesteps={index['expand_timesteps']!r} (Wan2.2 TI2V's "
+            "per-token timesteps) is not implemented for our Wan model"
+        )
+    for name in ("text_encoder", "tokenizer", "vae", *_components(index)):
+        if not (base / name).is_dir():
+            raise FileNotFoundError(f"{index_file} lists {name!r} but {base / name} is missing")
+    errors = []
+    vae = read_json_object(base / "vae" / "config.json")
+    if vae.get("z_dim") != cfg.in_channels:
+        errors.append(
+            f"{base / 'vae/config.json'}: z_dim {vae.get('z_dim')} but the transformer has "
+            f"in_channels {cfg.in_channels}"
+        )
+    width = read_json_object(base / "text_encoder" / "config.json").get("d_model")
+    if width != cfg.text_dim:
+        errors.append(
+            f"{base / 'text_encoder/config.json'}: d_model {width} but the transformer takes "
+            f"text_dim {cfg.text_dim}"
+        )
+    if errors:
+        raise ValueError(
+            "the checkpoint does not belong to this base pipeline: " + "; ".join(errors)
+        )
+    return index
+
+
 def export_diffusers_pipeline(
     src,
     base,
@@ -106,13 +183,14 @@ def export_diffusers_pipeline(
     ema: bool = False,
     t_mid: float = 0.5,
 ) -> Path:
-    """Write a ``StableDiffusion3Pipeline`` directory ``dst`` around the generator in ``src``
-    (any checkpoint :func:`megatron_apt.checkpoint.convert.read_checkpoint` reads: a model
-    file, a TP-sharded directory, a training checkpoint's generator) with the text encoders,
-    tokenizers and VAE of the pipeline directory ``base``. ``copy``: copy those folders
+    """Write a ``StableDiffusion3Pipeline`` (SD3-style MMDiT) or ``WanPipeline`` (Wan)
+    directory ``dst`` around the generator in ``src`` (any checkpoint
+    :func:`megatron_apt.checkpoint.convert.read_checkpoint` reads: a model file, a TP-sharded
+    directory, a training checkpoint's generator) with the text encoders, tokenizers and VAE
+    of the pipeline directory ``base`` (of the same family). ``copy``: copy those folders
     instead of symlinking them (a self-contained directory to ship). Atomic: ``dst`` appears
-    only complete. ``ema``: a training checkpoint's EMA generator. ``t_mid`` goes into the
-    README's two-step example."""
+    only complete. ``ema``: a training checkpoint's EMA generator. ``t_mid``: the README's
+    two-step example (SD3); Wan: the middle sigma of the scheduler's two steps."""
     from megatron_apt.checkpoint.convert import check_output, read_checkpoint
 
     base, dst = Path(base).resolve(), Path(dst)
@@ -121,29 +199,39 @@ def export_diffusers_pipeline(
     if meta["role"] == "discriminator":
         raise ValueError(f"{src} holds a discriminator; export the generator")
     family = family_of(cfg)
-    if family.diffusers_class != sd3.SD3_CLASS:
+    if family.diffusers_class not in (sd3.SD3_CLASS, WAN_CLASS):
         raise ValueError(
             f"{src} holds a {family.name!r} model; the pipeline export writes a "
-            "StableDiffusion3Pipeline (SD3-style MMDiTs only)"
+            "StableDiffusion3Pipeline (SD3-style MMDiTs) or a WanPipeline (Wan)"
         )
-    config = sd3.mmdit_to_sd3_config(cfg)  # refuses rope3d and other non-SD3 configs
-    index = _check_base(base, cfg)
-    weights = sd3.mmdit_to_sd3(state, cfg)
+    if family.diffusers_class == sd3.SD3_CLASS:
+        config = sd3.mmdit_to_sd3_config(cfg)  # refuses rope3d and other non-SD3 configs
+        index = _check_sd3_base(base, cfg)
+        weights = sd3.mmdit_to_sd3(state, cfg)
+        scheduler, readme = SCHEDULER_CONFIG, _readme(src, base, copy, t_mid)
+    else:
+        config = family.config_to_diffusers(cfg)
+        index = _check_wan_base(base, cfg)
+        weights = family.to_diffusers(state, cfg)
+        scheduler, readme = wan_scheduler_config(t_mid), _wan_readme(src, base, copy, t_mid)
     with atomic_directory(dst, overwrite) as tmp:
         for name in _components(index):
             if copy:
                 shutil.copytree(base / name, tmp / name, symlinks=False)
             else:
                 os.symlink(base / name, tmp / name, target_is_directory=True)
-        sd3.write_sd3_dir(tmp / "transformer", weights, config)
+        write_diffusers_dir(tmp / "transformer", weights, config)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
+            json.dumps(scheduler, indent=2) + "\n"
         )
-        index = {**index, "transformer": ["diffusers", "SD3Transformer2DModel"]}
+        index = {**index, "transformer": ["diffusers", family.diffusers_class]}
         index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        if "transformer_2" in index:  # one transformer: ours
+            index["transformer_2"] = [None, None]
+            index["boundary_ratio"] = None
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / EXPORT_README).write_text(_readme(src, base, copy, t_mid))
+        (tmp / EXPORT_README).write_text(readme)
     return dst
 
 
@@ -166,4 +254,30 @@ image = pipe("a corgi surfing", sigmas=[1.0, {t_mid:g}], guidance_scale=1.0).ima
 ```
 
 Sample without classifier-free guidance (`guidance_scale=1.0`): the guidance was distilled in.
+"""
+
+
+def _wan_readme(src, base: Path, copy: bool, t_mid: float) -> str:
+    how = "copied from" if copy else "symlinked to"
+    shift = wan_scheduler_config(t_mid)["shift"]
+    return f"""# One-step Wan generator (Adversarial Post-Training, megatron-apt)
+
+Transformer exported from `{src}`; umT5 text encoder, tokenizer and VAE {how} `{base}`.
+The scheduler is `FlowMatchEulerDiscreteScheduler(shift={shift:.6g})`: one Euler step from
+sigma 1 to 0 is exactly the generator `G(z, c) = z - v(z, c, 1)` (the pretrained Wan's unmasked
+text), and two steps go through the sigmas `[1, {t_mid:g}, 0]`: megatron-apt's zero-shot
+two-step sampler (`--steps 2 --t-mid {t_mid:g}`). Other step counts are not meaningful.
+
+```python
+import torch
+from diffusers import WanPipeline
+
+pipe = WanPipeline.from_pretrained("{"<this directory>"}", torch_dtype=torch.bfloat16)
+video = pipe("a corgi surfing", num_inference_steps=1, guidance_scale=1.0).frames[0]
+video = pipe("a corgi surfing", num_inference_steps=2, guidance_scale=1.0).frames[0]  # two steps
+```
+
+Sample without classifier-free guidance (`guidance_scale=1.0`): the guidance was distilled in.
+Loading needs `accelerate` (diffusers keeps `WanTransformer3DModel._keep_in_fp32_modules` in
+fp32 only through it).
 """

@@ -9,7 +9,11 @@ own ``WanPipeline`` on the tiny random pipeline of ``megatron_apt.testing.wan_pi
 * one step: ``G = z - v(z, c, 1)`` with the pretrained Wan's conventions (the zero-padded
   text without a mask), ``v`` from diffusers' ``WanTransformer3DModel`` at ``t = 1000``;
   the zero-shot two-step sampler: the Euler steps through ``[1, t_mid, 0]``;
-* decoded frames written as GIF / PNG / MP4 files.
+* decoded frames written as GIF / PNG / MP4 files;
+* the export as a runnable ``WanPipeline`` (item 7, ``convert_checkpoint.py
+  export-diffusers-pipeline``): ``WanPipeline.from_pretrained(OUT)`` with 1 step and 2 steps
+  (``guidance_scale=1``) gives our one-step and zero-shot two-step latents; a base that is not
+  a Wan pipeline, or whose umT5 does not fit, is refused naming it.
 """
 
 from __future__ import annotations
@@ -90,8 +94,8 @@ def tool():
     return module
 
 
-def run(tool, wan_dir, out, *flags, frames=FRAMES):
-    argv = ["--checkpoint", wan_dir, "--text-encoder", wan_dir, "--vae", wan_dir]
+def run(tool, wan_dir, out, *flags, frames=FRAMES, checkpoint=None):
+    argv = ["--checkpoint", checkpoint or wan_dir, "--text-encoder", wan_dir, "--vae", wan_dir]
     argv += ["--prompt", PROMPT, "--output", out, "--seed", SEED, "--save-latents"]
     argv += ["--frames", frames, "--height", HEIGHT, "--width", WIDTH, *flags]
     assert tool.main([str(a) for a in argv]) == 0
@@ -99,11 +103,11 @@ def run(tool, wan_dir, out, *flags, frames=FRAMES):
     return summary, load_file(str(out / "latents.safetensors"))["latents"]
 
 
-def diffusers_latents(pipe, shape, steps, guidance, frames=FRAMES):
+def diffusers_latents(pipe, shape, steps, guidance, frames=FRAMES, negative=NEGATIVE):
     z = sample_noise(shape, SEED, 0)[None]
     out = pipe(
         PROMPT,
-        negative_prompt=NEGATIVE,
+        negative_prompt=negative,
         height=HEIGHT,
         width=WIDTH,
         num_frames=frames,
@@ -228,3 +232,92 @@ def test_unsupported_schedulers_are_named(wan_dir, tmp_path):
         "shift": 3.0,
         "num_train_timesteps": 1000,
     }
+
+
+# -- item 7: export as a runnable WanPipeline ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def convert_tool():
+    spec = importlib.util.spec_from_file_location(
+        "convert_tool_wan", TOOL.parent / "convert_checkpoint.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def generator_file(tmp_path_factory):
+    """A generator of ours with its own random weights (not the base's transformer)."""
+    from megatron_apt.checkpoint.io import save_model_file
+    from megatron_apt.models.builders import build_model
+    from megatron_apt.models.wan import get_wan_preset
+    from megatron_apt.testing import randomize_parameters
+
+    cfg = get_wan_preset("wan-debug")
+    model = build_model(cfg)
+    randomize_parameters(model, seed=11)
+    path = tmp_path_factory.mktemp("gen") / "wan-generator.safetensors"
+    return save_model_file(path, model.state_dict(), cfg, role="generator")
+
+
+def test_export_wan_pipeline_takes_our_one_and_two_steps(
+    tool, convert_tool, wan_dir, pipe, generator_file, tmp_path
+):
+    out = tmp_path / "wan-apt"
+    argv = ["export-diffusers-pipeline", "--input", generator_file, "--base", wan_dir]
+    argv += ["--output", out, "--t-mid", "0.6"]
+    assert convert_tool.main([str(a) for a in argv]) == 0
+    for name in ("text_encoder", "tokenizer", "vae"):
+        assert (out / name).is_symlink() and (out / name).resolve() == (wan_dir / name).resolve()
+    assert not (out / "transformer").is_symlink()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["transformer_2"] == [None, None] and index["boundary_ratio"] is None
+    assert "WanPipeline" in (out / "README.md").read_text()
+
+    exported = load_wan_pipeline(out)
+    assert type(exported.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    exported.scheduler.set_timesteps(2)
+    sigmas = exported.scheduler.sigmas.tolist()
+    assert sigmas == pytest.approx([1.0, 0.6, 0.0], abs=1e-7), sigmas
+
+    _, one = run(tool, wan_dir, tmp_path / "one", checkpoint=generator_file)
+    _, two = run(
+        tool, wan_dir, tmp_path / "two", "--steps", 2, "--t-mid", 0.6, checkpoint=generator_file
+    )
+    shape = one.shape[1:]
+    ref1 = diffusers_latents(exported, shape, 1, 1.0, negative=None)
+    ref2 = diffusers_latents(exported, shape, 2, 1.0, negative=None)
+    err1, err2 = max_diff(one, ref1), max_diff(two, ref2)
+    print(f"exported WanPipeline: one step {err1:.2e}, two steps {err2:.2e}")
+    assert err1 < TOL and err2 < TOL, (err1, err2)
+    # the exported transformer is ours, not the base's
+    assert max_diff(diffusers_latents(pipe, shape, 1, 1.0, negative=None), ref1) > 100 * TOL
+
+
+def test_export_refuses_a_base_that_is_not_a_fitting_wan_pipeline(
+    convert_tool, wan_dir, generator_file, tmp_path, capsys
+):
+    import shutil
+
+    from megatron_apt.checkpoint.pipeline_export import export_diffusers_pipeline
+
+    sd3 = tmp_path / "sd3-base"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    argv = ["export-diffusers-pipeline", "--input", generator_file, "--base", sd3]
+    assert convert_tool.main([str(a) for a in argv + ["--output", tmp_path / "x"]]) == 2
+    err = capsys.readouterr().err
+    assert f"--base {sd3} is not a Wan pipeline directory" in err, err
+    wide = tmp_path / "wide"
+    shutil.copytree(wan_dir, wide)
+    config = json.loads((wide / "text_encoder" / "config.json").read_text())
+    (wide / "text_encoder" / "config.json").write_text(json.dumps({**config, "d_model": 48}))
+    with pytest.raises(
+        ValueError,
+        match=r"text_encoder/config.json: d_model 48 but the transformer takes text_dim 32",
+    ):
+        export_diffusers_pipeline(generator_file, wide, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
