@@ -18,7 +18,7 @@ Why the scheduler is ``FlowMatchEulerDiscreteScheduler(shift=1.0)``:
 
 A Wan generator (``WanTransformer3DModel``) goes into a ``WanPipeline`` directory around the
 base's umT5, tokenizer and VAE. ``WanPipeline.__call__`` takes no ``sigmas``
-(``pipeline_wan.py:549``: ``set_timesteps(num_inference_steps)``), so the two-step schedule is
+(``pipeline_wan.py:554``: ``set_timesteps(num_inference_steps)``), so the two-step schedule is
 put into the scheduler's shift instead: ``FlowMatchEulerDiscreteScheduler.set_timesteps(2)``
 gives the sigmas ``[1, S(1 / N), 0]`` where ``S`` is the shift applied twice (once in
 ``__init__``, once in ``set_timesteps``), i.e. the shift ``s^2``;

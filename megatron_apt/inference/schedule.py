@@ -14,12 +14,13 @@ This differs from :func:`megatron_apt.stages.diffusion.sampling_timesteps` (``sh
 ``linspace(1, 0, n + 1)``) in the last steps. One-step generation is the same under both:
 ``[1, 0]`` whatever the shift, i.e. ``G(z) = z - v(z, 1)``.
 
-``UniPCMultistepScheduler`` (Wan2.1's default, ``Wan-AI/Wan2.1-T2V-*-Diffusers``:
-``flow_shift`` 3 or 5, ``use_flow_sigmas``, ``prediction_type="flow_prediction"``) is a
+``UniPCMultistepScheduler`` (the scheduler of the Wan2.1 Diffusers pipelines, with
+``use_flow_sigmas``, ``prediction_type="flow_prediction"`` and a ``flow_shift``; not checked
+against a downloaded config here) is a
 multistep predictor-corrector whose state (past model outputs, the corrector) is not an Euler
 step: :func:`diffusers_scheduler_sample` drives diffusers' own scheduler object, built from the
-directory's config, exactly as ``WanPipeline.__call__`` does (``pipeline_wan.py:549-634``:
-``set_timesteps(n)``, ``set_begin_index(0)``, the model at ``timesteps[i]`` (integers for UniPC,
+directory's config, exactly as ``WanPipeline.__call__`` does (``pipeline_wan.py:554-641``:
+``set_timesteps(n)``, ``set_begin_index(0)``, the model at ``timesteps[i]`` (integers for UniPC:
 ``:466`` of ``scheduling_unipc_multistep.py``), CFG ``v_u + g (v_c - v_u)``, ``step``). Our
 models take ``t / num_train_timesteps``.
 """

@@ -59,8 +59,8 @@ def wan_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unipc_dir(wan_dir, tmp_path_factory):
-    """Wan2.1's own scheduler (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``'s scheduler_config.json:
-    UniPC, flow sigmas, flow_prediction), saved as a scheduler directory."""
+    """A scheduler of the Wan2.1 Diffusers pipelines' kind (UniPC, flow sigmas,
+    flow_prediction, a flow shift), saved as a scheduler directory."""
     from diffusers import UniPCMultistepScheduler
 
     path = tmp_path_factory.mktemp("unipc") / "scheduler"
