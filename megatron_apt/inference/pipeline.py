@@ -217,7 +217,7 @@ class GenerationPipeline:
             )
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
         # the pretrained Wan attends to the zero-padded text: no mask (families.py)
-        self.text_mask = family_of(model.cfg).sampling_text_mask
+        self.use_text_mask = family_of(model.cfg).sampling_text_mask
         self.generator = Generator(model)
         self.ps = ps or model.ps
         self.device = torch.device(device)
@@ -321,7 +321,7 @@ class GenerationPipeline:
         noise = noise.to(self.device)
 
         def mask(e: TextEmbeddings) -> torch.Tensor | None:
-            return e.text_mask if self.text_mask else None
+            return e.text_mask if self.use_text_mask else None
 
         with self.timer("dit"):
             if sampling.mode == "generator":
