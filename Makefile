@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: demo study venv test test-unit test-distributed test-gpu install-gpu lint format plan clean help
 
 help:
-	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~20 min)"
+	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~25 min)"
 	@echo "                     (another seed: make demo DEMO_ARGS=\"--seed 3\")"
 	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h 15 min)"
 	@echo "make test            create/update .venv, install, run the whole test suite"

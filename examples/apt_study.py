@@ -341,6 +341,7 @@ class Study:
             "--feature-net", base("models", "feature_net.safetensors"),
             "--feature-steps", str(self.demo.feature_steps),
             "--max-samples", str(self.demo.n_rows["one_step"]),
+            "--bootstrap", str(self.demo.bootstrap),
         ])  # fmt: skip
         return json.loads((self.out / "results.json").read_text())
 

@@ -87,3 +87,15 @@ def run_launcher(
             f"{marker!r} {'found' if ok else 'missing'}:\n{tail}"
         )
     return proc
+
+
+QUICK_DEMO_SEED = 11
+
+
+def run_quick_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``examples/demo.py --quick --seed 11 --out OUT``: a few steps of every stage (tests)."""
+    cmd = [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out),
+           "--seed", str(QUICK_DEMO_SEED), *extra]  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True, timeout=900
+    )

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from megatron_apt.testing.launch import REPO_ROOT, launcher_env
+from megatron_apt.testing.launch import REPO_ROOT, launcher_env, run_quick_demo
 
 ROWS = (
     "real data through the VAE",
@@ -20,24 +20,8 @@ ROWS = (
 )
 
 
-def _demo(out, *extra):
-    env = launcher_env()  # gloo, CUDA hidden: a GPU machine runs these on the CPU too
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)]
-        + ["--seed", "11"]
-        + list(extra),
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
-def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
-    out = tmp_path / "demo"
-    proc = _demo(out)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_quick_demo_end_to_end_then_resume_skips_everything(quick_demo, tmp_path):
+    out, proc = quick_demo  # conftest.py: examples/demo.py --quick --seed 11
     progress = json.loads((out / "progress.json").read_text())
     stages = ("data", "vae", "preprocess", "diffusion", "consistency", "apt", "generate")
     stages += ("evaluate",)
@@ -105,7 +89,7 @@ def test_quick_demo_end_to_end_then_resume_skips_everything(tmp_path):
     assert seeds[0]["checks"] == checks
     assert "| 11 | " in proc.stdout and f"**{apt['fd']:.2f}" in proc.stdout
     # a second run skips every stage
-    again = _demo(out)
+    again = run_quick_demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
     stages_done = [k for k in progress if not k.startswith("_")]  # "_quick", "_seed": meta
     assert again.stdout.count("skipped") == len(stages_done) == 9, again.stdout

@@ -1,8 +1,10 @@
-"""`make study`, shortened: examples/apt_study.py --quick runs the shared pre-stages, the arms
+"""`make study`, shortened: examples/apt_study.py --quick on a finished base (the session's quick
+demo, conftest.py, whose stages and reference samples it reuses) runs the arms
 (APT, one ablation, the consistency control and the twice-as-long pair that continues APT's and
 the ablation's runs) for one seed through the real launcher, EMA and raw-generator samples, one
 evaluation and the report with its pictures; a second run skips every finished step, and
---report-only re-creates the report byte for byte from OUT and the hand-written context."""
+--report-only re-creates the report byte for byte from OUT and the hand-written context. (The
+shared pre-stages run by the study itself: examples/demo.py's, tested by test_demo.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import subprocess
 import sys
 
 from megatron_apt.evaluation.study_report import OUTCOMES
-from megatron_apt.testing.launch import REPO_ROOT, launcher_env
+from megatron_apt.testing.launch import QUICK_DEMO_SEED, REPO_ROOT, launcher_env
 
 CONTEXT = (
     "Hand-written context: `apt / seed 5` is a quick run.\n\n"
@@ -26,12 +28,14 @@ def _study(out, report, *extra):
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
+def test_quick_study_runs_arms_and_writes_the_report(quick_demo, tmp_path):
+    base = quick_demo[0]  # a finished examples/demo.py --quick --seed 11
     out, report = tmp_path / "study", tmp_path / "docs" / "study.md"
     report.parent.mkdir(parents=True)
     context = report.with_name("study_context.md")  # read next to the report
     context.write_text(CONTEXT)
     arms = ("--arms", "no-r1-long", "consistency-more")  # + apt, no-r1, apt-long (needed)
+    arms += ("--base", str(base), "--base-seed", str(QUICK_DEMO_SEED))
     proc = _study(out, report, *arms)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -41,11 +45,14 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     want |= {f"{k}-raw / seed 5" for k in keys}  # raw generators beside the EMA
     assert want <= rows, want - rows
     assert "consistency-more-raw / seed 5" not in rows
-    # the floors beside the arms, made by the study (its base ran no demo generate stage)
+    # the base's stages and its reference samples (the floors beside the arms) reused, not re-run
+    for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
+        assert f"[study] base/{stage}: done earlier in" in proc.stdout, stage
     refs = {"real data through the VAE", "teacher: diffusion 25 steps (CFG)"}
     assert refs <= rows, rows
-    for folder in ("vae-recon", "diffusion-25"):
-        assert any((out / "samples" / folder).iterdir()), folder
+    for row in refs:
+        assert f"[study] {row}: the samples of {base}, reused" in proc.stdout, row
+    assert not (out / "samples" / "diffusion-25").exists()
     # the arm's flag reached its run; the control distilled for 3 + 3 updates
     state = json.loads(
         next((out / "runs" / "no-r1" / "seed5").glob("iter_*/trainer_state.json")).read_text()
@@ -63,7 +70,7 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     state = json.loads((long / "iter_0000006" / "trainer_state.json").read_text())
     assert state["config"]["r1_lambda"] == 0.0 and state["step"] == 6
     assert not (long / "iter_0000003").exists()  # its first 3 updates are no-r1's
-    log = (out / "base" / "logs" / "study-no-r1-long-seed5.log").read_text()
+    log = (base / "logs" / "study-no-r1-long-seed5.log").read_text()  # the base's logs
     assert f"resumed from {out / 'runs' / 'no-r1' / 'seed5' / 'iter_0000003'}" in log
     steps = {json.loads(x)["step"] for x in (long / "metrics.jsonl").read_text().splitlines() if x}
     assert {1, 3, 4, 6} <= steps, steps
@@ -119,13 +126,7 @@ def test_quick_study_runs_arms_and_writes_the_report(tmp_path):
     assert report.read_bytes() == written
     more = _study(out, report, *arms, "--report-only", "--seeds", "5", "6")
     assert more.returncode != 0 and "apt/seed6/train" in more.stderr, more.stderr[-2000:]
-    # a study on a finished base reuses its stages (one arm is enough to show it); one with
-    # another seed is refused
-    other = _study(tmp_path / "study2", report, "--base", str(out / "base"), "--arms", "apt")
-    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
-    for stage in ("data", "vae", "preprocess", "diffusion", "consistency"):
-        assert f"[study] base/{stage}: done earlier in" in other.stdout, stage
-    wrong = _study(tmp_path / "study3", report, "--base", str(out / "base"), "--base-seed", "4")
-    assert (
-        wrong.returncode != 0 and "--seed 0" in wrong.stderr and str(out / "base") in wrong.stderr
-    )
+    # a study on a base of another seed is refused
+    wrong = _study(tmp_path / "study3", report, "--base", str(base), "--base-seed", "4")
+    assert wrong.returncode != 0 and f"--seed {QUICK_DEMO_SEED}" in wrong.stderr, wrong.stderr
+    assert str(base) in wrong.stderr
