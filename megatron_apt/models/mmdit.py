@@ -65,6 +65,7 @@ from megatron_apt.models.specs import (
     as_key_mask,
     ensure_tp_attributes,
     get_spec,
+    linear_config,
     local_spec,
 )
 from megatron_apt.parallel.context_parallel import (
@@ -90,29 +91,12 @@ def megatron_config(
     use_cpu_init: bool,
     initialize: bool = True,
 ) -> TransformerConfig:
-    """The megatron-core config that its parallel linears read."""
-    return TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.head_dim,
-        tensor_model_parallel_size=ps.tp_size,
-        context_parallel_size=ps.cp_size,
-        sequence_parallel=ps.sequence_parallel,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=use_cpu_init,
-        perform_initialization=initialize,
-        gradient_accumulation_fusion=False,
-        add_bias_linear=True,
-        # TE linears cache their FP8 weight (and its transpose) on the first micro-batch and
-        # reuse it while ``is_first_microbatch`` is False, which megatron sets after every call
-        # and only its pipeline schedules reset (megatron-core 0.16.1,
-        # extensions/transformer_engine.py:671-678, TELinear.forward). We train outside those
-        # schedules: without this the FP8 weights would stay those of the first step forever.
-        disable_parameter_transpose_cache=True,
-    )
+    """The megatron-core config that its parallel linears read (:func:`specs.linear_config`)."""
+    return linear_config(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size, head_dim=cfg.head_dim, ps=ps,
+        params_dtype=params_dtype, use_cpu_init=use_cpu_init, initialize=initialize,
+    )  # fmt: skip
 
 
 def _cuda_rng_tracker_ready() -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_size
 from torch import nn
 
@@ -287,6 +288,44 @@ def te_autocast(te, recipe, amax_group) -> contextlib.AbstractContextManager:
     if hasattr(te, "autocast"):
         return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=amax_group)
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group)
+
+
+def linear_config(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    ffn_hidden_size: int,
+    head_dim: int,
+    ps,
+    params_dtype: torch.dtype,
+    use_cpu_init: bool,
+    initialize: bool = True,
+) -> TransformerConfig:
+    """The megatron-core config that every family's parallel linears read (``ps``: its
+    :class:`~megatron_apt.parallel.state.ParallelState`)."""
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        ffn_hidden_size=ffn_hidden_size,
+        kv_channels=head_dim,
+        tensor_model_parallel_size=ps.tp_size,
+        context_parallel_size=ps.cp_size,
+        sequence_parallel=ps.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_init,
+        perform_initialization=initialize,
+        gradient_accumulation_fusion=False,
+        add_bias_linear=True,
+        # TE linears cache their FP8 weight (and its transpose) on the first micro-batch and
+        # reuse it while ``is_first_microbatch`` is False, which megatron sets after every call
+        # and only its pipeline schedules reset (megatron-core 0.16.1,
+        # extensions/transformer_engine.py:671-678, TELinear.forward). We train outside those
+        # schedules: without this the FP8 weights would stay those of the first step forever.
+        disable_parameter_transpose_cache=True,
+    )
 
 
 def local_spec() -> LayerSpec:

@@ -58,6 +58,7 @@ from megatron_apt.models.specs import (
     SDPAttention,
     ensure_tp_attributes,
     get_spec,
+    linear_config,
     local_spec,
 )
 from megatron_apt.models.wan.config import WanConfig
@@ -73,24 +74,12 @@ from megatron_apt.utils.transfer import to_device
 def megatron_config(
     cfg: WanConfig, ps: ParallelState, params_dtype: torch.dtype, use_cpu_init: bool, init: bool
 ) -> TransformerConfig:
-    """The megatron-core config its parallel linears read (as the MMDiT's)."""
-    return TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads,
-        ffn_hidden_size=cfg.ffn_dim,
-        kv_channels=cfg.head_dim,
-        tensor_model_parallel_size=ps.tp_size,
-        context_parallel_size=ps.cp_size,
-        sequence_parallel=ps.sequence_parallel,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=use_cpu_init,
-        perform_initialization=init,
-        gradient_accumulation_fusion=False,
-        add_bias_linear=True,
-        disable_parameter_transpose_cache=True,  # see models/mmdit.py: megatron_config
-    )
+    """The megatron-core config its parallel linears read (:func:`specs.linear_config`)."""
+    return linear_config(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_dim, head_dim=cfg.head_dim, ps=ps, params_dtype=params_dtype,
+        use_cpu_init=use_cpu_init, initialize=init,
+    )  # fmt: skip
 
 
 def fp32_layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
