@@ -89,7 +89,35 @@ class TextEmbeddings:
         return TextEmbeddings(self.text.expand(n, -1, -1), self.text_mask.expand(n, -1), pooled)
 
 
-class TextEncoder(torch.nn.Module):
+class EncoderProperties(torch.nn.Module):
+    """What every (u)T5-style encoder of ours reports: ``self.model`` (a transformers encoder)
+    and ``self.max_length`` set by the subclass."""
+
+    @property
+    def dim(self) -> int:
+        """Width ``D`` of the token embeddings (the model's ``d_model``)."""
+        return self.model.config.d_model
+
+    @property
+    def text_length(self) -> int:
+        """``L`` of the embeddings with the default padding to ``max_length``."""
+        return self.max_length
+
+    @property
+    def pooled_dim(self) -> None:
+        """(u)T5 gives no pooled vector."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class TextEncoder(EncoderProperties):
     """A frozen T5 encoder plus its sentencepiece tokenizer.
 
     Args:
@@ -122,29 +150,6 @@ class TextEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.padding = padding
-
-    @property
-    def dim(self) -> int:
-        """Width ``D`` of the token embeddings (the model's ``d_model``)."""
-        return self.model.config.d_model
-
-    @property
-    def text_length(self) -> int:
-        """``L`` of the embeddings with the default padding to ``max_length``."""
-        return self.max_length
-
-    @property
-    def pooled_dim(self) -> None:
-        """T5 gives no pooled vector."""
-        return None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @classmethod
     def from_pretrained(

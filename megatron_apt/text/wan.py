@@ -31,7 +31,7 @@ from pathlib import Path
 import regex
 import torch
 
-from megatron_apt.text.encoder import TextEmbeddings, check_weights_dir
+from megatron_apt.text.encoder import EncoderProperties, TextEmbeddings, check_weights_dir
 
 __all__ = [
     "WAN_TEXT_LENGTH",
@@ -113,7 +113,7 @@ def is_wan_pipeline_dir(path: str | Path) -> bool:
         return False
 
 
-class WanTextEncoder(torch.nn.Module):
+class WanTextEncoder(EncoderProperties):
     """Frozen umT5 plus the pipeline's tokenizer (module docstring). Same interface as
     :class:`megatron_apt.text.TextEncoder`: ``dim``, ``text_length``, ``pooled_dim`` (None),
     ``encode(captions)`` -> :class:`TextEmbeddings`.
@@ -144,28 +144,6 @@ class WanTextEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_ftfy = use_ftfy
-
-    @property
-    def dim(self) -> int:
-        """Width ``D`` of the token embeddings (umT5's ``d_model``, 4096 for umt5-xxl)."""
-        return self.model.config.d_model
-
-    @property
-    def text_length(self) -> int:
-        """``L`` of every embedding: ``max_length``."""
-        return self.max_length
-
-    @property
-    def pooled_dim(self) -> None:
-        return None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @classmethod
     def from_pretrained(
