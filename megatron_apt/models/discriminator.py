@@ -25,10 +25,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.build_options import build_options
-from megatron_apt.models.mmdit import MMDiT, megatron_config
-from megatron_apt.models.specs import ensure_tp_attributes
+from megatron_apt.models.specs import ensure_tp_attributes, linear_config
 from megatron_apt.parallel.context_parallel import replicated_over_cp
 from megatron_apt.parallel.state import ParallelState
 
@@ -91,12 +89,15 @@ class CrossAttentionHead(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D̂(x, t, c) -> logit ``[B]``; ``backbone`` is an :class:`MMDiT` (diffusion weights)."""
+    """D̂(x, t, c) -> logit ``[B]``; ``backbone`` is the velocity model of any family
+    (:mod:`~megatron_apt.models.families`; the diffusion weights): it returns the visual tokens
+    after given blocks (``return_layers``, ``features_only``) and names what those cannot
+    depend on (``unused_by_features``)."""
 
-    def __init__(self, backbone: MMDiT, cfg: DiscriminatorConfig | None = None):
+    def __init__(self, backbone: nn.Module, cfg: DiscriminatorConfig | None = None):
         super().__init__()
         cfg = cfg or DiscriminatorConfig()
-        mcfg_b: MMDiTConfig = backbone.cfg
+        mcfg_b = backbone.cfg
         self.backbone, self.cfg = backbone, cfg
         self.head_layers = tuple(cfg.head_layers or default_head_layers(mcfg_b.num_layers))
         for k in self.head_layers:
@@ -112,13 +113,12 @@ class Discriminator(nn.Module):
         cpu_init = opts.use_cpu_initialization
         if cpu_init is None:
             cpu_init = backbone.patch_embed.weight.device.type == "cpu"
-        mcfg = megatron_config(
-            mcfg_b,
-            plain,
-            backbone.patch_embed.weight.dtype,
-            use_cpu_init=cpu_init,
+        mcfg = linear_config(  # the heads' linears only: no FFN, the backbone's head width
+            num_layers=mcfg_b.num_layers, hidden_size=d, num_heads=mcfg_b.num_heads,
+            ffn_hidden_size=4 * d, head_dim=mcfg_b.head_dim, ps=plain,
+            params_dtype=backbone.patch_embed.weight.dtype, use_cpu_init=cpu_init,
             initialize=opts.initialize,
-        )
+        )  # fmt: skip
         nh = cfg.head_num_heads or mcfg_b.num_heads
         self.heads = nn.ModuleList(
             CrossAttentionHead(d, nh, mcfg, plain, cfg.norm_eps) for _ in self.head_layers
@@ -134,13 +134,8 @@ class Discriminator(nn.Module):
         """Parameters that cannot influence the logit (the output layer, blocks after the last
         head, the text MLP of that block) are frozen so optimizers and ZeRO skip them; every
         parameter that does influence the logit stays trainable (the paper trains them all)."""
-        bb, last = self.backbone, max(self.head_layers)
-        unused = [bb.final_adaln, bb.final_proj, *bb.blocks[last:]]
-        block = bb.blocks[last - 1]
-        if not block.context_pre_only:
-            unused += [block.text.proj, block.text.fc1, block.text.fc2]
-        for module in unused:
-            module.requires_grad_(False)
+        for unused in self.backbone.unused_by_features(max(self.head_layers)):
+            unused.requires_grad_(False)
 
     def forward(
         self,

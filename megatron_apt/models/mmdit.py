@@ -551,6 +551,16 @@ class MMDiT(nn.Module):
         return v
 
     # ---------------------------------------------------------------------------------
+    def unused_by_features(self, last_layer: int) -> list[nn.Module]:
+        """The modules that cannot influence the visual tokens returned after block
+        ``last_layer`` (``features_only``): the output layer, the later blocks, and the text
+        MLP of that block (its text stream is not read again). The discriminator freezes them."""
+        unused = [self.final_adaln, self.final_proj, *self.blocks[last_layer:]]
+        block = self.blocks[last_layer - 1]
+        if not block.context_pre_only:
+            unused += [block.text.proj, block.text.fc1, block.text.fc2]
+        return unused
+
     def num_parameters(self, full: bool = True) -> int:
         """Parameters of this rank, or of the whole (TP-unsplit) model when ``full``."""
         n = 0

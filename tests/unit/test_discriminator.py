@@ -54,6 +54,40 @@ def test_truncated_backbone_freezes_only_what_cannot_matter():
     assert not d.backbone.blocks[1].text.fc1.weight.requires_grad
 
 
+def test_wan_backbone_discriminator_trains_everything_that_can_matter():
+    """The same discriminator on a Wan backbone (the family-neutral interface): heads read the
+    tokens after blocks 1 and 2 of 3; the output layer, its table and block 3 are frozen, every
+    other parameter (cross-attention, its LayerNorm, the time and text embedders) gets a
+    non-zero gradient, with and without a text mask."""
+    from megatron_apt.models.families import get_preset as any_preset
+    from megatron_apt.models.wan.model import WanDiT
+
+    cfg = any_preset("wan-debug", num_layers=3)
+    d = Discriminator(WanDiT(cfg), DiscriminatorConfig(head_layers=(1, 2)))
+    randomize_parameters(d, 0)
+    for masked in (True, False):
+        d.zero_grad()
+        inputs = dummy_inputs(cfg, batch=2, frames=3, height=4, width=6, text_len=5)
+        if not masked:
+            inputs["text_mask"] = None
+        logits = d(**inputs)
+        assert logits.shape == (2,) and logits.dtype == torch.float32
+        logits.sum().backward()
+        frozen = {n for n, p in d.named_parameters() if not p.requires_grad}
+        want = {
+            n
+            for n, _ in d.named_parameters()
+            if n.startswith(("backbone.final_", "backbone.blocks.2."))
+        }
+        assert frozen == want
+        zero = [
+            n
+            for n, p in d.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+        ]
+        assert zero == [], zero
+
+
 def test_generator_is_z_minus_velocity_at_final_timestep():
     cfg = get_preset("tiny")
     g = Generator(MMDiT(cfg))

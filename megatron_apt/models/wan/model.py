@@ -479,6 +479,12 @@ class WanDiT(nn.Module):
             return v, [feats[k] for k in return_layers]
         return v
 
+    def unused_by_features(self, last_layer: int) -> list[nn.Module | nn.Parameter]:
+        """What cannot influence the visual tokens returned after block ``last_layer``
+        (``features_only``): the output layer and its table, and the later blocks (Wan's text
+        tokens are the same in every block, so nothing of block ``last_layer`` is unused)."""
+        return [self.final_proj, self.final_scale_shift_table, *self.blocks[last_layer:]]
+
     def num_parameters(self, full: bool = True) -> int:
         """Parameters of this rank, or of the whole (TP-unsplit) model when ``full``."""
         n = 0
