@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_apt.config.model import get_preset
+from megatron_apt.models.families import get_preset
 from megatron_apt.config.recipes import RECIPES, get_recipe
 from megatron_apt.config.training import (
     COLLAPSE_ACTIONS,
@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="named recipe (default tiny-apt: 2-layer models, synthetic data, seconds on a CPU)",
     )
     a("--stage", choices=STAGES, help="override the recipe's stage")
-    a("--model", help="MMDiT model preset (tools/plan_model.py --all lists them; Wan: not yet)")
+    a(
+        "--model",
+        help="model preset of any family: an MMDiT (tiny, demo, sd3.5-large, mmdit-8b, ...) or "
+        "Wan (wan-debug, wan2.1-t2v-1.3b, wan2.1-t2v-14b); tools/plan_model.py --all lists them",
+    )
     a("--layer-spec", help="local | te | te-fp8 | te-flash | auto")
     g = p.add_argument_group("parallelism")
     g.add_argument(

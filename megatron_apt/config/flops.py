@@ -8,7 +8,7 @@ Norms, RoPE, softmax and elementwise work are left out (a few percent at these w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from megatron_apt.config.model import MMDiTConfig
 
@@ -48,6 +48,8 @@ def discriminator_config(cfg: MMDiTConfig, head_layers: Sequence[int] | None = N
     """The part of the MMDiT that D runs: its blocks up to the last head (the paper's heads
     by default), without the output layer's text stream after it."""
     last = max(head_layers or default_head_layers(cfg.num_layers))
+    if not hasattr(cfg, "context_pre_only_last"):  # another family (Wan): the first blocks
+        return dataclasses.replace(cfg, num_layers=last)
     return dataclasses.replace(
         cfg,
         num_layers=last,
@@ -62,6 +64,7 @@ def phase_flops(
     n_text: int,
     recompute: int = 0,
     head_layers: Sequence[int] | None = None,
+    forward: Callable[..., float] | None = None,
 ) -> float:
     """FLOPs per SAMPLE of one micro-batch of a training phase (``recompute``: blocks whose
     forward runs again in backward; backward = 2 forwards):
@@ -73,17 +76,19 @@ def phase_flops(
     * ``apt_g``: G forward + backward (3 + r), D forward and backward to its input (2 + r_D).
 
     ``r = recompute / num_layers`` (D: of its blocks). The discriminator's heads are left out
-    (< 1 % at these sizes)."""
+    (< 1 % at these sizes). ``forward``: the family's ``forward_flops(cfg, n_visual, n_text)``
+    (``ModelFamily.forward_flops``; default the MMDiT's)."""
+    forward = forward or forward_flops
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     r = recompute / cfg.num_layers
-    f_g = forward_flops(cfg, n_visual, n_text)
+    f_g = forward(cfg, n_visual, n_text)
     if phase == "diffusion":
         return (3 + r) * f_g
     if phase == "consistency":
         return (3 + r) * f_g + 3 * f_g
     d_cfg = discriminator_config(cfg, head_layers)
-    f_d = forward_flops(d_cfg, n_visual, n_text)
+    f_d = forward(d_cfg, n_visual, n_text)
     r_d = min(recompute, d_cfg.num_layers) / d_cfg.num_layers
     if phase == "apt_d":
         return f_g + 3 * (3 + r_d) * f_d

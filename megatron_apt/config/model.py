@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 PosEmbed = Literal["rope3d", "sincos2d", "none"]
 QKNorm = Literal["rms", "none"]
@@ -34,6 +34,8 @@ class MMDiTConfig:
     ``T/pt * H/ph * W/pw`` visual tokens of width ``hidden_size``; text embeddings are
     ``[B, L, text_dim]``.
     """
+
+    family: ClassVar[str] = "mmdit"  # the registry name (models/families.py)
 
     in_channels: int = 16
     out_channels: int | None = None  # defaults to in_channels

@@ -13,9 +13,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from megatron_apt.config.flops import visual_tokens
-from megatron_apt.config.model import FP8_GEMM_COLS, FP8_GEMM_ROWS, MMDiTConfig, get_preset
+from megatron_apt.config.model import FP8_GEMM_COLS, FP8_GEMM_ROWS, get_preset
 
 STAGES = ("diffusion", "consistency", "apt")
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
@@ -83,7 +84,9 @@ class HealthConfig:
 class TrainConfig:
     recipe: str = "custom"
     stage: str = "apt"
-    model: MMDiTConfig = field(default_factory=lambda: get_preset("tiny"))
+    # the model of any registered family (megatron_apt.models.families): an MMDiTConfig, a
+    # WanConfig; serialized with its family's name ({"family": "wan", ...})
+    model: Any = field(default_factory=lambda: get_preset("tiny"))
     layer_spec: str = "local"
     # parallelism
     tensor_parallel: int = 1
@@ -148,7 +151,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["model"] = {"family": self.model.family, **d["model"]}  # as families.config_to_dict
+        return d
 
 
 # ------------------------------------------------------------------------------------------

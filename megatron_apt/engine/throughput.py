@@ -7,6 +7,7 @@ import torch
 
 from megatron_apt.config.flops import phase_flops, visual_tokens
 from megatron_apt.config.training import TrainConfig, parse_head_layers, parse_recompute_layers
+from megatron_apt.models.families import family_of
 from megatron_apt.parallel.state import ParallelState
 from megatron_apt.utils.throughput import ThroughputMeter, peak_memory_gib, reference_peak
 
@@ -24,6 +25,7 @@ class TrainingThroughput:
         self, cfg: TrainConfig, ps: ParallelState, device: torch.device, dtype: torch.dtype
     ):
         self.model = cfg.model
+        self.forward_flops = family_of(cfg.model).forward_flops
         self.frozen_d = cfg.freeze_discriminator
         self.recompute = len(parse_recompute_layers(cfg.recompute_layers, cfg.model.num_layers))
         self.head_layers = parse_head_layers(cfg.d_head_layers, cfg.model.num_layers)
@@ -41,7 +43,9 @@ class TrainingThroughput:
             phase = "apt_d_frozen"
         b, _, t, h, w = batch["latents"].shape
         n_vis, n_txt = visual_tokens(self.model, t, h, w), batch["text"].shape[1]
-        flops = b * phase_flops(self.model, phase, n_vis, n_txt, self.recompute, self.head_layers)
+        flops = b * phase_flops(
+            self.model, phase, n_vis, n_txt, self.recompute, self.head_layers, self.forward_flops
+        )
         self.meter.add(flops / self.share, b * (n_vis + n_txt) / self.share)
 
     def raw(self, seconds: float) -> dict[str, float]:

@@ -55,6 +55,7 @@ from megatron_apt.engine.zero_init import (
 )
 from megatron_apt.models.compile import compile_mmdits
 from megatron_apt.models.discriminator import DiscriminatorConfig
+from megatron_apt.models.families import family_of
 from megatron_apt.parallel.state import comm_device, comm_tensor, initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.stages.consistency import ConsistencyConfig, consistency_distillation_step
@@ -109,6 +110,7 @@ class Trainer:
         self.bad: torch.Tensor | None = None  # this update met a non-finite loss (device flag)
         self._bad_read: bool | None = None  # its value on the host, once read
         self.metrics: MetricsLogger | None = None
+        self.uses_text_mask = family_of(cfg.model).uses_text_mask
         getattr(self, f"_build_{cfg.stage}")()
         if cfg.compile:
             self._compile()
@@ -167,7 +169,11 @@ class Trainer:
         model = self._trained_mmdit()
         eng = self._engine("model", model, c.optim.lr, c.deepspeed_config_g)
         self.emas["model"] = EngineEMA(eng, self.ps, c.ema_decay)
-        self.uncond = load_negative_prompt(c, self.device) if c.cond_dropout > 0 else None
+        self.uncond = (
+            self._text_convention(load_negative_prompt(c, self.device))
+            if c.cond_dropout > 0
+            else None
+        )
 
     def _build_consistency(self) -> None:
         c = self.cfg
@@ -192,7 +198,7 @@ class Trainer:
             shift=c.shift,
             target_ema_decay=c.target_ema_decay,
         )
-        self.uncond = load_negative_prompt(c, self.device)
+        self.uncond = self._text_convention(load_negative_prompt(c, self.device))
 
     def _build_apt(self) -> None:
         c = self.cfg
@@ -246,10 +252,22 @@ class Trainer:
         to the device without blocking the host; the text mask stays on the host, where the
         model reads its layout (``megatron_apt.models.specs.KeyMask``)."""
         batch, pos = self.stream.next()
+        batch = self._text_convention(batch)
         batch = {k: v if k in HOST_KEYS else to_device(v, self.device) for k, v in batch.items()}
         batch["latents"] = batch["latents"].to(self.dtype)
         self.throughput.count(kind, batch)
         return batch, sample_generators(self.cfg.seed, pos, SALT[kind])
+
+    def _text_convention(self, cond: dict) -> dict:
+        """The family's text-mask convention (``ModelFamily.uses_text_mask``): a family whose
+        pretrained model attends to the zero-padded text (Wan) trains without the mask, so that
+        what it learns is what its exported pipeline runs; the padded tokens are zero."""
+        if self.uses_text_mask or "text_mask" not in cond:
+            return cond
+        cond = dict(cond)
+        mask = cond.pop("text_mask")
+        cond["text"] = cond["text"] * mask[..., None].to(cond["text"].device, cond["text"].dtype)
+        return cond
 
     def _poison(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate: ``loss`` while every rank's losses of this update have

@@ -217,7 +217,7 @@ class GenerationPipeline:
             )
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
         # the pretrained Wan attends to the zero-padded text: no mask (families.py)
-        self.use_text_mask = family_of(model.cfg).sampling_text_mask
+        self.use_text_mask = family_of(model.cfg).uses_text_mask
         self.generator = Generator(model)
         self.ps = ps or model.ps
         self.device = torch.device(device)

@@ -60,10 +60,11 @@ class ModelFamily:
     # stored tensor bounds (SD3's sin-cos table): a file header claiming much more than its
     # weights is refused before anything is built
     unbounded_buffers: Callable[[Any], tuple[int, str]] = lambda cfg: (0, "")
-    # generation passes the text mask to the model (the MMDiT's convention); False: the zero
-    # padded text goes in unmasked, as the pretrained model was trained (diffusers'
-    # WanTransformer3DModel takes no mask and attends to the zero padding, docs/wan.md)
-    sampling_text_mask: bool = True
+    # training and generation pass the text mask to the model (the MMDiT's convention); False:
+    # the zero-padded text goes in unmasked, as the pretrained model was trained and as the
+    # exported pipeline runs it (diffusers' WanTransformer3DModel takes no mask and attends to
+    # the zero padding, docs/wan.md)
+    uses_text_mask: bool = True
 
     def config_from_dict(self, d: dict) -> Any:
         return self.config_cls.from_dict(d)
@@ -136,7 +137,7 @@ FAMILIES: dict[str, ModelFamily] = {
         from_diffusers=wan_mapping.diffusers_to_wan,
         to_diffusers=wan_mapping.wan_to_diffusers,
         imported_role="diffusers",
-        sampling_text_mask=False,
+        uses_text_mask=False,
     ),
 }
 
@@ -149,9 +150,12 @@ def get_family(name: str) -> ModelFamily:
 
 
 def family_of(cfg: Any) -> ModelFamily:
-    """The family whose config class ``cfg`` is."""
+    """The family whose config class ``cfg`` is (each config class names its family in the
+    class attribute ``family``: ``config/`` code, which must not import ``models/``, reads
+    that)."""
     for fam in FAMILIES.values():
         if type(cfg) is fam.config_cls:
+            assert cfg.family == fam.name, (type(cfg).__name__, cfg.family, fam.name)
             return fam
     raise ValueError(f"{type(cfg).__name__} is the config of no registered model family")
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_apt.config.recipes import get_recipe  # noqa: E402
 from megatron_apt.engine.data import SyntheticLatents  # noqa: E402
 from megatron_apt.models.builders import build_discriminator, build_generator  # noqa: E402
+from megatron_apt.models.families import family_of, get_preset  # noqa: E402
 from megatron_apt.parallel.state import initialize_parallel  # noqa: E402
 from megatron_apt.stages.apt import (  # noqa: E402
     APTConfig,
@@ -63,9 +64,15 @@ def sample_index(pos: int, n: int, seed: int) -> int:
     return int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[k])
 
 
-def full_batch(data: SyntheticLatents, positions: list[int], seed: int) -> dict:
+def full_batch(data: SyntheticLatents, positions: list[int], seed: int, text_mask: bool) -> dict:
+    """``text_mask``: the family's convention (``ModelFamily.uses_text_mask``); without it the
+    model sees the zero-padded text unmasked (Wan, as its pipeline runs it)."""
     items = [data.item(sample_index(p, len(data), seed)) for p in positions]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    if not text_mask:
+        mask = batch.pop("text_mask")
+        assert not batch["text"][~mask].any()  # the synthetic data's padding is zero
+    return batch
 
 
 def phase_positions(phase: int, batch: int, variant: str) -> list[int]:
@@ -133,7 +140,8 @@ def train(cfg, variant: str, out: Path) -> None:
         pos = phase_positions(phase, batch_size, variant)
         phase += 1
         salt = SALT_D if variant == "shared-salt" else salt
-        return full_batch(data, pos, cfg.seed), sample_generators(cfg.seed, pos, salt)
+        batch = full_batch(data, pos, cfg.seed, family_of(cfg.model).uses_text_mask)
+        return batch, sample_generators(cfg.seed, pos, salt)
 
     log, controls = [], []
     for it in range(cfg.train_iters):
@@ -161,6 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
     p.add_argument("--recipe", default="tiny-apt")
+    p.add_argument("--model", help="a model preset of any family (default: the recipe's)")
     p.add_argument("--global-batch-size", type=int, required=True)
     p.add_argument("--train-iters", type=int, required=True)
     p.add_argument("--optim-eps", type=float, help="RMSprop eps (train_equivalence_worker.py)")
@@ -169,6 +178,8 @@ def main() -> None:
     cfg = get_recipe(args.recipe).replace(
         global_batch_size=args.global_batch_size, train_iters=args.train_iters, bf16=False
     )
+    if args.model:
+        cfg = cfg.replace(model=get_preset(args.model))
     if args.optim_eps is not None:
         cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, eps=args.optim_eps))
     if cfg.stage != "apt" or cfg.d_updates_per_iter != 1:

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 WanQKNorm = Literal["rms_norm_across_heads"]
 
@@ -29,6 +29,8 @@ class WanConfig:
     Shapes: latents ``[B, C, T, H, W]`` are cut into ``T/pt * H/ph * W/pw`` visual tokens of
     width ``hidden_size = num_heads * head_dim``; text is ``[B, L, text_dim]`` (umT5 tokens).
     """
+
+    family: ClassVar[str] = "wan"  # the registry name (models/families.py)
 
     in_channels: int = 16
     out_channels: int | None = None  # defaults to in_channels
