@@ -5,6 +5,8 @@ sequence parallel x CP=2). Every rank builds the single-process reference on a p
 of its own and the parallel model from the reference's weights (TP shards; CP replicates).
 Parallel gradients: gathered over TP, then summed over CP (what the ``dp x cp`` reduction of the
 trainer does with the loss multiplied by ``cp``). Rank 0 writes the largest differences as JSON.
+Both families: the MMDiT presets and the Wan debug model (``wan/...`` cases: the visual tokens
+split over CP, the whole text on every CP rank), each alone and as a discriminator backbone.
 """
 
 import argparse
@@ -15,8 +17,11 @@ import torch.distributed as dist
 
 import megatron_apt.models.discriminator as discriminator_module
 import megatron_apt.models.mmdit as mmdit_module
+import megatron_apt.models.wan.model as wan_module
 from megatron_apt.config import get_preset
 from megatron_apt.models import Discriminator, MMDiT
+from megatron_apt.models.families import get_preset as family_preset
+from megatron_apt.models.wan import WanDiT
 from megatron_apt.parallel import initialize_parallel, single_process_state
 from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
 from megatron_apt.testing import dummy_inputs, randomize_parameters
@@ -52,12 +57,10 @@ def grad_report(ref, par, ps):
     }
 
 
-def mmdit_case(preset, frames, text_len, ps_ref, ps, recompute=False):
-    cfg = get_preset(preset)
-    ref, par = pair(lambda p: MMDiT(cfg, p), ps_ref, ps, seed=1)
+def model_case(cfg, model_cls, inputs, ps_ref, ps, recompute=False):
+    ref, par = pair(lambda p: model_cls(cfg, p), ps_ref, ps, seed=1)
     if recompute:
         par.set_recompute("all")
-    inputs = dummy_inputs(cfg, batch=2, frames=frames, height=8, width=8, text_len=text_len)
     layers = (1, cfg.num_layers)
     outs = []
     for m in (ref, par):
@@ -73,12 +76,34 @@ def mmdit_case(preset, frames, text_len, ps_ref, ps, recompute=False):
     }
 
 
-def disc_case(ps_ref, ps):
+def mmdit_case(preset, frames, text_len, ps_ref, ps, recompute=False):
+    cfg = get_preset(preset)
+    inputs = dummy_inputs(cfg, batch=2, frames=frames, height=8, width=8, text_len=text_len)
+    return model_case(cfg, MMDiT, inputs, ps_ref, ps, recompute)
+
+
+def wan_case(frames, height, width, text_len, ps_ref, ps, masked=True, recompute=False):
+    """The Wan debug model (patches (1, 2, 2)): a ``frames x height/2 x width/2`` token grid
+    whose CP chunks end inside a row or a frame; sample 1's last text tokens padded
+    (``masked``), or ``text_mask=None`` (diffusers' Wan: every token a key)."""
+    cfg = family_preset("wan-debug")
+    inputs = dummy_inputs(
+        cfg, batch=2, frames=frames, height=height, width=width, text_len=text_len, masked=masked
+    )
+    return model_case(cfg, WanDiT, inputs, ps_ref, ps, recompute)
+
+
+def disc_case(ps_ref, ps, family="mmdit"):
     """Logits, parameter gradients and the gradient w.r.t. the input latents (the G phase
     backpropagates through D into G's sample)."""
-    cfg = get_preset("tiny", num_layers=3)
-    ref, par = pair(lambda p: Discriminator(MMDiT(cfg, p)), ps_ref, ps, seed=2)
-    inputs = dummy_inputs(cfg, batch=3, frames=2, text_len=5, seed=4)
+    if family == "wan":  # 3 blocks, heads after 1, 2, 3; a 2 x 3 x 2 token grid
+        cfg = family_preset("wan-debug", num_layers=3)
+        backbone, size = WanDiT, dict(height=6, width=4)
+    else:
+        cfg = get_preset("tiny", num_layers=3)
+        backbone, size = MMDiT, {}
+    ref, par = pair(lambda p: Discriminator(backbone(cfg, p)), ps_ref, ps, seed=2)
+    inputs = dummy_inputs(cfg, batch=3, frames=2, text_len=5, seed=4, **size)
     w = torch.tensor([1.0, -2.0, 0.5])
     logits, input_grads = [], []
     for d in (ref, par):
@@ -132,7 +157,13 @@ def main(out_path: str, tp: int) -> None:
         key = f"{preset}/T={frames}/L={text_len}"
         results[key] = mmdit_case(preset, frames, text_len, ps_ref, ps)
     results["recompute"] = mmdit_case("tiny", 3, 5, ps_ref, ps, recompute=True)
+    # Wan: 1 x 3 x 4 = 12 tokens (CP chunks end mid-row), 3 x 2 x 4 = 24 (mid-frame)
+    results["wan/T=1/L=5"] = wan_case(1, 6, 8, 5, ps_ref, ps)
+    results["wan/T=3/L=7"] = wan_case(3, 4, 8, 7, ps_ref, ps)
+    results["wan/T=1/L=5/no-mask"] = wan_case(1, 6, 8, 5, ps_ref, ps, masked=False)
+    results["wan/recompute"] = wan_case(3, 4, 8, 7, ps_ref, ps, recompute=True)
     results["discriminator"] = disc_case(ps_ref, ps)
+    results["discriminator/wan"] = disc_case(ps_ref, ps, family="wan")
     results["saved_bytes"] = saved_bytes_case(ps)
 
     # Negative controls: the checks above can fail.
@@ -155,6 +186,19 @@ def main(out_path: str, tp: int) -> None:
         results["control/naive-key-mask"] = mmdit_case("tiny", 1, 5, ps_ref, ps)
     finally:
         mmdit_module.cp_key_mask = saved_mask
+
+    # (c) Wan: every CP rank rotating its tokens by the first chunk's positions (the RoPE
+    # table not sliced to the rank's tokens)
+    def first_chunk_rope(cfg, grid, ps, device):
+        cos_sin = wan_module.rope_3d(grid, cfg.rope_axes_dim, cfg.rope_theta, device)
+        return wan_module.rope_rotation(*(t[: t.shape[0] // ps.cp_size] for t in cos_sin))
+
+    saved_rope = wan_module.rank_rope
+    wan_module.rank_rope = first_chunk_rope
+    try:
+        results["control/wan-unsliced-rope"] = wan_case(1, 6, 8, 5, ps_ref, ps)
+    finally:
+        wan_module.rank_rope = saved_rope
 
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

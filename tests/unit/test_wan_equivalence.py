@@ -117,6 +117,28 @@ def test_text_without_real_tokens_is_refused():
         ours(x, t, text, text_mask=mask)
 
 
+def test_impossible_context_parallel_splits_are_refused():
+    """Context parallelism is built (CP=2 against CP=1: tests/distributed/
+    test_context_parallel.py); heads that do not divide by TP x CP are refused at build, a
+    visual token count that does not divide by the ranks at the embedding (before any
+    collective: a state with cp_size=2 and no group is enough here)."""
+    import dataclasses
+
+    from megatron_apt.parallel.state import single_process_state
+
+    cfg = get_wan_preset("wan-debug")  # 4 heads
+    cp8 = dataclasses.replace(single_process_state(), cp_size=8)
+    with pytest.raises(ValueError, match=r"num_heads=4 is not divisible by tensor_parallel_size=1"
+                       r" x context_parallel_size=8"):  # fmt: skip
+        WanDiT(cfg, cp8)
+    cp2 = dataclasses.replace(single_process_state(), cp_size=2)
+    model = WanDiT(cfg, cp2)
+    x, t, text = inputs(frames=3, height=10, width=6)  # 3 x 5 x 3 = 45 tokens
+    message = r"45 visual tokens \(grid \(3, 5, 3\)\) x batch 2 do not split into 2 ranks"
+    with pytest.raises(ValueError, match=message + r" = context_parallel_size 2"):
+        model(x, t, text)
+
+
 def test_export_is_bitwise_and_round_trips():
     cfg, ref, ours = pair()
     original = ref.state_dict()

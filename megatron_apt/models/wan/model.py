@@ -25,7 +25,19 @@ The text tokens are split over the sequence like the visual ones and gathered by
 KV linear. Padded text tokens (``text_mask`` False) are masked out as keys of the
 cross-attention; note that diffusers' Wan (and the original Wan code) attends to the
 zero-padded umT5 tokens, so the pretrained behaviour is ``text_mask=None`` on the padded text.
-Context parallelism is not implemented for this family yet.
+
+Context parallelism (Ulysses, as the MMDiT: :mod:`megatron_apt.parallel.context_parallel`):
+each CP rank holds a contiguous ``1/cp`` of the visual tokens (``[N/cp(/tp), b, h]``); the text
+is not split over CP (every CP rank embeds the whole text; under SP it is split over TP as
+without CP). Self-attention: QKV, the across-heads RMSNorm and RoPE run on the rank's tokens
+with all of its TP-local heads (the RMSNorm's sum over heads is then the same as at CP=1, and
+each token is rotated by the angles of its own global position: the RoPE table is sliced to
+the rank's tokens); an all-to-all trades the sequence split for a head split
+(``[N/cp, b, heads/tp, hd] -> [N, b, heads/tp/cp, hd]``), attention runs over the whole
+sequence, the inverse all-to-all restores the split. Cross-attention needs no all-to-all: the
+rank's visual queries attend to the whole text. The output layer runs on the rank's tokens;
+the velocity and the returned layers are gathered over CP (backward: this rank's slice).
+Parameters get this rank's share of their gradient, summed by the ``dp x cp`` reduction.
 """
 
 from __future__ import annotations
@@ -62,6 +74,12 @@ from megatron_apt.models.specs import (
     local_spec,
 )
 from megatron_apt.models.wan.config import WanConfig
+from megatron_apt.parallel.context_parallel import (
+    gather_from_cp,
+    heads_to_sequence,
+    sequence_to_heads,
+    split_for_cp,
+)
 from megatron_apt.parallel.state import ParallelState, single_process_state
 from megatron_apt.parallel.tensor_parallel import (
     gather_from_sequence_parallel,
@@ -137,7 +155,10 @@ class FP32LayerNorm(nn.Module):
 
 class WanAttention(nn.Module):
     """Self- (``cross=False``: fused QKV on the visual tokens) or cross-attention (q from the
-    visual tokens, fused KV from the text), with the across-heads q/k RMSNorm."""
+    visual tokens, fused KV from the text), with the across-heads q/k RMSNorm. Under context
+    parallelism the self-attention's core sees ``heads/tp/cp`` heads over the whole sequence
+    (Ulysses all-to-all); the cross-attention's queries are the rank's tokens, its keys the
+    whole text, with ``heads/tp`` heads."""
 
     def __init__(self, cfg, spec: LayerSpec, mcfg, ps: ParallelState, cross: bool):
         super().__init__()
@@ -158,7 +179,9 @@ class WanAttention(nn.Module):
             d, d, config=mcfg, init_method=nn.init.xavier_uniform_, bias=True,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_group=ps.tp_group,
         )  # fmt: skip
-        self.core = spec.attention(self.heads_local, cfg.head_dim)
+        # self-attention under CP: 1/cp of this rank's heads over the whole visual sequence
+        core_heads = self.heads_local if cross else self.heads_local // ps.cp_size
+        self.core = spec.attention(core_heads, cfg.head_dim)
         # TE's padding mask and flash-attn's varlen path take the key mask as the query mask
         # (joint self-attention): a masked cross-attention runs on SDPA.
         self.masked_core = (
@@ -173,19 +196,27 @@ class WanAttention(nn.Module):
         return t.view(s, b, self.heads_local, n, self.hd).unbind(3)
 
     def forward(self, x_sbh, context_sbh=None, rope=None, key_mask=None) -> torch.Tensor:
-        """x: ``[s(/tp), b, h]``; context: text ``[L(/tp), b, h]`` (cross); rope: the visual
-        tokens' rotation (self); key_mask: ``[b, L]`` bool on the device or None (cross).
+        """x: this rank's visual tokens ``[s(/tp), b, h]`` (s = N/cp); context: text ``[L(/tp),
+        b, h]`` (cross); rope: the rotation of this rank's visual tokens ``[s, 1, 1, hd/2]``
+        (self); key_mask: ``[b, L]`` bool on the device or None (cross).
         Returns ``[s(/tp), b, h]`` (SP: reduce-scattered), bias included."""
         if self.cross:
             (q,) = self.heads(self.q(x_sbh)[0], 1)  # [s, b, nh/tp, hd]
             k, v = self.heads(self.kv(context_sbh)[0], 2)  # [L, b, nh/tp, hd]
         else:
             q, k, v = self.heads(self.qkv(x_sbh)[0], 3)
+        # on the rank's tokens with all its TP heads: the sum over heads is CP=1's
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if rope is not None:  # the rank's own global positions (sliced table)
             q, k = apply_rotation(q, rope), apply_rotation(k, rope)
+        ulysses = not self.cross and self.ps.cp_size > 1
+        if ulysses:  # [s, b, 3, nh/tp, hd] -> [N, b, 3, nh/tp/cp, hd]
+            q, k, v = sequence_to_heads(torch.stack([q, k, v], dim=2), self.ps, 3).unbind(2)
         core = self.core if key_mask is None else self.masked_core
-        out = core(q, k, v, key_mask)  # [s, b, h/tp]
+        out = core(q, k, v, key_mask)  # [s, b, h/tp] (self under CP: [N, b, h/tp/cp])
+        if ulysses:
+            n, b = out.shape[:2]
+            out = heads_to_sequence(out.view(n, b, -1, self.hd), self.ps, 2).flatten(2)
         out, bias = self.proj(out)  # [s/tp, b, h] (SP: reduce-scattered), bias added here
         if self.ps.sequence_parallel:
             bias = reduce_grad_over_tp(bias, self.ps)
@@ -198,9 +229,10 @@ class WanBlock(nn.Module):
 
     def __init__(self, cfg: WanConfig, spec: LayerSpec, mcfg, ps: ParallelState):
         super().__init__()
-        if cfg.num_heads % ps.tp_size:
+        if cfg.num_heads % (ps.tp_size * ps.cp_size):
             raise ValueError(
                 f"num_heads={cfg.num_heads} is not divisible by tensor_parallel_size={ps.tp_size}"
+                f" x context_parallel_size={ps.cp_size} (each rank attends with whole heads)"
             )
         d, f = cfg.hidden_size, cfg.ffn_dim
         self.eps, self.ps = cfg.eps, ps
@@ -225,8 +257,9 @@ class WanBlock(nn.Module):
         return list(mod.unbind(1))  # 6 x [b, h]
 
     def forward(self, x, c, tproj, rope=None, key_mask=None):
-        """x: visual ``[N(/tp), b, h]``; c: text ``[L(/tp), b, h]``; tproj: ``[b, 6, h]``;
-        rope: ``[N, 1, 1, hd/2]`` complex; key_mask: ``[b, L]`` bool or None."""
+        """x: visual ``[N/cp(/tp), b, h]``; c: the whole text ``[L(/tp), b, h]``; tproj:
+        ``[b, 6, h]``; rope: ``[N/cp, 1, 1, hd/2]`` complex (this rank's tokens); key_mask:
+        ``[b, L]`` bool or None."""
         shift, scale, gate, c_shift, c_scale, c_gate = self.modulation(tproj)
         dt = x.dtype
         h = (fp32_layer_norm(x, self.eps) * (1 + scale) + shift).to(dt)  # tw:488
@@ -254,6 +287,14 @@ class MLP2(nn.Module):
         h = self.linear_1(x)
         h = F.silu(h) if self.act == "silu" else F.gelu(h, approximate="tanh")
         return self.linear_2(h)
+
+
+def rank_rope(cfg: WanConfig, grid, ps: ParallelState, device) -> torch.Tensor:
+    """The 3D RoPE rotation of this CP rank's visual tokens, ``[N/cp, 1, 1, hd/2]``: the
+    table of the whole grid sliced to the rank's contiguous chunk, so that each token is
+    rotated by the angles of its own global position."""
+    cos_sin = rope_3d(grid, cfg.rope_axes_dim, cfg.rope_theta, device)
+    return rope_rotation(*(split_for_cp(t, ps, dim=0) for t in cos_sin))
 
 
 def _text_key_mask(text_mask, pad: int, device) -> torch.Tensor | None:
@@ -297,8 +338,6 @@ class WanDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ps = ps = ps or single_process_state()
-        if ps.cp_size > 1:
-            raise ValueError("context parallelism is not implemented for the Wan family yet")
         if isinstance(spec, str):
             spec = get_spec(spec)
         self.spec = spec = spec or local_spec()
@@ -395,24 +434,33 @@ class WanDiT(nn.Module):
         self._timestep_range(timesteps, self.cfg.timestep_scale)
 
     def embed(self, latents, timesteps, text, text_mask):
-        """Replicated embeddings: visual ``[B, N, h]``, text ``[B, L', h]`` (padded with
-        masked tokens to a multiple of the ranks that split it), the text key mask, the time
-        embedding ``temb [B, h]`` and its projection ``tproj [B, 6, h]``."""
+        """Embeddings: this CP rank's visual tokens ``[B, N/cp, h]``, the whole text
+        ``[B, L', h]`` (padded with masked tokens to a multiple of the TP ranks that split it
+        under SP; not split over CP), the text key mask, the time embedding ``temb [B, h]``
+        and its projection ``tproj [B, 6, h]``."""
         cfg, ps = self.cfg, self.ps
-        split = ps.tp_size if ps.sequence_parallel else 1
+        tp_split = ps.tp_size if ps.sequence_parallel else 1
+        split = ps.cp_size * tp_split
         tokens = patchify(latents, cfg.patch_size)  # [B, N, patch_dim]
         rows = tokens.shape[1] // split * tokens.shape[0]
         if tokens.shape[1] % split or (self.spec.fp8 and rows % FP8_GEMM_ROWS):
+            ranks = []
+            if ps.cp_size > 1:
+                ranks.append(f"context_parallel_size {ps.cp_size}")
+            if tp_split > 1:
+                ranks.append(f"tensor_parallel_size {ps.tp_size} (sequence parallel)")
             raise ValueError(
-                f"{tokens.shape[1]} visual tokens x batch {tokens.shape[0]} do not split into "
-                f"{split} sequence-parallel ranks"
+                f"{tokens.shape[1]} visual tokens (grid {self.grid(latents.shape)}) x batch "
+                f"{tokens.shape[0]} do not split into {split} ranks"
+                + (f" = {' x '.join(ranks)}" if ranks else "")
                 + (f" with a multiple of {FP8_GEMM_ROWS} rows each (FP8)" if self.spec.fp8 else "")
             )
+        tokens = split_for_cp(tokens, ps, dim=1)  # [B, N/cp, patch_dim]
         # fp32 input projection (as the MMDiT: small input perturbations survive bf16 weights)
         w, b = self.patch_embed.weight, self.patch_embed.bias
         x = F.linear(tokens.float(), w.float(), b.float()).to(w.dtype)
         c = self.text_embed(text.to(x.dtype))  # [B, L, h]
-        align = split * FP8_GEMM_ROWS if self.spec.fp8 else split
+        align = tp_split * FP8_GEMM_ROWS if self.spec.fp8 else tp_split
         pad = -c.shape[1] % align
         if pad:
             c = F.pad(c, (0, 0, 0, pad))
@@ -457,23 +505,23 @@ class WanDiT(nn.Module):
         ps, grid = self.ps, self.grid(latents.shape)
         with self.spec.autocast(ps.amax_group):
             x, c, key_mask, temb, tproj = self.embed(latents, timesteps, text, text_mask)
-            rope = rope_rotation(*rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta,
-                                          x.device))  # fmt: skip
-            x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/tp, B, h]
+            rope = rank_rope(self.cfg, grid, ps, x.device)  # [N/cp, 1, 1, hd/2]
+            x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/cp/tp, B, h]
             c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
             feats = {}
             last = max(return_layers) if features_only else self.cfg.num_layers
             for i, block in enumerate(self.blocks[:last], start=1):
                 x = self._run_block(i, block, x, c, tproj, rope, key_mask)
                 if i in return_layers:
-                    feats[i] = gather_from_sequence_parallel(x, ps).transpose(0, 1)  # [B, N, h]
+                    full = gather_from_cp(gather_from_sequence_parallel(x, ps), ps)
+                    feats[i] = full.transpose(0, 1)  # [B, N, h]
             if features_only:
                 return [feats[k] for k in return_layers]
-            x = gather_from_sequence_parallel(x, ps)  # [N, B, h]
+            x = gather_from_sequence_parallel(x, ps)  # [N/cp, B, h]
             table = self.final_scale_shift_table.float()
             shift, scale = (table[None] + temb.float()[:, None]).unbind(1)  # tw:714
             h = (fp32_layer_norm(x, self.cfg.eps) * (1 + scale) + shift).to(x.dtype)  # tw:723
-            out = self.final_proj(h).transpose(0, 1)  # [B, N, pt*ph*pw*C]
+            out = gather_from_cp(self.final_proj(h), ps).transpose(0, 1)  # [B, N, pt*ph*pw*C]
         v = unpatchify(out, self.cfg.patch_size, grid, self.cfg.out_channels)
         if return_layers:
             return v, [feats[k] for k in return_layers]
