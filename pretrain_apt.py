@@ -19,7 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_apt.models.families import get_preset
 from megatron_apt.config.recipes import RECIPES, get_recipe
 from megatron_apt.config.training import (
     COLLAPSE_ACTIONS,
@@ -32,6 +31,7 @@ from megatron_apt.config.training import (
     plan_batch,
     validate,
 )
+from megatron_apt.models.families import get_preset
 
 # World size as the launchers announce it (torchrun/deepspeed, Open MPI, MPICH), read before
 # any process group exists so that an impossible batch split fails before anything starts.
