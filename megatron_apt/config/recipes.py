@@ -272,6 +272,116 @@ def sd35_large_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) ->
     return cfg
 
 
+# Wan2.1 T2V (the `wan2.1-t2v-1.3b` / `wan2.1-t2v-14b` presets, megatron_apt/models/wan):
+# the paper's chain on the public video base (issue 32). Its VAE compresses 4x in time and 8x
+# in space with 16 channels: 81 frames (5 s at 16 fps, Wan's default length) -> 21 latent
+# frames; 832x480 -> 60x104, 1280x720 -> 90x160. Text: umT5 tokens of width 4096, cut at the
+# prompt and zero-padded to 512 (WanPipeline.encode_prompt), fed to the model unmasked (the
+# family's convention: ModelFamily.uses_text_mask). The image stage trains on single frames
+# (T = 1 latent frame, one still through the same VAE), the video stage on 81-frame clips.
+#
+# What transfers from the paper and what does not (argued per field below):
+# * RMSprop alpha 0.9, lr 5e-6 (images) / 3e-6 (videos) for G and D, EMA 0.995, R1 lambda 100
+#   with sigma 0.01 / 0.1, D's timestep shift 1 / 12, batch ~9062 / 2048 by accumulation,
+#   350 / 300 G updates: the paper's (section 3.5), taken as they are. They were tuned for an
+#   8B MMDiT at 1280x720x49; on Wan they are a starting point, not a measured optimum.
+# * D's heads after blocks 13, 22, 30 of 30 (1.3B) and 18, 29, 40 of 40 (14B): the paper's
+#   fractions 16/26/36 of 36, rounded (models/discriminator.default_head_layers).
+# * Consistency distillation: Wan's own CFG 5.0 (WanPipeline's default; the paper's 7.5 is for
+#   its model) with the negative prompt embedded at preprocessing (`tools/preprocess_data.py
+#   --negative-prompt`; Wan's authors use a long list of artefacts, the pipeline's default is
+#   ""), the teacher's sampling shift 3.0 at 480p / 5.0 at 720p (the `flow_shift` diffusers
+#   documents for Wan2.1 at those sizes). The paper gives no lr or length for this stage:
+#   AdamW 5e-6 for 1000 updates, as for SD3.5, is our starting point.
+# * Layouts: tools/plan_memory.py --recipe NAME --gpus N (docs/wan.md, "Memory plan"), bf16
+#   with fp32 masters, ZeRO-3, every block recomputed.
+WAN_TEXT_LEN = 512
+WAN_LATENT = {"480p": (60, 104), "720p": (90, 160)}  # 832x480, 1280x720 through the 8x VAE
+WAN_FRAMES = 21  # 81 frames through the 4x temporal VAE: 1 + (81 - 1) / 4
+WAN_SIZES = {  # preset, resolution, flow shift of the teacher's sampling, (TP, SP, CP)
+    "1.3b": ("wan2.1-t2v-1.3b", "480p", 3.0, (1, False, 1)),
+    "14b": ("wan2.1-t2v-14b", "720p", 5.0, (4, True, 2)),
+}
+
+
+def _wan(size: str, name: str, frames: int, micro: int, **kw) -> TrainConfig:
+    from megatron_apt.models.wan.config import get_wan_preset  # config/ imports models/ lazily
+
+    preset, res, _, (tp, sp, cp) = WAN_SIZES[size]
+    h, w = WAN_LATENT[res]
+    base = dict(
+        recipe=f"wan2.1-t2v-{size}-{name}",
+        model=get_wan_preset(preset),
+        layer_spec="auto",
+        tensor_parallel=tp,
+        sequence_parallel=sp,
+        context_parallel=cp,
+        zero_stage=3,
+        bf16=True,
+        recompute_layers="all",
+        micro_batch_size=micro,
+        data=DataConfig(frames=frames, height=h, width=w, text_len=WAN_TEXT_LEN),
+        ema_decay=0.995,
+        log_interval=1,
+        save_interval=50,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def wan_consistency(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+    """Consistency distillation of Wan2.1 with CFG (see the comment above: CFG 5.0, the
+    negative prompt from preprocessing, the teacher's flow shift), on 81-frame clips."""
+    return _wan(
+        size, "consistency", WAN_FRAMES, micro_batch_size,
+        stage="consistency", global_batch_size=2048, train_iters=1000,
+        optim=OptimConfig(name="adamw", lr=5e-6), guidance_scale=5.0,
+        shift=WAN_SIZES[size][2],
+        notes="Wan2.1 consistency distillation: CFG 5.0 (WanPipeline's default), flow shift "
+        "of the teacher's sampling as diffusers documents for the resolution",
+    )  # fmt: skip
+
+
+def wan_image_apt(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+    """The paper's image stage on Wan2.1: single frames (T = 1), lr 5e-6, sigma 0.01, s = 1,
+    350 G updates, batch ~9062 by accumulation; G from the consistency EMA, D's backbone from
+    the diffusion (the imported Wan2.1) weights."""
+    return _wan(
+        size, "image-apt", 1, micro_batch_size,
+        stage="apt", train_iters=350,
+        global_batch_size=paper_image_global_batch(data_parallel, micro_batch_size),
+        optim=OptimConfig(lr=5e-6), shift=1.0, r1_lambda=100.0, r1_sigma=0.01,
+        r1_noise_std="sigma",
+        notes="the paper's image hyper-parameters on Wan2.1 single frames; global batch 9062 "
+        "rounded up to a multiple of micro x DP (paper_image_global_batch)",
+    )  # fmt: skip
+
+
+def wan_video_apt(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+    """The paper's video stage on Wan2.1: 81 frames, lr 3e-6, sigma 0.1, s = 12, 300 G
+    updates, batch 2048 by accumulation; G from the image stage's EMA (--init-generator), D
+    re-initialized from the diffusion weights (--init-discriminator)."""
+    return _wan(
+        size, "video-apt", WAN_FRAMES, micro_batch_size,
+        stage="apt", train_iters=300, global_batch_size=2048,
+        optim=OptimConfig(lr=3e-6), shift=12.0, r1_lambda=100.0, r1_sigma=0.1,
+        r1_noise_std="sigma",
+        notes="the paper's video hyper-parameters on Wan2.1 81-frame clips",
+    )  # fmt: skip
+
+
+def _wan_recipes() -> dict[str, Callable[[], TrainConfig]]:
+    out: dict[str, Callable[[], TrainConfig]] = {}
+    for size in WAN_SIZES:
+        for stage, fn in (
+            ("consistency", wan_consistency),
+            ("image-apt", wan_image_apt),
+            ("video-apt", wan_video_apt),
+        ):
+            out[f"wan2.1-t2v-{size}-{stage}"] = lambda size=size, fn=fn: fn(size)
+    return out
+
+
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny-diffusion": tiny_diffusion,
     "tiny-consistency": tiny_consistency,
@@ -283,6 +393,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "mmdit-8b-video-apt": mmdit_8b_video_apt,
     "sd35-large-image-consistency": sd35_large_image_consistency,
     "sd35-large-image-apt": sd35_large_image_apt,
+    **_wan_recipes(),
 }
 
 
