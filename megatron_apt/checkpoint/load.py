@@ -81,7 +81,12 @@ def load_mmdit(
     missing = _missing_keys(model, state)
     if missing:  # load_state_dict(strict=False) only tolerates absent _extra_state
         raise ValueError(f"{path}: keys missing for the model: {missing[:10]}")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # the family's fp32 parameters (Wan's, as diffusers loads them) keep their loaded values
+    islands = [(p, p.data) for p in model.fp32_island_parameters()]
+    model = model.to(device=device, dtype=dtype)
+    for p, data in islands:
+        p.data = data.to(device)
+    return model.eval().requires_grad_(False)
 
 
 def _check_local_shard(path, model, state: dict, partition_dims: dict) -> None:

@@ -551,6 +551,10 @@ class MMDiT(nn.Module):
         return v
 
     # ---------------------------------------------------------------------------------
+    def fp32_island_parameters(self) -> list[nn.Parameter]:
+        """None: the MMDiT keeps no parameters in fp32 in a bf16 model (Wan does)."""
+        return []
+
     def unused_by_features(self, last_layer: int) -> list[nn.Module]:
         """The modules that cannot influence the visual tokens returned after block
         ``last_layer`` (``features_only``): the output layer, the later blocks, and the text

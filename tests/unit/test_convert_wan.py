@@ -171,3 +171,30 @@ def test_sd3_only_exports_refuse_a_wan_model(wan, tmp_path):
     with pytest.raises(ValueError, match="a WanConfig has no diffusers SD3Transformer2DModel"):
         mmdit_to_sd3_config(get_wan_preset("wan-debug"))
     assert not (tmp_path / "pipe").exists()
+
+
+def test_bf16_load_keeps_the_fp32_islands(wan):
+    """``load_mmdit(dtype=bf16)`` keeps the parameters diffusers keeps in fp32 (time embedder,
+    modulation tables, cross-attention LayerNorm: ``_keep_in_fp32_modules``) in fp32 and the
+    rest in bf16; its velocity equals a bf16 model built directly and loaded alike."""
+    ref, root, _ = wan
+    model = load_mmdit(root, dtype=torch.bfloat16)
+    fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    want = {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith("time_embed.") or "scale_shift_table" in n or ".cross_norm." in n
+    }
+    assert fp32 == want and want, sorted(fp32 ^ want)[:6]
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in want)
+    direct = WanDiT(get_wan_preset("wan-debug"), params_dtype=torch.bfloat16)
+    direct.load_state_dict(load_mmdit(root).state_dict())  # copies into each param's dtype
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 4, 1, 4, 6, generator=g), torch.randn(1, 5, 32, generator=g)
+    t = torch.tensor([0.5])
+    with torch.no_grad():
+        v, v_direct = (
+            model(x.bfloat16(), t, text.bfloat16()),
+            direct(x.bfloat16(), t, text.bfloat16()),
+        )
+    assert torch.equal(v, v_direct)

@@ -362,19 +362,26 @@ class WanDiT(nn.Module):
         else:
             ensure_tp_attributes(self)
         self.to(dtype=params_dtype)
-        self._keep_fp32()
+        self.keep_fp32_islands()
         self.recompute_layers: tuple[int, ...] = ()
         self._timestep_range = TimestepRangeCheck()
 
-    def _keep_fp32(self) -> None:
-        """Time embedder, modulation tables and cross-attention LayerNorms back to fp32, as
-        diffusers' loader keeps them (tw:549). Not for ZeRO-3 partitioned parameters (their
-        storage is DeepSpeed's): those compute in fp32 from their stored dtype anyway."""
+    def fp32_island_parameters(self) -> list[nn.Parameter]:
+        """The parameters diffusers keeps in fp32 whatever the model's dtype (tw:549): the
+        time embedder, the modulation tables and the cross-attention LayerNorms."""
         params = list(self.time_embed.parameters()) + [self.final_scale_shift_table]
         for b in self.blocks:
             params.append(b.scale_shift_table)
             params += list(b.cross_norm.parameters()) if b.cross_norm is not None else []
-        for p in params:
+        return params
+
+    def keep_fp32_islands(self) -> None:
+        """:meth:`fp32_island_parameters` to fp32 after a build in another dtype. A cast of
+        the whole model rounds them: ``load_mmdit`` keeps their values aside instead. Not for
+        ZeRO-3 partitioned parameters (their storage is DeepSpeed's), nor under a DeepSpeed
+        bf16 engine (it casts the module to bf16): those compute in fp32 from their stored
+        dtype."""
+        for p in self.fp32_island_parameters():
             if not is_partitioned(p):
                 p.data = p.data.float()
 
