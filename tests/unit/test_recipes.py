@@ -245,3 +245,60 @@ def test_lr_factor_warmup_then_cosine_and_paper_constant():
     assert lr_factor(o, 110, 110) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr decay='step'"):
         validate(get_recipe("demo-apt").replace(optim=OptimConfig(decay="step")))
+
+
+# ------------------------------------------------------------------------------------------
+# The Wan2.1 recipes (issue 32 item 3): the paper's hyper-parameters on the Wan family
+# ------------------------------------------------------------------------------------------
+WAN_STAGES = ("consistency", "image-apt", "video-apt")
+
+
+@pytest.mark.parametrize("size", ["1.3b", "14b"])
+@pytest.mark.parametrize("gpus", [64, 256])
+def test_wan_recipes_paper_values_and_exact_batches(size, gpus):
+    """Every Wan recipe validates with the Wan preset of its size, 81 frames (21 latent frames)
+    of 480p (1.3B) or 720p (14B) video or single frames, 512 text tokens; the APT stages carry
+    the paper's values (image: lr 5e-6, sigma 0.01, s = 1, 350 updates; video: lr 3e-6, sigma
+    0.1, s = 12, 300 updates; RMSprop alpha 0.9, EMA 0.995, lambda 100, D at G's lr) and
+    reach their global batch exactly on 64 and 256 GPUs (the image batch 9062 rounded up to a
+    multiple of micro x DP of the layout, as for the MMDiT)."""
+    from megatron_apt.config.recipes import wan_image_apt
+    from megatron_apt.models.families import family_of, get_preset
+
+    preset = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}[size]
+    hw = {"1.3b": (60, 104), "14b": (90, 160)}[size]
+    for stage in WAN_STAGES:
+        cfg = get_recipe(f"wan2.1-t2v-{size}-{stage}")
+        validate(cfg)
+        assert family_of(cfg.model).name == "wan" and cfg.model == get_preset(preset)
+        frames = 1 if stage == "image-apt" else 21
+        assert (cfg.data.frames, *hw, cfg.data.text_len) == (
+            cfg.data.frames,
+            cfg.data.height,
+            cfg.data.width,
+            512,
+        ) and cfg.data.frames == frames
+        assert cfg.bf16 and cfg.zero_stage == 3
+        mp = cfg.tensor_parallel * cfg.context_parallel
+        if stage == "image-apt":  # the recipe's batch is for its default DP; another DP rounds
+            dp = gpus // mp
+            cfg = wan_image_apt(size, data_parallel=dp)
+            assert cfg.global_batch_size == paper_image_global_batch(dp)
+            assert 0 <= cfg.global_batch_size - PAPER_IMAGE_BATCH < dp
+        plan = plan_batch(cfg, gpus)
+        assert plan.global_batch_size == cfg.global_batch_size, (stage, plan)
+        if stage == "consistency":
+            assert cfg.stage == "consistency" and cfg.guidance_scale == 5.0
+            continue
+        which = 0 if stage == "image-apt" else 1
+        got = {k: getattr(cfg.optim if k == "lr" else cfg, k) for k in PAPER}
+        assert got == {k: v[which] for k, v in PAPER.items()}, stage
+        o = cfg.optim
+        assert (o.name, o.rmsprop_alpha, o.lr_d, o.weight_decay) == ("rmsprop", 0.9, None, 0.0)
+
+
+def test_wan_recipe_prints_its_family(tmp_path):
+    proc = _cli("--recipe", "wan2.1-t2v-14b-video-apt", "--print-config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert cfg["model"]["family"] == "wan" and cfg["model"]["num_layers"] == 40
