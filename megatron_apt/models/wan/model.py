@@ -460,7 +460,9 @@ class WanDiT(nn.Module):
             rope = rope_rotation(*rope_3d(grid, self.cfg.rope_axes_dim, self.cfg.rope_theta,
                                           x.device))  # fmt: skip
             x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/tp, B, h]
-            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
+            # contiguous once: every block's KV linear then keeps this one tensor (F.linear
+            # copies a transposed view for each block; SP's scatter already copied it)
+            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps).contiguous()  # [L/tp, B, h]
             feats = {}
             last = max(return_layers) if features_only else self.cfg.num_layers
             for i, block in enumerate(self.blocks[:last], start=1):
