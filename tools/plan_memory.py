@@ -2,14 +2,18 @@
 """Per-GPU memory and step time of a training set-up, without building anything.
 
 Components: G and D weights, G's EMA, gradients, optimizer states (RMSprop: one fp32 state per
-parameter; fp32 master weights with bf16), activations from the MMDiT's saved-tensor
-inventory (megatron_apt/config/memory.py explains every term), and the step time from the
-analytic FLOPs at a stated utilization.
+parameter; fp32 master weights with bf16), activations from the model family's saved-tensor
+inventory (megatron_apt/config/memory.py explains every term for the MMDiT,
+megatron_apt/models/wan/memory.py for Wan2.1), and the step time from the analytic FLOPs at a
+stated utilization. Any family's preset (--model); Wan's default VAE is 4x8x8 and its text
+512 umT5 tokens.
 
     python tools/plan_memory.py                      # the paper's image and video set-ups
     python tools/plan_memory.py --recipe mmdit-8b-video-apt --gpus 1024 --recompute all
     python tools/plan_memory.py --model mmdit-8b --pixels 49x720x1280 --vae 4x8x8 \\
         --tp 4 --sp --gpus 1024 --global-batch 2048 --zero-stage 3 --recompute all --json
+    python tools/plan_memory.py --model wan2.1-t2v-14b --pixels 81x720x1280 --vae 4x8x8 \
+        --tp 8 --sp --gpus 256 --recompute all
 """
 
 from __future__ import annotations
@@ -24,13 +28,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_apt.config.memory import (  # noqa: E402
     GIB,
     H100_PEAK_TFLOPS,
+    MMDIT_MEMORY,
+    FamilyMemory,
     MemoryPlan,
     MemoryPlanInput,
+    layout_rule,
     plan_memory,
 )
-from megatron_apt.config.model import PRESETS, get_preset  # noqa: E402
+from megatron_apt.config.model import PRESETS as MMDIT_PRESETS  # noqa: E402
+from megatron_apt.config.model import MMDiTConfig  # noqa: E402
+from megatron_apt.config.model import get_preset as mmdit_preset  # noqa: E402
 from megatron_apt.config.recipes import RECIPES, get_recipe  # noqa: E402
 from megatron_apt.config.training import parse_head_layers  # noqa: E402
+
+# The family registry (megatron_apt.models.families) loads torch and megatron-core (seconds):
+# it is imported only for a model of another family than the MMDiT, whose planner terms are in
+# config/ (the paper's set-ups and every recipe plan in a fraction of a second).
+
+
+def get_model(name: str):
+    """The preset ``name`` of any family (``ValueError`` naming them all)."""
+    if name in MMDIT_PRESETS:
+        return mmdit_preset(name)
+    from megatron_apt.models.families import get_preset
+
+    return get_preset(name)
+
+
+def memory_terms(cfg) -> FamilyMemory:
+    """The planner's terms of ``cfg``'s family (the registry's ``memory``)."""
+    if isinstance(cfg, MMDiTConfig):
+        return MMDIT_MEMORY
+    from megatron_apt.models.families import family_of
+
+    return family_of(cfg).memory
+
 
 PAPER_SETUPS = {
     "paper image (1024px, batch 9062, 256 H100)": dict(
@@ -70,12 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = ap.add_argument
     a("--recipe", choices=sorted(RECIPES), help="take model, latent, TP/SP, ZeRO, dtype from it")
-    a("--model", choices=sorted(PRESETS), help="model preset (default: the recipe's, or mmdit-8b)")
+    a(
+        "--model",
+        help="a preset of any family, e.g. mmdit-8b, wan2.1-t2v-14b, wan2.1-t2v-1.3b (default: "
+        "the recipe's, or mmdit-8b; tools/plan_model.py --all lists them)",
+    )
     a("--stage", choices=("apt", "diffusion", "consistency"), help="default: recipe's or apt")
     a("--latent", type=lambda t: _triple(t, "--latent"), help="latent FxHxW, e.g. 13x90x160")
     a("--pixels", type=lambda t: _triple(t, "--pixels"), help="pixels FRAMESxHxW, e.g. 1x1024x1024")
-    a("--vae", type=lambda t: _triple(t, "--vae"), default=(1, 8, 8), help="VAE factor TxHxW")
-    a("--text-len", type=int, help="text tokens (default: recipe's or 256)")
+    a(
+        "--vae",
+        type=lambda t: _triple(t, "--vae"),
+        help="VAE factor TxHxW (default: the family's: 1x8x8 MMDiT, 4x8x8 Wan)",
+    )
+    a("--text-len", type=int, help="text tokens (default: recipe's, or the family's: 256, Wan 512)")
     a("--gpus", type=int, help="GPUs in the job (default: TP x CP)")
     a("--tp", type=int, help="tensor-parallel size")
     a("--cp", type=int, default=1, help="context-parallel size (divides sequence activations)")
@@ -106,11 +146,12 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
     pick = lambda flag, rec, default: (  # noqa: E731
         flag if flag is not None else (rec if cfg is not None else default)
     )
-    model = get_preset(args.model) if args.model else (cfg.model if cfg else get_preset("mmdit-8b"))
+    model = get_model(args.model) if args.model else (cfg.model if cfg else get_model("mmdit-8b"))
     if args.latent and args.pixels:
         raise ValueError("give --latent or --pixels, not both")
+    family = memory_terms(model)
     if args.pixels:
-        latent = pixels_to_latent(args.pixels, args.vae)
+        latent = pixels_to_latent(args.pixels, args.vae or family.vae)
     elif args.latent:
         latent = args.latent
     elif cfg is not None:
@@ -127,7 +168,7 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
         frames=latent[0],
         height=latent[1],
         width=latent[2],
-        text_len=pick(args.text_len, cfg and cfg.data.text_len, 256),
+        text_len=pick(args.text_len, cfg and cfg.data.text_len, family.text_len),
         micro_batch=pick(args.micro_batch, cfg and cfg.micro_batch_size, 1),
         global_batch=args.global_batch or defaults.get("global_batch"),
         gpus=gpus,
@@ -148,10 +189,13 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
     )
 
 
-def format_plan(title: str, plan: MemoryPlan, limit_gib: float) -> str:
+def format_plan(title: str, plan: MemoryPlan, limit_gib: float, model) -> str:
     i = plan.inputs
+    rule = "; ".join([layout_rule(model), *memory_terms(model).notes])
     lines = [
         f"## {title}",
+        f"model: {i['family']}, {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"ffn {model.ffn_hidden_size}; {rule}",
         f"stage {i['stage']}, latent {i['frames']}x{i['height']}x{i['width']} "
         f"({plan.visual_tokens} visual + {i['text_len']} text tokens), micro-batch "
         f"{i['micro_batch']}, {i['gpus']} GPUs = TP {i['tp']} x CP {i['cp']} x DP {i['dp']}"
@@ -195,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for title, defaults in jobs:
-            plan = plan_memory(plan_input(args, **defaults))
-            results.append((title, plan))
+            inp = plan_input(args, **defaults)
+            plan = plan_memory(inp, memory_terms(inp.model))
+            results.append((title, plan, inp.model))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({t: p.to_dict() for t, p in results}, indent=1))
+        print(json.dumps({t: p.to_dict() for t, p, _ in results}, indent=1))
         return 0
-    print("\n\n".join(format_plan(t, p, args.gpu_memory_gib) for t, p in results))
+    print("\n\n".join(format_plan(t, p, args.gpu_memory_gib, m) for t, p, m in results))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from megatron_apt.config.model import MMDiTConfig
 
@@ -64,7 +65,8 @@ def phase_flops(
     n_text: int,
     recompute: int = 0,
     head_layers: Sequence[int] | None = None,
-    forward: Callable[..., float] | None = None,
+    forward: Callable[..., float] = forward_flops,
+    discriminator: Callable[[Any, Sequence[int] | None], Any] = discriminator_config,
 ) -> float:
     """FLOPs per SAMPLE of one micro-batch of a training phase (``recompute``: blocks whose
     forward runs again in backward; backward = 2 forwards):
@@ -76,9 +78,9 @@ def phase_flops(
     * ``apt_g``: G forward + backward (3 + r), D forward and backward to its input (2 + r_D).
 
     ``r = recompute / num_layers`` (D: of its blocks). The discriminator's heads are left out
-    (< 1 % at these sizes). ``forward``: the family's ``forward_flops(cfg, n_visual, n_text)``
-    (``ModelFamily.forward_flops``; default the MMDiT's)."""
-    forward = forward or forward_flops
+    (< 1 % at these sizes). ``forward`` (FLOPs of one forward) and ``discriminator`` (the
+    config of the part of the model D runs) are the MMDiT's unless another family's are given
+    (``models/wan/memory.py``)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     r = recompute / cfg.num_layers
@@ -87,7 +89,7 @@ def phase_flops(
         return (3 + r) * f_g
     if phase == "consistency":
         return (3 + r) * f_g + 3 * f_g
-    d_cfg = discriminator_config(cfg, head_layers)
+    d_cfg = discriminator(cfg, head_layers)
     f_d = forward(d_cfg, n_visual, n_text)
     r_d = min(recompute, d_cfg.num_layers) / d_cfg.num_layers
     if phase == "apt_d":

@@ -2,7 +2,10 @@
 
 Nothing is built or allocated: weights come from :func:`count_parameters`, activations from
 an inventory of the tensors each MMDiT block saves for backward, FLOPs from
-:func:`forward_flops`. Bytes are per GPU (one rank).
+:func:`forward_flops`. Bytes are per GPU (one rank). These are the MMDiT's terms
+(:data:`MMDIT_MEMORY`); another family gives its own (:class:`FamilyMemory`; Wan2.1's:
+``models/wan/memory.py``) through the family registry, and the rest below (static memory,
+recompute, the APT phases, step time) holds for every family.
 
 **Static memory** (per trained network; ``DP`` below = the group ZeRO shards over, which is
 DeepSpeed's data-parallel group: data parallel x context parallel, as in the trainer):
@@ -65,8 +68,9 @@ backward, D forward + input backward), each over the global batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from megatron_apt.config.flops import (
     default_head_layers,
@@ -86,7 +90,7 @@ OPTIMIZER_STATES = {"rmsprop": 1, "adamw": 2}
 class MemoryPlanInput:
     """What a plan is made for. Latent sizes are in latent units (after the VAE)."""
 
-    model: MMDiTConfig
+    model: Any  # the config of a registered family (MMDiTConfig, WanConfig)
     stage: str = "apt"  # apt | diffusion | consistency
     frames: int = 1
     height: int = 128
@@ -130,8 +134,18 @@ class MemoryPlanInput:
             raise ValueError(f"text_len={self.text_len} must be >= 0")
         if self.gpus % (self.tp * self.cp):
             raise ValueError(f"gpus={self.gpus} is not divisible by tp={self.tp} x cp={self.cp}")
-        if self.model.num_heads % self.tp:
-            raise ValueError(f"num_heads={self.model.num_heads} not divisible by tp={self.tp}")
+        heads = self.model.num_heads
+        if heads % (self.tp * self.cp):
+            raise ValueError(
+                f"num_heads={heads} is not divisible by tp={self.tp} x cp={self.cp} (each rank "
+                f"holds whole heads: TP splits them, Ulysses CP too); TP x CP must be one of "
+                f"{tp_cp_products(heads)}"
+            )
+        if self.model.ffn_hidden_size % self.tp:
+            raise ValueError(
+                f"ffn width {self.model.ffn_hidden_size} is not divisible by tp={self.tp} "
+                f"(megatron splits fc1's rows evenly); TP must be one of {valid_tp(self.model)}"
+            )
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence_parallel needs tp > 1")
         if not 0.0 < self.utilization <= 1.0:
@@ -142,6 +156,28 @@ class MemoryPlanInput:
                 f"latent {self.frames}x{self.height}x{self.width} is not divisible by the patch "
                 f"size {self.model.patch_size}"
             )
+
+
+def tp_cp_products(num_heads: int) -> list[int]:
+    """The TP x CP products a model with ``num_heads`` attention heads allows (its divisors:
+    every rank holds whole heads)."""
+    return [k for k in range(1, num_heads + 1) if num_heads % k == 0]
+
+
+def valid_tp(cfg: Any) -> list[int]:
+    """The TP sizes a model builds with: divisors of its head count and of its FFN width."""
+    heads, ffn = cfg.num_heads, cfg.ffn_hidden_size
+    return [k for k in tp_cp_products(heads) if ffn % k == 0]
+
+
+def layout_rule(cfg: Any) -> str:
+    """One line naming the TP / CP sizes ``cfg`` allows."""
+    products = ", ".join(map(str, tp_cp_products(cfg.num_heads)))
+    tps = ", ".join(map(str, valid_tp(cfg)))
+    return (
+        f"{cfg.num_heads} heads: TP x CP must divide them (TP x CP in {{{products}}}); TP must "
+        f"also divide the FFN width {cfg.ffn_hidden_size} (TP in {{{tps}}})"
+    )
 
 
 @dataclass
@@ -209,6 +245,15 @@ def model_parameters(cfg: MMDiTConfig, tp: int) -> tuple[int, int]:
     return pc.embed + blocks + pc.final, pc.total
 
 
+def head_parameters(d: int, tp: int, nheads: int) -> int:
+    """Parameters on one TP rank of D's ``nheads`` cross-attention heads of width ``d`` and
+    the final LayerNorm + linear over their concatenated tokens (``models/discriminator.py``,
+    any backbone family)."""
+    head_split = _lin(d, d) + 2 * d * d + d * d  # q, kv (no bias), out weight
+    head_repl = d + 2 * d + 2 * d + d  # query, two LayerNorms, out bias
+    return nheads * (head_split // tp + head_repl) + 2 * d * nheads + _lin(d * nheads, 1)
+
+
 def discriminator_parameters(
     cfg: MMDiTConfig, tp: int, head_layers: Sequence[int]
 ) -> tuple[int, int]:
@@ -217,10 +262,7 @@ def discriminator_parameters(
     out-projection and MLP) is stored but not trained."""
     d, f = cfg.hidden_size, cfg.ffn_hidden_size
     stored, _ = model_parameters(cfg, tp)
-    nheads = len(head_layers)
-    head_split = _lin(d, d) + 2 * d * d + d * d  # q, kv (no bias), out weight
-    head_repl = d + 2 * d + 2 * d + d  # query, two LayerNorms, out bias
-    stored += nheads * (head_split // tp + head_repl) + 2 * d * nheads + _lin(d * nheads, 1)
+    stored += head_parameters(d, tp, len(head_layers))
     last = max(head_layers)
     frozen = count_parameters(cfg).final
     frozen += sum(_block_local(cfg, i, tp) for i in range(last + 1, cfg.num_layers + 1))
@@ -363,10 +405,60 @@ def _static(n_stored: int, n_trained: int, inp: MemoryPlanInput, dp: int) -> dic
     return {"weights": weights, "grads": grads, "optimizer": optim}
 
 
-def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
-    """The per-GPU memory and step-time plan of ``inp`` (see the module docstring)."""
+@dataclass(frozen=True)
+class FamilyMemory:
+    """What the planner needs to know of one model family: its parameter counts per TP rank,
+    its activation inventory and its FLOPs, with the signatures of this module's MMDiT
+    functions (:data:`MMDIT_MEMORY`). Other families keep theirs next to their model
+    (``models/wan/memory.py``; config/ must not import models/) and are found through the
+    family registry: ``megatron_apt.models.families.family_of(cfg).memory``."""
+
+    name: str
+    model_parameters: Callable[[Any, int], tuple[int, int]]  # (cfg, tp) -> (local, total)
+    # (cfg, tp, head_layers) -> (stored, trainable) of D on one TP rank
+    discriminator_parameters: Callable[[Any, int, Sequence[int]], tuple[int, int]]
+    # (cfg, n_visual, n_text, batch, layout, recompute, blocks=None, output_layer=True,
+    #  heads=()) -> (held, peak) of one pass with gradients
+    pass_activation_bytes: Callable[..., tuple[float, float]]
+    backward_workspace: Callable[[Any, int, int, _Layout], float]
+    largest_block: Callable[[Any, int], float]  # (cfg, tp) -> parameters of a block on a rank
+    # (cfg, phase, n_visual, n_text, recompute, head_layers) -> FLOPs per sample
+    phase_flops: Callable[..., float]
+    check: Callable[[MemoryPlanInput], None] = lambda inp: None  # family-specific limits
+    vae: tuple[int, int, int] = (1, 8, 8)  # the family's VAE compression (t, h, w)
+    text_len: int = 256  # its text encoder's tokens
+    notes: tuple[str, ...] = ()  # printed in the header of a plan
+
+
+MMDIT_MEMORY = FamilyMemory(
+    name="mmdit",
+    model_parameters=model_parameters,
+    discriminator_parameters=discriminator_parameters,
+    pass_activation_bytes=pass_activation_bytes,
+    backward_workspace=backward_workspace,
+    largest_block=lambda cfg, tp: max(count_parameters(cfg).per_block) / tp,
+    phase_flops=phase_flops,
+)
+
+
+def _family(cfg: Any, family: FamilyMemory | None) -> FamilyMemory:
+    if family is not None:
+        return family
+    if isinstance(cfg, MMDiTConfig):
+        return MMDIT_MEMORY
+    raise ValueError(
+        f"no memory terms for a {type(cfg).__name__}: pass the family's, "
+        "megatron_apt.models.families.family_of(cfg).memory"
+    )
+
+
+def plan_memory(inp: MemoryPlanInput, family: FamilyMemory | None = None) -> MemoryPlan:
+    """The per-GPU memory and step-time plan of ``inp`` (see the module docstring); ``family``:
+    the model family's terms (None: the MMDiT's, which an MMDiT config needs no more than)."""
     inp.validate()
     cfg = inp.model
+    fam = _family(cfg, family)
+    fam.check(inp)
     recompute = parse_recompute_layers(inp.recompute, cfg.num_layers)
     m = DTYPE_BYTES[inp.dtype]
     lay = _Layout(m=m, tp=inp.tp, cp=inp.cp, sp=inp.sequence_parallel)
@@ -375,17 +467,18 @@ def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
     n_txt = inp.text_len
     split = inp.cp * (inp.tp if inp.sequence_parallel else 1)
     if n_txt % split:
-        n_txt += split - n_txt % split  # padded text tokens (as MMDiT.embed)
+        n_txt += split - n_txt % split  # padded text tokens (as MMDiT.embed, WanDiT.embed)
     b = inp.micro_batch
     comp: dict[str, float] = {}
-    g_local, _ = model_parameters(cfg, inp.tp)
+    g_local, _ = fam.model_parameters(cfg, inp.tp)
     g_static = _static(g_local, g_local, inp, shards)
     comp["g_weights"] = g_static["weights"]
     phases: dict[str, float] = {}
-    g_pass = pass_activation_bytes(cfg, n_vis, n_txt, b, lay, recompute)
+    g_pass = fam.pass_activation_bytes(cfg, n_vis, n_txt, b, lay, recompute)
+    workspace = fam.backward_workspace
     if inp.stage == "apt":
         heads = tuple(inp.head_layers or default_head_layers(cfg.num_layers))
-        d_stored, d_trained = discriminator_parameters(cfg, inp.tp, heads)
+        d_stored, d_trained = fam.discriminator_parameters(cfg, inp.tp, heads)
         d_static = _static(d_stored, d_trained, inp, shards)
         comp["d_weights"] = d_static["weights"]
         if inp.ema:
@@ -395,46 +488,51 @@ def plan_memory(inp: MemoryPlanInput) -> MemoryPlan:
         last = max(heads)
 
         def d_pass(batch: int) -> tuple[float, float]:
-            return pass_activation_bytes(
+            return fam.pass_activation_bytes(
                 cfg, n_vis, n_txt, batch, lay, recompute, last, False, heads
             )
 
         d3 = d_pass(3 * b)
         d1 = d_pass(b)
-        phases["d_phase"] = d3[1] + backward_workspace(cfg, n_vis, 3 * b, lay)
+        phases["d_phase"] = d3[1] + workspace(cfg, n_vis, 3 * b, lay)
         # G phase: D's backward first (G's activations all held), then G's own
-        phases["g_phase"] = max(g_pass[0] + d1[1], g_pass[1]) + backward_workspace(
-            cfg, n_vis, b, lay
-        )
+        phases["g_phase"] = max(g_pass[0] + d1[1], g_pass[1]) + workspace(cfg, n_vis, b, lay)
     else:
         if inp.ema:
             comp["ema"] = g_local * 4 / (shards if inp.zero_stage >= 3 else 1)
         comp["grads"] = g_static["grads"]
         comp["optimizer"] = g_static["optimizer"]
-        phases["train"] = g_pass[1] + backward_workspace(cfg, n_vis, b, lay)
+        phases["train"] = g_pass[1] + workspace(cfg, n_vis, b, lay)
         if inp.stage == "consistency":  # teacher + EMA target, frozen, model dtype, no ZeRO
             comp["teacher_target"] = 2 * g_local * m
     comp["activations"] = max(phases.values())
     if inp.zero_stage == 3:  # two gathered blocks (running + prefetched)
-        pc = count_parameters(cfg)
-        comp["zero3_gathered"] = 2 * max(pc.per_block) * m / inp.tp
+        comp["zero3_gathered"] = 2 * fam.largest_block(cfg, inp.tp) * m
     plan = MemoryPlan(inputs=_inputs_dict(inp, recompute), components=comp)
+    plan.inputs["family"] = fam.name
     plan.activations_by_phase = phases
     plan.visual_tokens = n_vis
-    plan.flops_per_update = update_flops(inp, n_vis, n_txt, len(recompute))
+    plan.flops_per_update = update_flops(inp, n_vis, n_txt, len(recompute), fam)
     peak = (inp.peak_tflops or H100_PEAK_TFLOPS[inp.dtype]) * 1e12
     plan.step_time_s = plan.flops_per_update / (inp.gpus * peak * inp.utilization)
     return plan
 
 
-def update_flops(inp: MemoryPlanInput, n_vis: int, n_txt: int, n_recompute: int) -> float:
+def update_flops(
+    inp: MemoryPlanInput,
+    n_vis: int,
+    n_txt: int,
+    n_recompute: int,
+    family: FamilyMemory | None = None,
+) -> float:
     """FLOPs of one optimizer update (APT: one G update and its ``d_updates`` D updates) over
     the global batch, recompute included (per-sample phases: :func:`phase_flops`)."""
     cfg = inp.model
+    fam = _family(cfg, family)
     gb = inp.global_batch or inp.micro_batch * max(1, inp.dp)
 
     def per_sample(phase: str) -> float:
-        return phase_flops(cfg, phase, n_vis, n_txt, n_recompute, inp.head_layers)
+        return fam.phase_flops(cfg, phase, n_vis, n_txt, n_recompute, inp.head_layers)
 
     if inp.stage in ("diffusion", "consistency"):
         return gb * per_sample(inp.stage)

@@ -3,14 +3,15 @@ checkpoint files and conversion, the tools) looks a family up here instead of br
 its name (torchtitan's ``TrainSpec``, Megatron-Bridge's per-family bridges).
 
 A family is its config dataclass, the module that builds it, its analytic parameter and
-FLOP counts, and its diffusers mapping (class name, ``config.json`` and state dict, both
-ways, and the tensors a diffusers config implies). Serialized configs carry the family's
-name (``{"family": "wan", ...}``); a config without the field is an MMDiT (the files written
-before there was a second family).
+FLOP counts, its memory planner terms, and its diffusers mapping (class name,
+``config.json`` and state dict, both ways, and the tensors a diffusers config implies).
+Serialized configs carry the family's name (``{"family": "wan", ...}``); a config without the
+field is an MMDiT (the files written before there was a second family).
 
 To add a family: a folder ``models/<name>/`` with ``config.py`` (a ``kw_only`` dataclass
-with ``to_dict`` / ``from_dict``), ``model.py`` (the MMDiT's calling convention) and
-``diffusers_mapping.py``, then one :class:`ModelFamily` entry in :data:`FAMILIES`.
+with ``to_dict`` / ``from_dict``), ``model.py`` (the MMDiT's calling convention),
+``diffusers_mapping.py`` and ``memory.py`` (the memory planner's terms), then one
+:class:`ModelFamily` entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from typing import Any
 import torch
 
 from megatron_apt.config.flops import forward_flops as mmdit_forward_flops
+from megatron_apt.config.memory import MMDIT_MEMORY, FamilyMemory
 from megatron_apt.config.model import PRESETS as MMDIT_PRESETS
 from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.model import count_parameters as mmdit_count_parameters
 from megatron_apt.models import sd3_mapping
 from megatron_apt.models.wan import config as wan_config
 from megatron_apt.models.wan import diffusers_mapping as wan_mapping
+from megatron_apt.models.wan.memory import WAN_MEMORY
 
 DEFAULT_FAMILY = "mmdit"  # serialized configs without a "family" field
 
@@ -56,6 +59,9 @@ class ModelFamily:
     from_diffusers: Callable[[dict, Any], dict]  # diffusers state dict -> ours (TP=1)
     to_diffusers: Callable[[dict, Any], dict]
     imported_role: str  # the role of a model file converted from diffusers
+    # the memory planner's terms: parameters per TP rank, activation inventory, FLOPs of the
+    # training phases (config/memory.py; tools/plan_memory.py)
+    memory: FamilyMemory
     # (bytes, the config field responsible) of the buffers a build of cfg computes that no
     # stored tensor bounds (SD3's sin-cos table): a file header claiming much more than its
     # weights is refused before anything is built
@@ -120,6 +126,7 @@ FAMILIES: dict[str, ModelFamily] = {
         from_diffusers=sd3_mapping.sd3_to_mmdit,
         to_diffusers=sd3_mapping.mmdit_to_sd3,
         imported_role="sd3",
+        memory=MMDIT_MEMORY,
         unbounded_buffers=_mmdit_table_bytes,
     ),
     "wan": ModelFamily(
@@ -137,6 +144,7 @@ FAMILIES: dict[str, ModelFamily] = {
         from_diffusers=wan_mapping.diffusers_to_wan,
         to_diffusers=wan_mapping.wan_to_diffusers,
         imported_role="diffusers",
+        memory=WAN_MEMORY,
         uses_text_mask=False,
     ),
 }

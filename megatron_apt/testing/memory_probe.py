@@ -1,4 +1,5 @@
-"""Measure the real memory of single-process MMDiT training steps (run as a fresh subprocess).
+"""Measure the real memory of single-process training steps of a model of any family (MMDiT,
+Wan; run as a fresh subprocess).
 
     python -m megatron_apt.testing.memory_probe '{"preset": "demo", "height": 32, ...}'
     python -m megatron_apt.testing.memory_probe '{"probe": "export", "preset": "demo", ...}'
@@ -105,6 +106,9 @@ def high_water(resettable: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+WARM_UP_PRESETS = {"mmdit": "tiny", "wan": "wan-debug"}
+
+
 def warm_up_runtime(model_cls, cfg, make_inputs) -> None:
     """One training step of a tiny model, so that the lazy imports and kernel/runtime
     initializations of a first step (about 18 MB of RSS) happen before the baseline."""
@@ -117,14 +121,17 @@ def warm_up_runtime(model_cls, cfg, make_inputs) -> None:
 
 
 def main(spec: dict) -> dict:
-    from megatron_apt.config import get_preset
     from megatron_apt.models import MMDiT
+    from megatron_apt.models.families import family_of, get_preset
     from megatron_apt.testing import dummy_inputs, randomize_parameters
 
     torch.set_num_threads(1)
+    cfg = get_preset(spec["preset"], **spec.get("overrides", {}))  # a preset of any family
+    family = family_of(cfg)
     warm_up_runtime(MMDiT, get_preset("tiny"), dummy_inputs)
+    if family.name != "mmdit":  # the family's own code paths too
+        warm_up_runtime(family.build, get_preset(WARM_UP_PRESETS[family.name]), dummy_inputs)
     torch.manual_seed(0)
-    cfg = get_preset(spec["preset"], **spec.get("overrides", {}))
     inputs = dummy_inputs(
         cfg,
         batch=spec["batch"],
@@ -137,7 +144,7 @@ def main(spec: dict) -> dict:
     target = torch.randn(inputs["latents"].shape, generator=torch.Generator().manual_seed(1))
     gc.collect()
     base = rss()
-    model = MMDiT(cfg)
+    model = family.build(cfg)
     model.set_recompute(spec.get("recompute", "none"))
     randomize_parameters(model, seed=0)
     params = list(model.parameters())

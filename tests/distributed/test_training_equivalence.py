@@ -481,8 +481,9 @@ def wan_runs(root) -> dict[str, Path]:
 )
 def test_wan_family_matches_plain_torch(wan_runs, wan_reference, run):
     """APT on the Wan family: ZeRO-2/3 on 2 DP ranks, TP=2 + SP with recompute at ZeRO-0,
-    CP=2 at ZeRO-3, and a run resumed from update 2: G, D, G's EMA, the losses, the D health metrics and the gradient
-    norms of every update equal the single-process plain-torch reference after 3 updates."""
+    CP=2 at ZeRO-3, and a run resumed from update 2: G, D, G's EMA, the losses, the D health
+    metrics and the gradient norms of every update equal the single-process plain-torch
+    reference after 3 updates."""
     final = wan_reference / "exact" / f"step_{ITERS}"
     moved = compare(wan_reference / "exact" / "step_0", final)
     assert all(r["diff"] > 100 * r["tol"] for r in moved.values()), moved

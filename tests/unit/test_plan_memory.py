@@ -1,10 +1,15 @@
 """The memory planner (megatron_apt/config/memory.py, tools/plan_memory.py) against reality.
 
 1. ``test_activation_inventory_matches_saved_tensors``: the planner's per-token inventory of
-   what the MMDiT keeps for backward equals (within 1 %; 0.4 % or better when written) the
+   what the model keeps for backward equals (within 1 %; 0.4 % or better when written) the
    bytes of the distinct tensor storages that autograd packs during a real forward
    (``saved_tensors_hooks``; parameters excluded), for RMS-QK-norm + 3-D RoPE and SD3-style
-   models, in fp32 and bf16.
+   MMDiTs and the Wan2.1 DiT (``models/wan/memory.py``: equal to the byte), in fp32 and bf16;
+   for Wan also the discriminator's pass (backbone up to its last head + heads: equal in
+   fp32, 0.01 % in bf16, where D's ``.to(bf16)`` casts the backbone's fp32 islands and the
+   CPU keeps bf16 LayerNorm statistics). ``test_parameter_split_over_tp_matches_the_model``:
+   parameters per TP rank, stored and trainable, of G and D of both families equal the
+   partition attributes of the built model (``models.builders.tensor_layout``).
 2. ``test_plan_within_20_percent_of_measured_peak``: for three small CPU set-ups (activation-
    dominated, weight-dominated, activation recompute on), the plan's total is within 20 % of the
    MEASURED peak memory of a real single-process training step (plan / measured was 0.98, 0.99
@@ -13,15 +18,20 @@
    64 KiB by mmap so RSS follows live tensor bytes): the peak resident set size during the
    second fwd + bwd + RMSprop step + EMA update (high-water mark reset right before it), minus
    the RSS before the model was built (after a warm-up step of a throwaway tiny model, so lazy
-   imports and runtime set-up are not counted). The plan (stage ``diffusion``: one trained
-   model, ZeRO-0, one GPU, fp32) counts weights, gradients, RMSprop square averages, the fp32
-   EMA copy, the activations kept for backward (a recomputed block's full set while it is
-   backpropagated) and the backward workspace (MLP activation gradients, one weight gradient).
+   imports and runtime set-up are not counted). A fourth case is a Wan DiT with every block
+   recomputed (plan / measured 1.05, static 1.00 on 2026-12-07). The plan (stage
+   ``diffusion``: one trained model, ZeRO-0, one GPU, fp32) counts weights, gradients, RMSprop
+   square averages, the fp32 EMA copy, the activations kept for backward (a recomputed
+   block's full set while it is backpropagated) and the backward workspace (MLP activation
+   gradients, one weight gradient).
    Weights + gradients + optimizer + EMA must also match the measured RSS once they exist
    (before any forward: a step leaves heap residue that is no tensor) within 10 %.
-3. The CLI prints the paper's two set-ups (table and JSON) and names bad values.
+3. The CLI prints the paper's two set-ups (table and JSON) and names bad values; it plans
+   Wan2.1 from pixels (4x8x8 VAE, 81 frames -> 21 latent frames) and names the TP / CP sizes
+   a model allows.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -30,16 +40,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
-from megatron_apt.config.memory import (
-    MemoryPlanInput,
-    _Layout,
-    model_parameters,
-    pass_activation_bytes,
-    plan_memory,
-)
-from megatron_apt.config.model import count_parameters
-from megatron_apt.models import MMDiT
+from megatron_apt.config.memory import MemoryPlanInput, _Layout, plan_memory
+from megatron_apt.models.builders import build_skeleton
+from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
+from megatron_apt.models.families import family_of, get_preset
+from megatron_apt.parallel.tensor_parallel import tp_partition_dim
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.memory_probe import run_memory_probe as run_probe
 from megatron_apt.testing.memory_probe import saved_storage_bytes
@@ -47,27 +52,72 @@ from megatron_apt.testing.memory_probe import saved_storage_bytes
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "wan-debug"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_inventory_matches_saved_tensors(preset, dtype):
     cfg = get_preset(preset, num_layers=3)
-    model = MMDiT(cfg, params_dtype=dtype)
+    family = family_of(cfg)
+    model = family.build(cfg, params_dtype=dtype)
     randomize_parameters(model, seed=0)
     batch, text_len = 2, 16
     inputs = dummy_inputs(cfg, batch=batch, height=32, width=32, text_len=text_len, masked=False)
     inputs["latents"] = inputs["latents"].to(dtype)
     measured = saved_storage_bytes(model, inputs)
     lay = _Layout(m=2 if dtype == torch.bfloat16 else 4, tp=1, cp=1, sp=False)
-    _, planned = pass_activation_bytes(cfg, 256, text_len, batch, lay, recompute=())
+    _, planned = family.memory.pass_activation_bytes(cfg, 256, text_len, batch, lay, recompute=())
     assert abs(planned - measured) <= 0.01 * measured, (planned, measured)
 
 
-def test_parameter_split_over_tp_matches_the_model():
-    cfg = get_preset("tiny")
-    local, total = model_parameters(cfg, 1)
-    assert local == total == count_parameters(cfg).total
-    local2, _ = model_parameters(cfg, 2)
-    assert total / 2 < local2 < total  # adaLN, embeddings, norms and row biases replicated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(1, 3), (3,)])
+def test_wan_discriminator_inventory_matches_saved_tensors(dtype, heads):
+    """D's pass on a Wan backbone: blocks up to the last head (no output layer), the heads on
+    the gathered features, an odd token grid (3 x 8 x 12) and text length."""
+    cfg = get_preset("wan-debug", num_layers=3)
+    family = family_of(cfg)
+    model = Discriminator(
+        family.build(cfg, params_dtype=dtype), DiscriminatorConfig(head_layers=heads)
+    )
+    randomize_parameters(model, seed=0)
+    batch, text_len = 3, 7
+    inputs = dummy_inputs(
+        cfg, batch=batch, frames=3, height=16, width=24, text_len=text_len, masked=False
+    )
+    inputs["latents"] = inputs["latents"].to(dtype)
+    measured = saved_storage_bytes(model, inputs)
+    lay = _Layout(m=2 if dtype == torch.bfloat16 else 4, tp=1, cp=1, sp=False)
+    _, planned = family.memory.pass_activation_bytes(
+        cfg, 3 * 8 * 12, text_len, batch, lay, (), max(heads), False, heads
+    )
+    assert abs(planned - measured) <= 0.01 * measured, (planned, measured)
+    if dtype == torch.float32:
+        assert planned == measured
+
+
+def tp_local_parameters(model: torch.nn.Module, tp: int) -> tuple[int, int]:
+    """(stored, trainable) parameters on one TP rank of a TP=1 skeleton, read off megatron's
+    partition attributes."""
+    stored = trainable = 0
+    for p in model.parameters():
+        n = p.numel() // (tp if tp_partition_dim(p) is not None else 1)
+        stored += n
+        trainable += n if p.requires_grad else 0
+    return stored, trainable
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "wan-debug", "wan2.1-t2v-14b"])
+def test_parameter_split_over_tp_matches_the_model(preset):
+    cfg = get_preset(preset)
+    memory = family_of(cfg).memory
+    local, total = memory.model_parameters(cfg, 1)
+    assert local == total == family_of(cfg).count_parameters(cfg)
+    local2, _ = memory.model_parameters(cfg, 2)
+    assert total / 2 < local2 < total  # embeddings, norms, tables and row biases replicated
+    heads = (1, cfg.num_layers - 1)  # blocks after the last head are frozen
+    g, d = build_skeleton(cfg), build_skeleton(cfg, "discriminator", heads)
+    for tp in (1, 2, 4):
+        assert memory.model_parameters(cfg, tp)[0] == tp_local_parameters(g, tp)[0], tp
+        assert memory.discriminator_parameters(cfg, tp, heads) == tp_local_parameters(d, tp), tp
 
 
 CASES = {
@@ -81,13 +131,24 @@ CASES = {
     "demo-1024tok-recompute": dict(
         preset="demo", batch=4, height=64, width=64, text_len=32, recompute="all"
     ),
+    # a Wan DiT (width 128, 4 blocks), every block recomputed, 4 x 576 tokens
+    "wan-576tok-recompute": dict(
+        preset="wan-debug",
+        overrides=dict(num_heads=4, head_dim=32, ffn_dim=384, num_layers=4, text_dim=64),
+        batch=4,
+        height=48,
+        width=48,
+        text_len=32,
+        recompute="all",
+    ),
 }
 
 
 def plan_for(spec: dict):
+    cfg = get_preset(spec["preset"], **spec.get("overrides", {}))
     return plan_memory(
         MemoryPlanInput(
-            model=get_preset(spec["preset"], **spec.get("overrides", {})),
+            model=cfg,
             stage="diffusion",
             frames=1,
             height=spec["height"],
@@ -98,7 +159,8 @@ def plan_for(spec: dict):
             zero_stage=0,
             dtype="fp32",
             recompute=spec.get("recompute", "none"),
-        )
+        ),
+        family_of(cfg).memory,
     )
 
 
@@ -176,3 +238,67 @@ def test_cli_d_head_layers():
     assert last["bytes"]["activations"] < paper["bytes"]["activations"]
     bad = run_cli(*base, "--d-head-layers", "37")
     assert bad.returncode == 2 and "37" in bad.stderr
+
+
+WAN_14B = ["--model", "wan2.1-t2v-14b", "--pixels", "81x720x1280", "--vae", "4x8x8"]
+WAN_14B_256 = [*WAN_14B, "--tp", "8", "--sp", "--gpus", "256", "--recompute", "all"]
+
+
+def load_tool():
+    """tools/plan_memory.py in this process (a subprocess for a Wan model imports torch and
+    megatron-core again: seconds each)."""
+    spec = importlib.util.spec_from_file_location("plan_memory_tool", ROOT / "tools/plan_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def tool_json(capsys, *args: str) -> dict:
+    assert load_tool().main([*args, "--json"]) == 0
+    (plan,) = json.loads(capsys.readouterr().out).values()
+    return plan
+
+
+def test_cli_wan_14b_720p_fits_on_256_gpus():
+    """The 14B at 720p x 81 frames, TP 8 + SP, every block recomputed, on 256 GPUs fits 80
+    GiB; the header names the TP x CP sizes 40 heads allow and the TP sizes ffn 13824 allows."""
+    proc = run_cli(*WAN_14B_256)
+    assert proc.returncode == 0, proc.stderr
+    assert "75600 visual + 512 text tokens" in proc.stdout
+    assert "TP x CP in {1, 2, 4, 5, 8, 10, 20, 40}" in proc.stdout
+    assert "TP in {1, 2, 4, 8}" in proc.stdout and "CP = 1" in proc.stdout
+    assert "fits in 80 GiB" in proc.stdout and "does NOT fit" not in proc.stdout
+
+
+def test_cli_wan_tokens_vae_and_recompute(capsys):
+    """21 x 45 x 80 visual tokens (4x8x8 VAE: 1 + (81 - 1) / 4 latent frames; 1x2x2 patches),
+    512 umT5 tokens by default; Wan's VAE is the default for a Wan model; without recompute
+    the same layout does not fit."""
+    plan = tool_json(capsys, *WAN_14B_256)
+    assert plan["visual_tokens"] == 21 * 45 * 80 == 75_600
+    assert plan["inputs"]["frames"] == 21 and plan["inputs"]["text_len"] == 512
+    assert plan["inputs"]["family"] == "wan" and plan["inputs"]["dp"] == 32
+    assert plan["total_gib"] <= 80
+    default_vae = tool_json(capsys, *WAN_14B_256[:4], *WAN_14B_256[6:])
+    assert default_vae["inputs"]["frames"] == 21
+    assert default_vae["total_bytes"] == plan["total_bytes"]
+    assert tool_json(capsys, *WAN_14B_256[:-2])["total_gib"] > 80  # recompute none
+    small = tool_json(capsys, "--model", "wan2.1-t2v-1.3b", "--pixels", "81x480x832")
+    assert small["visual_tokens"] == 21 * 30 * 52
+
+
+def test_cli_wan_refuses_layouts_the_model_cannot_build(capsys):
+    tool = load_tool()
+
+    def error(*args: str) -> str:
+        assert tool.main(list(args)) == 2
+        return capsys.readouterr().err
+
+    assert "[1, 2, 4, 5, 8, 10, 20, 40]" in error(*WAN_14B, "--tp", "3", "--gpus", "48")
+    err = error(*WAN_14B, "--tp", "5", "--gpus", "40")  # ffn 13824
+    assert "ffn width 13824" in err and "[1, 2, 4, 8]" in err
+    err = error(*WAN_14B, "--tp", "4", "--cp", "2", "--gpus", "64")
+    assert "not implemented for the Wan family" in err
+    assert "k x 4 + 1" in error("--model", "wan2.1-t2v-14b", "--pixels", "80x720x1280")
+    assert "[1, 2, 4, 5, 10, 20]" in error("--model", "mmdit-8b", "--tp", "4", "--cp", "2")
+    assert "unknown model preset 'wan3'" in error("--model", "wan3")

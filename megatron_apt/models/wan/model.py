@@ -514,7 +514,9 @@ class WanDiT(nn.Module):
             x, c, key_mask, temb, tproj = self.embed(latents, timesteps, text, text_mask)
             rope = rank_rope(self.cfg, grid, ps, x.device)  # [N/cp, 1, 1, hd/2]
             x = scatter_to_sequence_parallel(x.transpose(0, 1), ps)  # [N/cp/tp, B, h]
-            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps)  # [L/tp, B, h]
+            # contiguous once: every block's KV linear then keeps this one tensor (F.linear
+            # copies a transposed view for each block; SP's scatter already copied it)
+            c = scatter_to_sequence_parallel(c.transpose(0, 1), ps).contiguous()  # [L/tp, B, h]
             feats = {}
             last = max(return_layers) if features_only else self.cfg.num_layers
             for i, block in enumerate(self.blocks[:last], start=1):
