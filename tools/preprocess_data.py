@@ -11,7 +11,9 @@ r"""Captioned images and videos -> latent shards (VAE latents + text embeddings)
     torchrun --nproc-per-node 8 tools/preprocess_data.py ... --device cuda   # one rank per GPU
 
 ``--input``: a folder (media + same-stem .txt captions, or a captions.jsonl) or a manifest
-.jsonl of {"path", "caption"}. Re-running the same command resumes: finished shards are kept.
+.jsonl of {"path", "caption"}. ``--first-frame`` reads each video as the image of its first
+frame (stills for an image stage: give image buckets). Re-running the same command resumes:
+finished shards are kept.
 Library: ``megatron_apt.data.preprocess``; format: ``megatron_apt.data.format``.
 """
 
@@ -63,6 +65,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shards", type=int, default=None, help="debug: units per rank per run")
     p.add_argument("--num-workers", type=int, default=4, help="media decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--first-frame",
+        action="store_true",
+        help="videos give their first frame as an image (to image buckets): stills of the "
+        "clips for an image stage",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="the consistency teacher's negative prompt, stored embedded next to the shards "
+        "(default: the repository's fixed one, megatron_apt.text.DEFAULT_NEGATIVE_PROMPT; "
+        'WanPipeline\'s own default is "")',
+    )
     return p.parse_args(argv)
 
 
@@ -105,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         max_shards=args.max_shards,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        first_frame=args.first_frame,
+        negative_prompt=args.negative_prompt,
     )
     barrier = dist.barrier if world > 1 else None
     index = preprocess(cfg, vae, enc, rank=rank, world_size=world, barrier=barrier)

@@ -56,7 +56,11 @@ class PreprocessConfig:
     encoder's own, 512 for Wan, when no flag is given); ``dtype``: storage dtype of
     latents and text embeddings;
     ``max_shards``: debug limit, stop after this many units per rank in this run;
-    ``num_workers``: threads decoding and resizing media ahead of the encoders."""
+    ``num_workers``: threads decoding and resizing media ahead of the encoders;
+    ``first_frame``: a video gives its first frame as an image (image buckets; the image
+    stage of a video model trained on stills of its clips);
+    ``negative_prompt``: the text embedded as the consistency teacher's unconditional branch
+    (None: ``megatron_apt.text.DEFAULT_NEGATIVE_PROMPT``)."""
 
     input: str
     output: str
@@ -72,14 +76,19 @@ class PreprocessConfig:
     max_shards: int | None = None
     num_workers: int = 4
     progress: bool = True
+    first_frame: bool = False
+    negative_prompt: str | None = None
 
     def fingerprint(self, items: Sequence[MediaItem]) -> str:
         """Hash of everything that determines a unit's shards: the settings, the inputs, and
         the *contents* of the VAE and text encoder (:func:`component_digest`): another model
         swapped in at the same path must not be mixed into one data set."""
         keys = ("buckets", "vae", "text_encoder", "max_text_length", "dtype", "samples_per_shard")
+        settings = {k: getattr(self, k) for k in keys}
+        if self.first_frame:  # only when set: the units of earlier runs stay done
+            settings["first_frame"] = True
         models = {k: component_digest(getattr(self, k)) for k in ("vae", "text_encoder")}
-        blob = json.dumps([{k: getattr(self, k) for k in keys}, models, [asdict(i) for i in items]])
+        blob = json.dumps([settings, models, [asdict(i) for i in items]])
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -107,12 +116,15 @@ def component_digest(spec: str) -> str:
 
 
 def load_item(
-    item: MediaItem, presets: Sequence[BucketPreset]
+    item: MediaItem, presets: Sequence[BucketPreset], first_frame: bool = False
 ) -> tuple[np.ndarray, BucketPreset, dict]:
     """Read one input and fit it to its bucket preset: ``(pixels uint8 [T, H, W, 3], preset,
-    sample metadata)``. Raises :class:`MediaError` (unreadable) or ``ValueError`` (no bucket
-    for it, video too short)."""
+    sample metadata)``; with ``first_frame`` a video is read as the image of its first frame.
+    Raises :class:`MediaError` (unreadable) or ``ValueError`` (no bucket for it, video too
+    short)."""
     kind = media_kind(item.path)
+    if first_frame and kind == "video":
+        kind = "image"  # read_frames(max_frames=1) below decodes the first frame only
     fps = read_fps(item.path) if kind == "video" else None
     need = max((_frames_needed(p, fps) for p in presets if p.kind == kind), default=1)
     frames = read_frames(item.path, max_frames=need)  # [T, h, w, 3]
@@ -214,15 +226,19 @@ def _unit_done(root: Path, unit: int, fingerprint: str) -> dict | None:
     return rec
 
 
-def _try_load(item: MediaItem, presets: Sequence[BucketPreset]) -> tuple | str:
+def _try_load(
+    item: MediaItem, presets: Sequence[BucketPreset], first_frame: bool = False
+) -> tuple | str:
     """``load_item``'s result, or the reason the input is skipped."""
     try:
-        return load_item(item, presets)
+        return load_item(item, presets, first_frame)
     except (MediaError, ValueError) as err:
         return str(err)
 
 
-def _loaded_batches(items, first: int, presets, batch_size: int, pool: ThreadPoolExecutor):
+def _loaded_batches(
+    items, first: int, presets, batch_size: int, pool: ThreadPoolExecutor, first_frame=False
+):
     """Batches of ``batch_size`` consecutive ``(input_index, item, _try_load result)``, in
     input order; decoding runs in ``pool`` up to two batches ahead of the consumer."""
     todo = iter(enumerate(items))
@@ -230,7 +246,7 @@ def _loaded_batches(items, first: int, presets, batch_size: int, pool: ThreadPoo
 
     def submit(count: int) -> None:
         for n, item in islice(todo, count):
-            pending.append((first + n, item, pool.submit(_try_load, item, presets)))
+            pending.append((first + n, item, pool.submit(_try_load, item, presets, first_frame)))
 
     submit(2 * batch_size)
     batch: list = []
@@ -246,7 +262,8 @@ def _loaded_batches(items, first: int, presets, batch_size: int, pool: ThreadPoo
 def _run_unit(cfg, root, unit, items, first, vae, enc, presets, fingerprint) -> dict:
     work = _UnitWork(cfg, vae, enc, presets)
     with ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="decode") as pool:
-        for batch in _loaded_batches(items, first, presets, cfg.batch_size, pool):
+        batches = _loaded_batches(items, first, presets, cfg.batch_size, pool, cfg.first_frame)
+        for batch in batches:
             work.add_batch(batch)
     record = {
         "unit": unit,
@@ -303,28 +320,30 @@ def preprocess(
         barrier()
     if rank != 0:
         return None
-    write_negative_prompt(root, text_encoder)
+    write_negative_prompt(root, text_encoder, cfg.negative_prompt)
     return _finish(cfg, root, units, listing_skipped)
 
 
 NEGATIVE_PROMPT_FILE = "negative_prompt.safetensors"
 
 
-def write_negative_prompt(root: Path, text_encoder) -> Path:
-    """Embed the fixed negative prompt once (``text [1, L, D]``, ``text_mask [1, L]``, and
+def write_negative_prompt(root: Path, text_encoder, prompt: str | None = None) -> Path:
+    """Embed the negative prompt once (``text [1, L, D]``, ``text_mask [1, L]``, and
     ``pooled_text [1, P]`` when the encoder has one) next to the shards: the consistency stage's
-    classifier-free guidance uses it as the unconditional branch."""
+    classifier-free guidance uses it as the unconditional branch. ``prompt`` None: the fixed
+    ``DEFAULT_NEGATIVE_PROMPT``; the text is stored in the file's metadata."""
     from safetensors.torch import save_file
 
     from megatron_apt.text import DEFAULT_NEGATIVE_PROMPT, embed_negative_prompt
 
-    emb = embed_negative_prompt(text_encoder, DEFAULT_NEGATIVE_PROMPT)
+    prompt = DEFAULT_NEGATIVE_PROMPT if prompt is None else prompt
+    emb = embed_negative_prompt(text_encoder, prompt)
     tensors = {"text": emb.text.float().cpu().contiguous(), "text_mask": emb.text_mask.cpu()}
     if emb.pooled is not None:
         tensors["pooled_text"] = emb.pooled.float().cpu().contiguous()
     path = Path(root) / NEGATIVE_PROMPT_FILE
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"prompt": DEFAULT_NEGATIVE_PROMPT})
+    save_file(tensors, str(tmp), metadata={"prompt": prompt})
     tmp.replace(path)
     return path
 

@@ -23,7 +23,12 @@ import torch
 
 from megatron_apt.text import TINY_CAPTIONS, train_sentencepiece
 
-__all__ = ["TINY_WAN_VAE_CONFIG", "build_tiny_wan_pipeline", "tiny_wan_pipeline"]
+__all__ = [
+    "TINY_WAN_VAE_CONFIG",
+    "build_tiny_wan_pipeline",
+    "load_wan_pipeline",
+    "tiny_wan_pipeline",
+]
 
 TINY_WAN_VAE_CONFIG = dict(
     base_dim=8,
@@ -102,3 +107,24 @@ def build_tiny_wan_pipeline(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_wan_pipeline(seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def load_wan_pipeline(path: str | Path):
+    """``WanPipeline.from_pretrained(path)`` with its transformer, in fp32: without
+    ``accelerate`` diffusers 0.42.1 refuses classes with ``_keep_in_fp32_modules``
+    (``modeling_utils.py:1081`` then ``:1231``); the class attribute is cleared for this load
+    and restored after it (docs/wan.md)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    saved = WanTransformer3DModel.__dict__.get("_keep_in_fp32_modules", _UNSET)
+    WanTransformer3DModel._keep_in_fp32_modules = None
+    try:
+        return WanPipeline.from_pretrained(path, local_files_only=True)
+    finally:
+        if saved is _UNSET:
+            del WanTransformer3DModel._keep_in_fp32_modules
+        else:
+            WanTransformer3DModel._keep_in_fp32_modules = saved
+
+
+_UNSET = object()

@@ -34,7 +34,10 @@ from megatron_apt.testing.launch import REPO_ROOT
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from megatron_apt.testing.wan_pipeline import build_tiny_wan_pipeline  # noqa: E402
+from megatron_apt.testing.wan_pipeline import (  # noqa: E402
+    build_tiny_wan_pipeline,
+    load_wan_pipeline,
+)
 
 TOOL = REPO_ROOT / "tools" / "generate.py"
 PROMPT = "a red circle moving left over a blue background"
@@ -68,17 +71,6 @@ def unipc_dir(wan_dir, tmp_path_factory):
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     ).save_pretrained(path)
     return path
-
-
-def load_wan_pipeline(path):
-    """``WanPipeline.from_pretrained(path)`` with its transformer: without ``accelerate``
-    diffusers 0.42.1 refuses classes with ``_keep_in_fp32_modules`` (``modeling_utils.py:1081``
-    then ``:1231``); cleared for this fp32 load (docs/wan.md)."""
-    from diffusers import WanPipeline, WanTransformer3DModel
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(WanTransformer3DModel, "_keep_in_fp32_modules", None)
-        return WanPipeline.from_pretrained(path, local_files_only=True)
 
 
 @pytest.fixture(scope="module")
