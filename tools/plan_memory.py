@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--text-len", type=int, help="text tokens (default: recipe's, or the family's: 256, Wan 512)")
     a("--gpus", type=int, help="GPUs in the job (default: TP x CP)")
     a("--tp", type=int, help="tensor-parallel size")
-    a("--cp", type=int, default=1, help="context-parallel size (divides sequence activations)")
+    a(
+        "--cp",
+        type=int,
+        help="context-parallel size (divides sequence activations; default: the recipe's, or 1)",
+    )
     a("--sp", action="store_true", default=None, help="sequence parallel (with TP > 1)")
     a("--zero-stage", type=int, choices=(0, 1, 2, 3))
     a("--micro-batch", type=int)
@@ -160,8 +164,16 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
         latent = (1, 128, 128)
     tp = pick(args.tp, cfg and cfg.tensor_parallel, 1)
     sp = pick(args.sp, cfg and cfg.sequence_parallel, False)
-    gpus = args.gpus or defaults.get("gpus") or tp * args.cp
-    recompute = args.recompute or defaults.get("recompute") or "none"
+    cp = pick(args.cp, cfg and cfg.context_parallel, 1)
+    gpus = args.gpus or defaults.get("gpus") or tp * cp
+    recompute = (
+        args.recompute or defaults.get("recompute") or (cfg.recompute_layers if cfg else "none")
+    )
+    micro = pick(args.micro_batch, cfg and cfg.micro_batch_size, 1)
+    global_batch = args.global_batch or defaults.get("global_batch")
+    if global_batch is None and cfg is not None and gpus % (tp * cp) == 0:
+        step = micro * gpus // (tp * cp)  # the recipe's batch where this layout reaches it
+        global_batch = cfg.global_batch_size if cfg.global_batch_size % step == 0 else None
     return MemoryPlanInput(
         model=model,
         stage=pick(args.stage, cfg and cfg.stage, "apt"),
@@ -169,11 +181,11 @@ def plan_input(args: argparse.Namespace, **defaults) -> MemoryPlanInput:
         height=latent[1],
         width=latent[2],
         text_len=pick(args.text_len, cfg and cfg.data.text_len, family.text_len),
-        micro_batch=pick(args.micro_batch, cfg and cfg.micro_batch_size, 1),
-        global_batch=args.global_batch or defaults.get("global_batch"),
+        micro_batch=micro,
+        global_batch=global_batch,
         gpus=gpus,
         tp=tp,
-        cp=args.cp,
+        cp=cp,
         sequence_parallel=bool(sp) and tp > 1,
         zero_stage=pick(args.zero_stage, cfg and cfg.zero_stage, 3),
         dtype=args.dtype or ("bf16" if cfg is None or cfg.bf16 else "fp32"),

@@ -298,16 +298,26 @@ def sd35_large_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) ->
 WAN_TEXT_LEN = 512
 WAN_LATENT = {"480p": (60, 104), "720p": (90, 160)}  # 832x480, 1280x720 through the 8x VAE
 WAN_FRAMES = 21  # 81 frames through the 4x temporal VAE: 1 + (81 - 1) / 4
-WAN_SIZES = {  # preset, resolution, flow shift of the teacher's sampling, (TP, SP, CP)
-    "1.3b": ("wan2.1-t2v-1.3b", "480p", 3.0, (1, False, 1)),
-    "14b": ("wan2.1-t2v-14b", "720p", 5.0, (4, True, 2)),
+# Layouts (tools/plan_memory.py, per H100 80 GiB; docs/wan.md "Memory plan"): (TP, SP, CP,
+# recompute) of the video stages and of the image stage, and the image stage's DP by default.
+# * 14B video (75,600 tokens): TP 8 + SP, every block recomputed: 36.9 GiB on 64 GPUs, 30.5 on
+#   256 (TP 4 + SP: 57.9 / 52.0; without recompute 486 GiB). 14B images (3,600 tokens): TP 1,
+#   recompute all: 12.9 GiB on 256 GPUs (184.6 without recompute).
+# * 1.3B video (32,760 tokens): TP 1, recompute all: 25.7 GiB on 64 GPUs (419 without).
+#   1.3B images (1,560 tokens): TP 1, no recompute: 21.8 GiB on 64 GPUs.
+# Wan's limits: TP x CP divides the heads (40 / 12), TP divides the FFN width (13824 / 8960):
+# TP in {1, 2, 4, 8} (14B), {1, 2, 4} (1.3B).
+WAN_SIZES = {  # preset, resolution, teacher's flow shift, video layout, image layout, image DP
+    "1.3b": ("wan2.1-t2v-1.3b", "480p", 3.0, (1, False, 1, "all"), (1, False, 1, "none"), 64),
+    "14b": ("wan2.1-t2v-14b", "720p", 5.0, (8, True, 1, "all"), (1, False, 1, "all"), 256),
 }
 
 
 def _wan(size: str, name: str, frames: int, micro: int, **kw) -> TrainConfig:
     from megatron_apt.models.wan.config import get_wan_preset  # config/ imports models/ lazily
 
-    preset, res, _, (tp, sp, cp) = WAN_SIZES[size]
+    preset, res, _, video, image, _ = WAN_SIZES[size]
+    tp, sp, cp, recompute = image if frames == 1 else video
     h, w = WAN_LATENT[res]
     base = dict(
         recipe=f"wan2.1-t2v-{size}-{name}",
@@ -318,7 +328,7 @@ def _wan(size: str, name: str, frames: int, micro: int, **kw) -> TrainConfig:
         context_parallel=cp,
         zero_stage=3,
         bf16=True,
-        recompute_layers="all",
+        recompute_layers=recompute,
         micro_batch_size=micro,
         data=DataConfig(frames=frames, height=h, width=w, text_len=WAN_TEXT_LEN),
         ema_decay=0.995,
@@ -329,7 +339,7 @@ def _wan(size: str, name: str, frames: int, micro: int, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def wan_consistency(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+def wan_consistency(size: str, micro_batch_size: int = 1):
     """Consistency distillation of Wan2.1 with CFG (see the comment above: CFG 5.0, the
     negative prompt from preprocessing, the teacher's flow shift), on 81-frame clips."""
     return _wan(
@@ -342,10 +352,12 @@ def wan_consistency(size: str, data_parallel: int = 64, micro_batch_size: int = 
     )  # fmt: skip
 
 
-def wan_image_apt(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+def wan_image_apt(size: str, data_parallel: int | None = None, micro_batch_size: int = 1):
     """The paper's image stage on Wan2.1: single frames (T = 1), lr 5e-6, sigma 0.01, s = 1,
     350 G updates, batch ~9062 by accumulation; G from the consistency EMA, D's backbone from
-    the diffusion (the imported Wan2.1) weights."""
+    the diffusion (the imported Wan2.1) weights. ``data_parallel``: the batch is rounded for
+    it (default: the size's image layout on 256 GPUs for 14B, 64 for 1.3B)."""
+    data_parallel = data_parallel or WAN_SIZES[size][5]
     return _wan(
         size, "image-apt", 1, micro_batch_size,
         stage="apt", train_iters=350,
@@ -357,7 +369,7 @@ def wan_image_apt(size: str, data_parallel: int = 64, micro_batch_size: int = 1)
     )  # fmt: skip
 
 
-def wan_video_apt(size: str, data_parallel: int = 64, micro_batch_size: int = 1):
+def wan_video_apt(size: str, micro_batch_size: int = 1):
     """The paper's video stage on Wan2.1: 81 frames, lr 3e-6, sigma 0.1, s = 12, 300 G
     updates, batch 2048 by accumulation; G from the image stage's EMA (--init-generator), D
     re-initialized from the diffusion weights (--init-discriminator)."""

@@ -283,6 +283,10 @@ def test_cli_wan_tokens_vae_and_recompute(capsys):
     assert default_vae["inputs"]["frames"] == 21
     assert default_vae["total_bytes"] == plan["total_bytes"]
     assert tool_json(capsys, *WAN_14B_256[:-2])["total_gib"] > 80  # recompute none
+    # the recipe carries that layout (TP 8 + SP, recompute all, 81 frames at 720p, batch 2048)
+    recipe = tool_json(capsys, "--recipe", "wan2.1-t2v-14b-video-apt", "--gpus", "256")
+    assert recipe["total_bytes"] == plan["total_bytes"] and recipe["total_gib"] <= 80
+    assert recipe["inputs"]["global_batch"] == 2048
     small = tool_json(capsys, "--model", "wan2.1-t2v-1.3b", "--pixels", "81x480x832")
     assert small["visual_tokens"] == 21 * 30 * 52
 
