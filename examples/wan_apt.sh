@@ -25,7 +25,15 @@
 #   SIZE    1.3b (default: 832x480, TP 1) or 14b (1280x720, TP 4 + SP, CP 2): the recipes
 #   OUT     output folder (default runs/wan-$SIZE); every step resumes or skips when re-run
 #
-# Memory: tools/plan_memory.py --recipe wan2.1-t2v-14b-video-apt --gpus 256 (see docs/wan.md, Memory plan)
+# Memory (tools/plan_memory.py --recipe wan2.1-t2v-$SIZE-{image,video}-apt --gpus N; docs/wan.md,
+# "Memory plan"; per 80 GiB H100, G and D with ZeRO-3, fp32 EMA, RMSprop and masters, bf16):
+#   14B video (720p x 81 frames, 75,600 tokens): TP 8 + SP, every block recomputed: 30.5 GiB
+#     per GPU on 256 GPUs (36.9 on 64); without recompute 486 GiB. ~2640 s per update of
+#     2048 clips on 256 GPUs at 40 % MFU (the paper's 300 updates: ~9 days).
+#   14B images (720p): TP 1, recompute all: 12.9 GiB on 256 GPUs.
+#   1.3B video (480p x 81 frames, 32,760 tokens): TP 1, recompute all: 25.7 GiB on 64 GPUs.
+#   1.3B images: TP 1, no recompute: 21.8 GiB on 64 GPUs.
+# Not counted: CUDA context, NCCL buffers, fragmentation (keep 10-15 % free), umT5 and the VAE.
 #
 # Knobs (environment): LAUNCH (trainer launcher; default deepspeed over $HOSTFILE),
 # PREPROCESS_LAUNCH (default: torchrun over this node's 8 GPUs), PREPROCESS_DEVICE (cuda),

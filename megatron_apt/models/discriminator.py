@@ -127,7 +127,8 @@ class Discriminator(nn.Module):
             ensure_tp_attributes(self.heads)  # megatron sets them in its (skipped) init only
         self.norm = nn.LayerNorm(d * len(self.head_layers), eps=cfg.norm_eps)
         self.proj = nn.Linear(d * len(self.head_layers), 1)
-        self.to(backbone.patch_embed.weight.dtype)
+        for new in (self.heads, self.norm, self.proj):  # the backbone keeps its own dtypes
+            new.to(backbone.patch_embed.weight.dtype)  # (Wan's fp32 islands stay fp32)
         self._freeze_unused_backbone()
 
     def _freeze_unused_backbone(self) -> None:

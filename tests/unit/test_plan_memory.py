@@ -302,7 +302,7 @@ def test_cli_wan_refuses_layouts_the_model_cannot_build(capsys):
     err = error(*WAN_14B, "--tp", "5", "--gpus", "40")  # ffn 13824
     assert "ffn width 13824" in err and "[1, 2, 4, 8]" in err
     err = error(*WAN_14B, "--tp", "4", "--cp", "2", "--gpus", "64")
-    assert "not implemented for the Wan family" in err
+    assert "does not model the Wan family's context parallelism" in err
     assert "k x 4 + 1" in error("--model", "wan2.1-t2v-14b", "--pixels", "80x720x1280")
     assert "[1, 2, 4, 5, 10, 20]" in error("--model", "mmdit-8b", "--tp", "4", "--cp", "2")
     assert "unknown model preset 'wan3'" in error("--model", "wan3")

@@ -58,8 +58,9 @@ deepest head's in any case), and per sample its query's projection, attention ou
 logit layer's inputs (a few ``d m``).
 
 A recomputed block keeps only its visual input (``d m``, SEQ); text, modulation and RoPE are
-kept once per pass anyway. Context parallelism is not implemented for this family
-(``WanDiT`` refuses it), so the planner refuses ``cp > 1`` for it.
+kept once per pass anyway. ``WanDiT`` runs context-parallel (Ulysses; docs/wan.md), but this
+inventory does not model CP yet (what each rank keeps of the all-to-all, the whole text per
+rank): the planner refuses ``cp > 1`` for Wan rather than guess.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def pass_activation_bytes(
     """``(held, peak)`` of one pass with gradients (embeddings, ``blocks`` blocks, the output
     layer or D's heads), as :func:`megatron_apt.config.memory.pass_activation_bytes`."""
     if lay.cp != 1:
-        raise ValueError("context parallelism is not implemented for the Wan family")
+        raise ValueError("the Wan memory inventory does not model context parallelism yet")
     d, m = cfg.hidden_size, lay.m
     blocks = cfg.num_layers if blocks is None else blocks
     held = embed_bytes(cfg, n_visual, n_text, batch, lay)
@@ -244,11 +245,11 @@ def wan_phase_flops(
 
 
 def check(inp: MemoryPlanInput) -> None:
-    """Wan's limits beyond the heads and FFN divisibility: no context parallelism (yet)."""
+    """Wan's limits beyond the heads and FFN divisibility: CP is not modelled (yet)."""
     if inp.cp != 1:
         raise ValueError(
-            f"cp={inp.cp}: context parallelism is not implemented for the Wan family (WanDiT "
-            "refuses it); plan with cp=1"
+            f"cp={inp.cp}: the planner does not model the Wan family's context parallelism "
+            "yet (the model runs it; the activation inventory is CP = 1 only); plan with cp=1"
         )
 
 
@@ -263,5 +264,5 @@ WAN_MEMORY = FamilyMemory(
     check=check,
     vae=(4, 8, 8),
     text_len=512,
-    notes=("context parallelism is not implemented for Wan: CP = 1",),
+    notes=("the planner does not model Wan's context parallelism yet: CP = 1",),
 )
