@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Time the MMDiT (forward, forward+backward, one APT update) against diffusers' SD3 transformer.
+"""Time our model (forward, forward+backward, one APT update) against diffusers' twin of it.
 
-For a preset and a latent shape: warm-up calls, then ``--repeats`` timed calls (median kept) of
+For a preset of any model family (the MMDiT's, Wan2.1's: ``megatron_apt/models/families.py``)
+and a latent shape: warm-up calls, then ``--repeats`` timed calls (median kept) of
 
-* ``forward``: one MMDiT forward under ``torch.no_grad``;
+* ``forward``: one forward under ``torch.no_grad``;
 * ``fwd-bwd``: forward + ``backward`` of a scalar loss (the parameter gradients);
 * ``apt``: one full APT update in plain torch: ``discriminator_step`` + backward + RMSprop step
   of D, then ``generator_step`` + backward + RMSprop step of G with D frozen;
@@ -13,17 +14,21 @@ For a preset and a latent shape: warm-up calls, then ``--repeats`` timed calls (
   G's EMA; one process) against plain torch, interleaved; ``--profile`` adds where the time
   goes (cProfile of both).
 
-``--compile`` compiles every transformer block (ours per MMDiT block, diffusers' per
-``transformer_blocks`` entry: regional, the same way); ``--compile both`` times eager and
-compiled copies of every contender in the same run, repeats interleaved.
+``--compile`` compiles every transformer block (ours per block, diffusers' per entry of its
+block list, ``transformer_blocks`` in SD3, ``blocks`` in Wan: regional, the same way);
+``--compile both`` times eager and compiled copies of every contender in the same run, repeats
+interleaved.
 
-Reported per phase: median time, tokens/s, achieved TFLOP/s from the analytic FLOP count
-(``megatron_apt.config.flops.forward_flops``: linear layers + attention; fwd+bwd = 3x forward;
-APT update ~ 15x forward, see ``apt_flops``), utilization against a dense matmul of matching size
-measured in the same run and, on a GPU with a known datasheet, against its peak; peak memory.
-diffusers' ``SD3Transformer2DModel`` of the same width, depth, heads and token count is timed in
-the same run (repeats interleaved with ours) and ``ours / diffusers`` printed: <= 1.0 means we
-are at least as fast.
+Reported per phase: median time, tokens/s, achieved TFLOP/s from the family's analytic FLOP
+count (``ModelFamily.forward_flops``: linear layers + attention; fwd+bwd = 3x forward; APT
+update ~ 15x forward, see ``APT_FORWARD_EQUIVALENTS``), utilization against a dense matmul of
+matching size measured in the same run and, on a GPU with a known datasheet, against its peak;
+peak memory. diffusers' twin is timed in the same run (repeats interleaved with ours) and
+``ours / diffusers`` printed: <= 1.0 means we are at least as fast. The twin
+(``megatron_apt/benchmarking/twins.py``): for an MMDiT preset ``SD3Transformer2DModel`` of the
+same width, depth, heads and token count (its own weights; images only); for a Wan preset
+``WanTransformer3DModel`` of the same config loaded with our weights (``to_diffusers``), whose
+output must agree with ours before anything is timed (exit code 1 if not).
 
     python tools/benchmark.py --preset mid --latent 1x64x64 --batch 1 --threads 2
     python tools/benchmark.py --preset tiny --latent 1x8x8 --warmup 1 --repeats 2 --json-out b.json
@@ -32,9 +37,15 @@ are at least as fast.
         --phases trainer-apt --profile
     python tools/benchmark.py --preset mmdit-8b --latent 13x90x160 --text-len 256 --device cuda \\
         --dtype bf16 --layer-spec te --phases forward --skip-diffusers --json-out h100.json
+    python tools/benchmark.py --preset wan-debug --override num_heads=4 --override head_dim=64 \\
+        --latent 5x16x16 --text-len 64 --phases forward,fwd-bwd --compile both
+    python tools/benchmark.py --preset wan2.1-t2v-1.3b --latent 21x60x104 --text-len 512 \\
+        --device cuda --dtype bf16 --phases forward
 
 Exit code 2 for a bad argument (unknown preset, a latent not divisible by the patch, a layer
-spec this machine cannot build).
+spec this machine cannot build, an ``--override`` the config refuses); 1 when ours and a
+same-weights twin disagree. Every phase runs for every family (Wan's APT update and trainer
+through the family-neutral builders and trainer).
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from megatron_apt.benchmarking.device import resolve_device  # noqa: E402
 from megatron_apt.benchmarking.report import (  # noqa: E402, F401 (the tests read them here)
     APT_FORWARD_EQUIVALENTS,
     FLOP_FORMULA,
+    FLOP_FORMULAS,
     benchmark_flops,
     contenders,
     device_description,
@@ -69,15 +81,20 @@ from megatron_apt.benchmarking.timing import (  # noqa: E402
     measure_peak_memory,
     time_interleaved,
 )
+from megatron_apt.benchmarking.twins import (  # noqa: E402
+    AgreementError,
+    check_agreement,
+    prepare_ours,
+    twin_for,
+)
 from megatron_apt.benchmarking.workloads import (  # noqa: E402
     apt_update_call,
-    diffusers_calls,
     make_inputs,
     ours_calls,
 )
 from megatron_apt.config.flops import visual_tokens  # noqa: E402
-from megatron_apt.config.model import PRESETS, MMDiTConfig, get_preset  # noqa: E402
 from megatron_apt.models.compile import compile_blocks, compile_status  # noqa: E402
+from megatron_apt.models.families import FAMILIES, family_of, get_preset  # noqa: E402
 from megatron_apt.utils.throughput import datasheet_peak  # noqa: E402
 
 PHASES = {
@@ -87,6 +104,7 @@ PHASES = {
     "trainer-apt": "trainer_apt_update",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRESETS = sorted(name for family in FAMILIES.values() for name in family.presets)
 
 
 class UsageError(ValueError):
@@ -110,7 +128,22 @@ def parse_latent(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
-def check_latent(cfg: MMDiTConfig, latent: tuple[int, int, int], preset: str) -> None:
+def parse_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of ``--override``: VALUE as JSON (a list becomes a tuple), else the
+    string itself."""
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(
+            f"--override wants FIELD=VALUE (e.g. num_layers=4), got {text!r}"
+        )
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return field.strip(), tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def check_latent(cfg, latent: tuple[int, int, int], preset: str) -> None:
     """``UsageError`` naming the value when a latent size is not divisible by its patch."""
     text = "x".join(str(v) for v in latent)
     bad = [
@@ -130,7 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Example: python tools/benchmark.py --preset mid --latent 1x64x64 --threads 2",
     )
-    ap.add_argument("--preset", default="mid", choices=sorted(PRESETS), help="model preset")
+    ap.add_argument("--preset", default="mid", choices=PRESETS, help="model preset of any family")
+    ap.add_argument(
+        "--override",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a field of the preset's config (VALUE as JSON; repeatable), e.g. "
+        "--preset wan-debug --override num_heads=4 --override head_dim=64: a size between "
+        "the presets (the family's get_preset(name, **overrides))",
+    )
     ap.add_argument(
         "--latent",
         type=parse_latent,
@@ -156,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls, median (default 5)")
     ap.add_argument(
-        "--skip-diffusers", action="store_true", help="do not time diffusers' SD3 transformer"
+        "--skip-diffusers",
+        action="store_true",
+        help="do not time diffusers' twin (SD3Transformer2DModel / WanTransformer3DModel)",
     )
     ap.add_argument(
         "--phases",
@@ -170,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         choices=("off", "on", "both"),
         help="torch.compile every transformer block of every model (regional, the same way: "
-        "ours per MMDiT block, diffusers' per transformer_blocks entry); 'both' times eager "
+        "ours per block, diffusers' per transformer_blocks (SD3) or blocks (Wan) entry); "
+        "'both' times eager "
         "and compiled copies in the same run; the warm-up calls compile (default off; "
         "--compile alone = on)",
     )
@@ -207,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace):
     """Validate the arguments; ``UsageError`` naming the bad value."""
     try:
-        cfg = get_preset(args.preset)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        cfg = get_preset(args.preset, **dict(args.override))
+    except (ValueError, TypeError) as e:  # TypeError: a field the config does not have
+        overrides = " ".join(f"{k}={v}" for k, v in args.override)
+        raise UsageError(f"--preset {args.preset} --override {overrides}: {e}") from None
     check_latent(cfg, args.latent, args.preset)
     for name in ("batch", "text_len", "repeats", "accumulation"):
         if getattr(args, name) < 1:
@@ -258,6 +305,8 @@ def _describe(args, cfg, spec, device, dtype, n_vis: int, flops: dict, ref: dict
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "preset": args.preset,
+        "family": family_of(cfg).name,
+        "overrides": dict(args.override),
         "config": cfg.to_dict(),
         "layer_spec": spec.name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -269,7 +318,7 @@ def _describe(args, cfg, spec, device, dtype, n_vis: int, flops: dict, ref: dict
         "warmup": args.warmup,
         "repeats": args.repeats,
         "compile": args.compile,
-        "flops": {**flops, "formula": FLOP_FORMULA},
+        "flops": {**flops, "formula": FLOP_FORMULAS[family_of(cfg).name]},
         "reference": ref,
         "phases": {},
     }
@@ -285,43 +334,31 @@ def _name(who: str, compiled: bool, args) -> str:
 
 
 def _diffusers_twin(args, cfg, phases, result: dict):
-    """The keyword arguments of diffusers' SD3 transformer of our model's size, or None with
-    the reason recorded."""
+    """diffusers' twin of our model (:func:`megatron_apt.benchmarking.twins.twin_for`) and its
+    constructor's arguments, or ``(None, None)`` with the reason recorded."""
     latent = tuple(args.latent)
-    reason, kwargs = None, None
+    reason, twin, kwargs = None, None, None
     if args.skip_diffusers:
         reason = "--skip-diffusers"
     elif not any(p in phases for p in ("forward", "forward_backward")):
         reason = "no forward/fwd-bwd phase asked for"
-    elif latent[0] != 1:
-        reason = f"diffusers' SD3 transformer is images-only; --latent has T={latent[0]}"
     else:
         try:
             import diffusers
 
-            from megatron_apt.testing.diffusers_ref import sd3_kwargs_like
-
-            kwargs = sd3_kwargs_like(cfg, latent[1], latent[2])
+            twin = twin_for(cfg)
+            kwargs = twin.kwargs(cfg, latent)
             result["versions"]["diffusers"] = diffusers.__version__
         except ImportError:
             reason = "diffusers is not installed"
         except ValueError as e:
             reason = str(e)
     result["diffusers"] = {"skipped": reason}
-    if kwargs is not None:
-        result["diffusers"]["config"] = kwargs
-    return kwargs
-
-
-def _build_diffusers(args, kwargs, device, dtype, compiled: bool):
-    from megatron_apt.testing.diffusers_ref import sd3_transformer
-
-    torch.manual_seed(args.seed)
-    model = sd3_transformer(**kwargs).to(device, dtype).train()
-    if compiled:
-        for block in model.transformer_blocks:
-            block.compile()
-    return model
+    if reason is not None:
+        return None, None
+    result["diffusers"].update(class_name=twin.class_name, same_weights=twin.same_weights)
+    result["diffusers"]["config"] = kwargs
+    return twin, kwargs
 
 
 def _compare(entry: dict, a: str, b: str) -> None:
@@ -343,24 +380,38 @@ def _time_phase(args, fns: dict, flops: float, counts, ref, device) -> dict:
     return entry
 
 
-def _time_models(args, cfg, spec, phases, inputs, diff_kwargs, result, counts, device, dtype):
-    """forward / fwd-bwd of ours and diffusers' (eager, compiled or both), repeats
-    interleaved."""
-    from megatron_apt.models.builders import build_mmdit
+def _time_models(args, cfg, spec, phases, inputs, twin, diff_kwargs, result, counts, device,
+                 dtype):  # fmt: skip
+    """forward / fwd-bwd of ours and diffusers' twin (eager, compiled or both), repeats
+    interleaved; a twin with our weights must agree with ours first."""
+    from megatron_apt.models.builders import build_model
 
     calls, status = {}, {}
     for compiled in _variants(args):
         torch.manual_seed(args.seed)  # the same weights in the eager and the compiled copy
-        model = build_mmdit(cfg, spec=spec, params_dtype=dtype).to(device).train()
-        if compiled:
-            compile_blocks(model)
+        model = build_model(cfg, spec=spec, params_dtype=dtype).to(device).train()
+        prepare_ours(model, cfg)
         result["parameters"] = sum(p.numel() for p in model.parameters())
-        calls[_name("ours", compiled, args)] = ours_calls(model, inputs)
-        status[_name("ours", compiled, args)] = model
-        if diff_kwargs is not None:
-            twin = _build_diffusers(args, diff_kwargs, device, dtype, compiled)
-            result["diffusers"]["parameters"] = sum(p.numel() for p in twin.parameters())
-            calls[_name("diffusers", compiled, args)] = diffusers_calls(twin, inputs)
+        ours_name = _name("ours", compiled, args)
+        calls[ours_name] = ours_calls(model, inputs)
+        status[ours_name] = model
+        if twin is not None:
+            theirs = twin.build(diff_kwargs, model, cfg, device, dtype, args.seed)
+            result["diffusers"]["parameters"] = sum(p.numel() for p in theirs.parameters())
+            theirs_name = _name("diffusers", compiled, args)
+            calls[theirs_name] = twin.calls(theirs, inputs)
+            if twin.same_weights and "agreement" not in result["diffusers"]:
+                # once, before timing, eagerly (the copies are compiled after it)
+                result["diffusers"]["agreement"] = {
+                    "models": [ours_name, theirs_name],
+                    **check_agreement(calls[ours_name]["forward"],
+                                      calls[theirs_name]["forward"], dtype),
+                }  # fmt: skip
+            if compiled:
+                twin.compile(theirs)
+        if compiled:  # after the agreement check, which thus compiles nothing
+            compile_blocks(model)
+        gc.collect()
     for phase in phases:
         fns = {who: c[phase] for who, c in calls.items()}
         entry = _time_phase(args, fns, result["flops"][phase], counts, result["reference"], device)
@@ -443,12 +494,13 @@ def run_benchmark(args: argparse.Namespace, command: str = "") -> dict:
         "peak": datasheet_peak(device, dtype, spec.fp8),
     }
     result = _describe(args, cfg, spec, device, dtype, n_vis, flops, ref, command)
-    diff_kwargs = _diffusers_twin(args, cfg, phases, result)
+    twin, diff_kwargs = _diffusers_twin(args, cfg, phases, result)
     model_phases = [p for p in phases if p in ("forward", "forward_backward")]
     if model_phases:
         _time_models(
-            args, cfg, spec, model_phases, inputs, diff_kwargs, result, counts, device, dtype
-        )
+            args, cfg, spec, model_phases, inputs, twin, diff_kwargs, result, counts, device,
+            dtype,
+        )  # fmt: skip
     gc.collect()
     if "apt_update" in phases:
         _time_apt(args, cfg, spec, inputs, result, counts, device, dtype)
@@ -467,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_benchmark(args, command=command.strip())
     except UsageError as e:
         ap.error(str(e))  # exit code 2
+    except AgreementError as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 1
     print(markdown(result))
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,15 @@ Steps (each with its own time limit; a failed step is reported and the next one 
 4. ``bench-forward``: ``tools/benchmark.py --preset mmdit-8b --latent 13x90x160 --phases forward
    --dtype bf16 --layer-spec local`` (torch SDPA's flash kernel); the paper's Table 8 reports
    2.65 s for its 8B DiT at this shape on one H100, the goal here is <= 1.9 s;
-5. ``bench-apt``: the ``mid`` preset's APT update (G and D, forward + backward), its MFU;
-6. ``bench-compile``: issue 17's comparison on the GPU: ``tools/benchmark.py --preset mid
+5. ``bench-wan``: ``tools/benchmark.py --preset wan2.1-t2v-1.3b --latent 21x60x104 --text-len
+   512 --phases forward --dtype bf16 --layer-spec local``: Wan2.1's 1.3B transformer at 480p x
+   81 frames (32,760 visual tokens, umT5's 512 text tokens), ours against diffusers'
+   ``WanTransformer3DModel`` loaded with our weights (where diffusers imports; carry its
+   wheel), the outputs checked to agree before timing; ``eager_ratio`` = ours / diffusers.
+   Forward only: forward + backward of 32,760 tokens without recomputation does not fit one GPU
+   next to the twin;
+6. ``bench-apt``: the ``mid`` preset's APT update (G and D, forward + backward), its MFU;
+7. ``bench-compile``: issue 17's comparison on the GPU: ``tools/benchmark.py --preset mid
    --latent 1x64x64 --phases fwd-bwd --compile both --dtype bf16``, ours and diffusers'
    ``SD3Transformer2DModel`` (where diffusers imports; carry its wheel) eager and compiled per
    block in one run; ``meets_goal``: ours compiled / diffusers compiled <= 0.85.
@@ -77,6 +84,7 @@ REPORT_KEYS = (  # a step's results shown in gpu_check.md
     "compiled_ratio",
     "eager_ratio",
     "compiled_over_eager",
+    "agreement_rel_err",
     "meets_goal",
     "tests",
     "bf16_forward_rel_err",
@@ -468,6 +476,47 @@ class Check:
             cmd = self.py(tool, *self._bench_args(size), "--phases", phases, "--layer-spec",
                           "local", "--skip-diffusers", "--json-out", js)  # fmt: skip
             self.run(name, cmd, 420, check=lambda js=js, phases=phases: self._bench(js, phases))
+            if name == "bench-forward":
+                self.bench_wan()
+
+    def _wan_args(self) -> list[str]:
+        """Wan2.1 1.3B at 480p x 81 frames (VAE 4x8x8: latent 21x60x104) with umT5's 512
+        tokens in bf16 on the GPU; in a dry run ``wan-debug`` at a latent of 4 tokens, no
+        warm-up and one repeat (the code path, not a figure: it must stay cheap)."""
+        if self.dry:
+            return ["--preset", "wan-debug", "--latent", "1x4x4", "--text-len", "8", "--dtype",
+                    "fp32", "--device", "cpu", "--repeats", "1", "--warmup", "0"]  # fmt: skip
+        return ["--preset", "wan2.1-t2v-1.3b", "--latent", "21x60x104", "--text-len", "512",
+                "--dtype", "bf16", "--device", "cuda", "--repeats", "3",
+                "--warmup", "1"]  # fmt: skip
+
+    def bench_wan(self) -> None:
+        """Our Wan2.1 forward against diffusers' ``WanTransformer3DModel`` with the same
+        weights (the tool checks that both outputs agree before timing: exit 1 if not)."""
+        js = self.out / "bench-wan.json"
+        cmd = self.py(ROOT / "tools" / "benchmark.py", *self._wan_args(), "--phases", "forward",
+                      "--layer-spec", "local", "--json-out", js)  # fmt: skip
+        self.run("bench-wan", cmd, 240, check=lambda: self._wan(js))
+
+    def _wan(self, path: Path) -> dict:
+        result = json.loads(path.read_text())
+        entry = result["phases"]["forward"]
+        ours = entry["ours"]
+        twin = result["diffusers"]
+        out = {
+            "median_s": ours["median_s"],
+            "tokens_per_s": ours["tokens_per_s"],
+            "tflops": ours["tflops"],
+            "mfu": ours.get("utilization_vs_peak"),
+            "peak_mem_mib": ours["memory"]["peak_mib"],
+            "device": result["device"]["name"],
+            "diffusers": twin.get("skipped") or "timed",
+        }
+        if "diffusers" in entry:
+            out["diffusers_median_s"] = entry["diffusers"]["median_s"]
+            out["eager_ratio"] = entry["comparisons"]["ours / diffusers"]["ratio"]
+            out["agreement_rel_err"] = twin["agreement"]["rel_err"]
+        return out
 
     def bench_compile(self) -> None:
         """Issue 17 on the GPU: ours against diffusers' SD3 transformer of the same size, eager

@@ -8,7 +8,7 @@
 #   tools/gpu_lease.sh run [DIR] [ARGS...] # there, as the one device command: install DIR's
 #                                          # wheels into $GPU_LEASE_SITE (default /tmp/site),
 #                                          # run tools/gpu_check.sh ARGS with its report in
-#                                          # $OUT itself, rewritten after every step (6 files:
+#                                          # $OUT itself, rewritten after every step (7 files:
 #                                          # the device returns at most 8), and the bulky
 #                                          # runs and plain logs in $GPU_CHECK_DIR (default
 #                                          # /tmp/gpu_check): a command killed at its time
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 WHEELS=(
     "megatron-core==0.16.1"     # setup.py
-    "diffusers==0.42.1"         # setup.py; the bench-compile step's SD3 twin
+    "diffusers==0.42.1"         # setup.py; the bench-compile / bench-wan twins
     "hjson==3.1.0"              # deepspeed's requirements from here on
     "pydantic==2.14.4"
     "pydantic-core==2.50.5"     # the exact version pydantic 2.14.4 requires

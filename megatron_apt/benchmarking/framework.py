@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.config.training import DataConfig, OptimConfig, TrainConfig, parse_head_layers
 from megatron_apt.models.discriminator import DiscriminatorConfig
 from megatron_apt.models.specs import get_spec
@@ -33,7 +32,7 @@ PROFILE_TOP = 25  # functions kept per contender, by cumulative time
 
 
 def trainer_config(
-    model: MMDiTConfig,
+    model,
     latent: tuple[int, int, int],
     text_len: int,
     micro_batch: int,
@@ -45,9 +44,10 @@ def trainer_config(
     seed: int = 0,
     deepspeed_config: str | os.PathLike | None = None,
 ) -> TrainConfig:
-    """An APT run of ``model`` on synthetic latents of shape ``latent`` (T, H, W in latent
-    units), one process: the benchmark's workload through the trainer. ``deepspeed_config``:
-    a JSON merged over both engines' DeepSpeed configs (``--deepspeed-config-{g,d}``)."""
+    """An APT run of ``model`` (a config of any family) on synthetic latents of shape
+    ``latent`` (T, H, W in latent units), one process: the benchmark's workload through the
+    trainer. ``deepspeed_config``: a JSON merged over both engines' DeepSpeed configs
+    (``--deepspeed-config-{g,d}``)."""
     ds_json = None if deepspeed_config is None else str(deepspeed_config)
     t, h, w = latent
     return TrainConfig(
@@ -89,6 +89,7 @@ def trainer_apt_calls(
             f"on {device}; MEGATRON_APT_BACKEND=gloo keeps it on the CPU"
         )
     batch, _ = trainer.stream.next()  # the plain update's fixed batch: the trainer's shapes
+    batch = trainer._text_convention(batch)  # as the trainer feeds it (Wan: no text mask)
     dtype = trainer.dtype
     batch = {k: v.to(trainer.device) for k, v in batch.items()}
     batch["latents"] = batch["latents"].to(dtype)

@@ -11,11 +11,12 @@ import statistics
 
 import torch
 
-from megatron_apt.config.flops import forward_flops
+from megatron_apt.models.families import family_of
 
 __all__ = [
     "APT_FORWARD_EQUIVALENTS",
     "FLOP_FORMULA",
+    "FLOP_FORMULAS",
     "benchmark_flops",
     "contenders",
     "device_description",
@@ -43,9 +44,21 @@ FLOP_FORMULA = (
 )
 
 
+WAN_FLOP_FORMULA = (
+    "forward_flops (megatron_apt/models/wan/config.py): 2 FLOPs per multiply-add of every "
+    "linear layer (per block: self-attention q, k, v, out 4d^2 and cross-attention q, out "
+    "2d^2 per visual token, cross-attention k, v 2d^2 per text token, FFN 2*d*f per visual "
+    "token; patch, text and output projections) plus attention QK^T and AV (4*N^2*d "
+    "self, 4*N*L*d cross per block, N visual and L text tokens), times the batch; fwd+bwd = "
+    "3x forward; APT update = 15x forward (an estimate, see APT_FORWARD_EQUIVALENTS)"
+)
+FLOP_FORMULAS = {"mmdit": FLOP_FORMULA, "wan": WAN_FLOP_FORMULA}  # per model family
+
+
 def benchmark_flops(cfg, n_visual: int, n_text: int, batch: int) -> dict[str, float]:
-    """Analytic FLOPs of each benchmark phase."""
-    fwd = forward_flops(cfg, n_visual, n_text, batch)
+    """Analytic FLOPs of each benchmark phase (the forward from ``cfg``'s family:
+    ``ModelFamily.forward_flops``)."""
+    fwd = family_of(cfg).forward_flops(cfg, n_visual, n_text, batch)
     return {
         "forward": fwd,
         "forward_backward": 3 * fwd,
@@ -114,8 +127,20 @@ def markdown(result: dict) -> str:
     dev = result["device"]
     mm, peak = result["reference"]["matmul"], result["reference"]["peak"]
     compiled = {"off": "eager", "on": "compiled blocks", "both": "eager and compiled blocks"}
+    family = {"mmdit": "MMDiT", "wan": "Wan"}.get(result.get("family", "mmdit"), "Model")
+    twin = result["diffusers"]
+    if twin["skipped"]:
+        twin_text = twin["skipped"]
+    elif twin.get("agreement"):
+        a = twin["agreement"]
+        twin_text = (
+            f"{twin['class_name']}, same config, our weights (outputs agree: relative error "
+            f"{a['rel_err']:.2g} <= {a['tolerance']:g})"
+        )
+    else:
+        twin_text = f"{twin.get('class_name', 'SD3Transformer2DModel')}, same size"
     lines = [
-        f"## MMDiT benchmark: preset {result['preset']}, latent "
+        f"## {family} benchmark: preset {result['preset']}, latent "
         f"{'x'.join(map(str, result['latent']))}, batch {result['batch']}",
         "",
         f"- device: {dev['name']} ({dev['type']}, {dev['torch_threads']} torch threads), "
@@ -127,8 +152,7 @@ def markdown(result: dict) -> str:
         f"({mm['dtype']}): {mm['tflops']:.3g} TFLOP/s",
         "- datasheet peak: "
         + (f"{peak['device']} {peak['precision']} {peak['tflops']:g} TFLOP/s" if peak else "n/a"),
-        f"- warm-up {result['warmup']}, median of {result['repeats']}; diffusers: "
-        + (result["diffusers"]["skipped"] or "SD3Transformer2DModel, same size"),
+        f"- warm-up {result['warmup']}, median of {result['repeats']}; diffusers: {twin_text}",
     ]
     if "trainer" in result:
         t = result["trainer"]

@@ -1,5 +1,5 @@
-"""What ``tools/benchmark.py`` times: our MMDiT and diffusers' SD3 transformer of the same size
-(forward; forward + backward) and one APT update in plain torch."""
+"""What ``tools/benchmark.py`` times: our model of any family (forward; forward + backward; the
+diffusers twins are in :mod:`.twins`) and one APT update in plain torch."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_apt.config.model import MMDiTConfig
-
-__all__ = ["apt_update_call", "diffusers_calls", "make_inputs", "ours_calls"]
+__all__ = ["apt_update_call", "make_inputs", "model_calls", "ours_calls"]
 
 
-def make_inputs(
-    cfg: MMDiTConfig, batch: int, latent, text_len: int, dtype, device, seed: int
-) -> dict:
+def make_inputs(cfg, batch: int, latent, text_len: int, dtype, device, seed: int) -> dict:
+    """Random latents ``[B, C, T, H, W]``, t in [0, 1], text ``[B, L, text_dim]`` and a pooled
+    vector (SD3's twin always takes one; ``pooled_text`` is None for a config without it, e.g.
+    Wan)."""
     g = torch.Generator().manual_seed(seed)
     t, h, w = latent
     pooled_dim = cfg.pooled_text_dim or cfg.text_dim
@@ -33,38 +32,27 @@ def _backward_loss(out: torch.Tensor) -> None:
     out.float().square().mean().backward()
 
 
+def model_calls(run: Callable[[], torch.Tensor], model) -> dict[str, Callable[[], object]]:
+    """``{"forward": ..., "forward_backward": ...}`` of ``run`` (one forward of ``model``):
+    under ``torch.no_grad``; and with ``backward()`` of ``mean(out**2)`` after
+    ``zero_grad(set_to_none=True)``."""
+
+    def forward():
+        with torch.no_grad():
+            return run()
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        _backward_loss(run())
+
+    return {"forward": forward, "forward_backward": fwd_bwd}
+
+
 def ours_calls(model, inputs) -> dict[str, Callable[[], object]]:
+    """:func:`model_calls` of our model of any family: no text mask (the benchmark's text has
+    no padding; Wan's diffusers twin takes none), no pooled text for a family without it."""
     args = (inputs["latents"], inputs["timesteps"], inputs["text"], None, inputs["pooled_text"])
-
-    def forward():
-        with torch.no_grad():
-            return model(*args)
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        _backward_loss(model(*args))
-
-    return {"forward": forward, "forward_backward": fwd_bwd}
-
-
-def diffusers_calls(model, inputs) -> dict[str, Callable[[], object]]:
-    kw = dict(
-        hidden_states=inputs["latents"][:, :, 0],  # images: [B, C, H, W]
-        encoder_hidden_states=inputs["text"],
-        pooled_projections=inputs["pooled"],
-        timestep=inputs["timesteps"] * 1000.0,
-        return_dict=False,
-    )
-
-    def forward():
-        with torch.no_grad():
-            return model(**kw)[0]
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        _backward_loss(model(**kw)[0])
-
-    return {"forward": forward, "forward_backward": fwd_bwd}
+    return model_calls(lambda: model(*args), model)
 
 
 def apt_update_call(

@@ -1,10 +1,11 @@
 """tools/gpu_check.sh --dry-run: the GPU check's own steps on CPU (issue 14), so that the rare
 GPU minutes go to measuring, not to debugging the script: environment probe, tests/gpu (their
 CPU halves), a deepspeed-launched tiny APT run with save and resume (bit-exact in fp32 on CPU)
-and its throughput, and the benchmarks (the 8B forward, the APT update, ours against diffusers
-eager and compiled); the JSON and Markdown report in OUT after every step; the time budget that
-keeps the check inside one device command; a timed-out or stopped step takes its whole process
-group along (issue 29, item 11); a GPU-tests step that tested nothing fails."""
+and its throughput, and the benchmarks (the 8B forward, Wan2.1 against diffusers'
+WanTransformer3DModel with the same weights, the APT update, ours against diffusers eager and
+compiled); the JSON and Markdown report in OUT after every step; the time budget that keeps the
+check inside one device command; a timed-out or stopped step takes its whole process group along
+(issue 29, item 11); a GPU-tests step that tested nothing fails."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def test_gpu_check_dry_run(tmp_path):
     steps = {s["step"]: s for s in report["steps"]}
     assert set(steps) == {
         "environment", "gpu-tests", "train", "train-first-half", "resume", "bench-forward",
-        "bench-apt", "bench-compile",
+        "bench-wan", "bench-apt", "bench-compile",
     }  # fmt: skip
+    assert [s["step"] for s in report["steps"]].index("bench-wan") == 6  # after bench-forward
     assert report["complete"] and report["stopped"] is None
     compiled = steps["bench-compile"]
     assert compiled["compile_status"] == {"ours": "off", "ours compiled": "on"}
@@ -49,6 +51,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["environment"]["env"]["cuda_available"] is False
     assert steps["bench-forward"]["median_s"] > 0 and steps["bench-apt"]["tflops"] > 0
     assert steps["bench-apt"]["tokens_per_s"] > 0
+    wan = steps["bench-wan"]  # ours against diffusers' Wan with our weights, checked to agree
+    assert wan["diffusers"] == "timed" and wan["eager_ratio"] > 0 and wan["median_s"] > 0
+    assert 0 <= wan["agreement_rel_err"] < 1e-3 and wan["diffusers_median_s"] > 0
     # tests/gpu's CPU halves measured: parity figures and the planner against live tensors
     tests = steps["gpu-tests"]
     assert tests["test_counts"]["cpu_passed"] >= 7 and tests["test_counts"]["cpu_failed"] == 0
@@ -63,7 +68,7 @@ def test_gpu_check_dry_run(tmp_path):
     # OUT holds only what the device returns (<= 8 files); logs and runs are in OUT/work
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     assert names == ["bench-apt.json", "bench-compile.json", "bench-forward.json",
-                     "gpu_check.json", "gpu_check.md", "logs.tgz"]  # fmt: skip
+                     "bench-wan.json", "gpu_check.json", "gpu_check.md", "logs.tgz"]  # fmt: skip
     assert (out / "work" / "logs" / "train.log").read_text().count("TRAINING-DONE") == 1
     with tarfile.open(out / "logs.tgz") as t:
         assert {"logs/train.log", "logs/bench-compile.log", "logs/gpu-tests.json"} <= set(

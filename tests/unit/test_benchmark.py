@@ -1,6 +1,7 @@
-"""tools/benchmark.py on the tiny preset (diffusers comparison included): every JSON field is
-there with sane values; bad arguments exit with code 2 and name the value. No wall-clock
-assertions."""
+"""tools/benchmark.py on the tiny MMDiT preset (diffusers' SD3 twin of the same size) and the
+wan-debug preset (diffusers' WanTransformer3DModel loaded with our weights, checked to agree
+before timing): every JSON field is there with sane values; bad arguments exit with code 2 and
+name the value; unmapped weights fail the agreement check. No wall-clock assertions."""
 
 import json
 import math
@@ -11,19 +12,26 @@ import sys
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
-from megatron_apt.config.flops import forward_flops
+from megatron_apt.models.families import family_of, get_preset
 from megatron_apt.testing.launch import REPO_ROOT
 from tools import benchmark
 
 pytest.importorskip("diffusers")
 
+# one run per family: (argv, latent, visual tokens per sample, warm-up, repeats)
+RUNS = {
+    "tiny": (["--latent", "1x8x8", "--warmup", "1", "--repeats", "2"], [1, 8, 8], 16, 1, 2),
+    # a video latent (T = 2: diffusers' Wan takes it, unlike SD3), the cheapest timing
+    "wan-debug": (["--latent", "2x4x4", "--warmup", "0", "--repeats", "1"], [2, 4, 4], 8, 0, 1),
+}
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    argv = ["--preset", "tiny", "--latent", "1x8x8", "--text-len", "8", "--batch", "2"]
-    argv += ["--warmup", "1", "--repeats", "2", "--device", "cpu", "--json-out", str(out)]
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def tiny_run(request, tmp_path_factory):
+    preset = request.param
+    out = tmp_path_factory.mktemp("bench") / f"{preset}.json"
+    argv = ["--preset", preset, *RUNS[preset][0], "--text-len", "8", "--batch", "2"]
+    argv += ["--device", "cpu", "--json-out", str(out)]
     assert benchmark.main(argv) == 0
     return json.loads(out.read_text())
 
@@ -34,27 +42,46 @@ def _positive(x) -> bool:
 
 def test_json_has_every_field(tiny_run, capsys):
     r = tiny_run
-    cfg = get_preset("tiny")
-    assert r["preset"] == "tiny" and r["latent"] == [1, 8, 8] and r["batch"] == 2
-    assert r["visual_tokens"] == 16 and r["text_tokens"] == 8 and r["tokens"] == 2 * 24
+    preset = r["preset"]
+    _, latent, n_vis, warmup, repeats = RUNS[preset]
+    cfg = get_preset(preset)
+    family = family_of(cfg)
+    assert r["family"] == family.name
+    assert r["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert r["latent"] == latent and r["batch"] == 2
+    assert r["visual_tokens"] == n_vis and r["text_tokens"] == 8 and r["tokens"] == 2 * (n_vis + 8)
     assert r["device"]["type"] == "cpu" and r["device"]["name"]
     assert r["dtype"] == "float32" and r["layer_spec"] == "local"
-    assert r["repeats"] == 2 and r["warmup"] == 1
-    fwd = forward_flops(cfg, 16, 8, 2)
+    assert r["repeats"] == repeats and r["warmup"] == warmup
+    fwd = family.forward_flops(cfg, n_vis, 8, 2)
     assert r["flops"]["forward"] == fwd
     assert r["flops"]["forward_backward"] == 3 * fwd
     assert r["flops"]["apt_update"] == benchmark.APT_FORWARD_EQUIVALENTS * fwd
-    assert "attention" in r["flops"]["formula"]
+    assert "attention" in r["flops"]["formula"] and family.name in ("mmdit", "wan")
+    assert ("wan/config.py" in r["flops"]["formula"]) == (family.name == "wan")
     mm = r["reference"]["matmul"]
-    assert mm["shape"] == [48, 64, 256] and _positive(mm["tflops"]) and _positive(mm["median_s"])
+    d = cfg.hidden_size
+    assert mm["shape"] == [r["tokens"], d, 4 * d]
+    assert _positive(mm["tflops"]) and _positive(mm["median_s"])
     assert r["reference"]["peak"] is None  # no datasheet peak on CPU
-    assert r["diffusers"]["skipped"] is None and r["diffusers"]["config"]["num_layers"] == 2
+    twin = r["diffusers"]
+    assert twin["skipped"] is None and twin["config"]["num_layers"] == 2
+    if family.name == "wan":  # the same function: our weights, outputs checked before timing
+        assert twin["class_name"] == "WanTransformer3DModel" and twin["same_weights"]
+        agreement = twin["agreement"]
+        assert agreement["models"] == ["ours", "diffusers"]
+        assert 0 <= agreement["rel_err"] <= agreement["tolerance"] == 1e-3
+        assert agreement["output_rms"] > 0.1  # a real output was compared, not 0 against 0
+        assert twin["parameters"] == r["parameters"] == family.count_parameters(cfg)
+    else:  # the same size, its own weights
+        assert twin["class_name"] == "SD3Transformer2DModel" and not twin["same_weights"]
+        assert "agreement" not in twin
     assert set(r["phases"]) == {"forward", "forward_backward", "apt_update"}
     assert r["compile"] == "off"
     for phase, entry in r["phases"].items():
         models = ("ours",) if phase == "apt_update" else ("ours", "diffusers")
         assert benchmark.contenders(entry) == list(models)
-        _check_stats(entry, models, r["flops"][phase], repeats=2)
+        _check_stats(entry, models, r["flops"][phase], repeats=repeats)
         if phase != "apt_update":
             _check_ratio(entry, "ours", "diffusers")
         else:
@@ -89,6 +116,24 @@ def test_markdown_table(tiny_run):
     text = benchmark.markdown(tiny_run)
     assert "| forward | ours |" in text and "| forward_backward | diffusers |" in text
     assert "| apt_update | ours |" in text and "| forward | ours / diffusers |" in text
+    if tiny_run["family"] == "wan":
+        assert text.startswith("## Wan benchmark: preset wan-debug")
+        assert "WanTransformer3DModel, same config, our weights (outputs agree" in text
+
+
+def test_wan_twin_with_unmapped_weights_fails_the_agreement_check(monkeypatch, capsys):
+    """The negative control of the agreement check: diffusers' Wan loaded with its own random
+    weights instead of ours (mapped by ``to_diffusers``) computes another function; the
+    benchmark stops before timing anything, exit code 1, saying why."""
+    from megatron_apt.benchmarking import twins
+
+    monkeypatch.setattr(twins, "diffusers_state_of", lambda ours, cfg, twin: twin.state_dict())
+    argv = ["--preset", "wan-debug", "--latent", "1x4x4", "--text-len", "4", "--phases"]
+    argv += ["forward", "--warmup", "0", "--repeats", "1", "--device", "cpu"]
+    assert benchmark.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "ours and diffusers' twin disagree: relative error" in err, err
+    assert "weights are not mapped" in err
 
 
 def test_compile_both_times_eager_and_compiled_copies_in_one_run(tmp_path):
