@@ -107,8 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--summarize",
         nargs="+",
         metavar="RUN",
-        help="run nothing: read finished demo folders (one per seed) and write their key "
-        "numbers to --summary-json and a Markdown table (the README's) to stdout",
+        help="run nothing: read finished demo folders (one per seed; or a summary JSON written "
+        "earlier, whose seeds are kept) and write their key numbers to --summary-json and a "
+        "Markdown table (the README's) to stdout",
     )
     p.add_argument(
         "--summary-json",
@@ -134,11 +135,18 @@ def _ci(row: dict, key: str, digits: int) -> str:
 
 def summarize(folders: list[str], out_json: str) -> str:
     """The demo runs' key numbers (``out_json``) and the README's table of them (returned).
-    Every number is read from a run's results.json and the APT run's metrics.jsonl."""
+    Every number is read from a run's results.json and the APT run's metrics.jsonl, or from a
+    summary JSON written earlier by this function (a ``.json`` among ``folders``: its seeds are
+    kept, a run folder of the same seed replaces its entry)."""
     from megatron_apt.evaluation.checks import d_accuracy_band
 
-    seeds = []
-    for folder in map(Path, folders):
+    seeds, stored = [], {}
+    for path in (Path(f) for f in folders if f.endswith(".json")):
+        if not path.is_file():
+            sys.exit(f"demo --summarize: {path} missing")
+        for s in json.loads(path.read_text())["seeds"]:
+            stored[s["seed"]] = s
+    for folder in (Path(f) for f in folders if not f.endswith(".json")):
         res_path = folder / "results.json"
         if not res_path.is_file():
             sys.exit(f"demo --summarize: {res_path} missing (is {folder} a finished demo?)")
@@ -164,6 +172,8 @@ def summarize(folders: list[str], out_json: str) -> str:
             "checks": res["demo"]["checks"],
             "stage_seconds": {k: round(v) for k, v in progress.items() if not k.startswith("_")},
         })  # fmt: skip
+    fresh = {s["seed"] for s in seeds}
+    seeds += [s for k, s in stored.items() if k not in fresh]
     seeds.sort(key=lambda s: s["seed"])
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps({"seeds": seeds}, indent=1) + "\n")
