@@ -91,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seed of the three training stages (weights, data order, noise) and of the "
         "generation noise; no recipe pins one: the demo is meant to hold for any seed",
     )
+    p.add_argument(
+        "--arch",
+        choices=("mmdit", "wan"),
+        default="mmdit",
+        help="model family of the teacher, consistency model, G and D: the MMDiT (`demo` preset)"
+        " or Wan2.1's blocks (`demo-wan`, the same width and depth); default output folder "
+        "runs/demo-seed<SEED> or runs/demo-wan-seed<SEED>",
+    )
     p.add_argument("--nproc", type=int, default=2, help="training processes")
     p.add_argument(
         "--launcher",
@@ -213,7 +221,10 @@ def summarize(folders: list[str], out_json: str) -> str:
 class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.out = Path(args.out or ROOT / "runs" / f"demo-seed{args.seed}").resolve()
+        arch = getattr(args, "arch", "mmdit")
+        tag = "" if arch == "mmdit" else f"{arch}-"
+        self.out = Path(args.out or ROOT / "runs" / f"demo-{tag}seed{args.seed}").resolve()
+        self.model_args = [] if arch == "mmdit" else ["--model", f"demo-{arch}"]
         self.quick = args.quick
         self.bin = Path(sys.executable).parent
         self.py = sys.executable
@@ -350,7 +361,7 @@ class Demo:
         load = save if load is None or (save / LATEST).is_file() else load
         cmd = [*self.launch(), ROOT / "pretrain_apt.py", "--recipe", f"demo-{stage}",
                "--data-path", self.p("shards"), "--save", save, "--load", load,
-               "--seed", str(seed), *extra]  # fmt: skip
+               "--seed", str(seed), *self.model_args, *extra]  # fmt: skip
         if stage in self.iters:  # quick: a few updates, unless the caller set them
             iters = [] if "--train-iters" in extra else ["--train-iters", str(self.iters[stage])]
             warmup = ["--d-warmup-iters", "1"] if stage == "apt" else []  # recipe: 40 of 240
@@ -460,7 +471,15 @@ class Demo:
                 f"demo: {self.out} holds a run with --seed {self.progress['_seed']}; use another"
                 " --out or delete it"
             )
+        arch = getattr(self.args, "arch", "mmdit")
+        # a folder from before --arch existed holds an MMDiT run
+        held = self.progress.get("_arch", "mmdit" if set(STAGES) & set(self.progress) else arch)
+        if held != arch:
+            sys.exit(
+                f"demo: {self.out} holds a run with --arch {held}; use another --out or delete it"
+            )
         self.progress["_quick"], self.progress["_seed"] = self.quick, self.args.seed
+        self.progress["_arch"] = arch
         redo = self.args.redo
         missing = [s for s in STAGES if s not in self.progress]
         if (

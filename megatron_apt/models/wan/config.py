@@ -169,8 +169,23 @@ def wan21_t2v_14b() -> WanConfig:
     return WanConfig(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40)
 
 
+def demo_wan() -> WanConfig:
+    """4 layers, 4 heads of 32 (width 128), FFN 512: the Wan-family twin of the MMDiT `demo`
+    preset (`make demo DEMO_ARGS="--arch wan"`: 4-channel 8x8 latents, 1x2x2 patches, the
+    demo's 32-wide T5 text)."""
+    return WanConfig(
+        in_channels=4,
+        num_heads=4,
+        head_dim=32,
+        ffn_dim=512,
+        num_layers=4,
+        text_dim=32,
+    )
+
+
 WAN_PRESETS: dict[str, Callable[[], WanConfig]] = {
     "wan-debug": wan_debug,
+    "demo-wan": demo_wan,
     "wan2.1-t2v-1.3b": wan21_t2v_1_3b,
     "wan2.1-t2v-14b": wan21_t2v_14b,
 }
