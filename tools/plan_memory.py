@@ -3,10 +3,10 @@
 
 Components: G and D weights, G's EMA, gradients, optimizer states (RMSprop: one fp32 state per
 parameter; fp32 master weights with bf16), activations from the model family's saved-tensor
-inventory (megatron_apt/config/memory.py explains every term for the MMDiT,
-megatron_apt/models/wan/memory.py for Wan2.1), and the step time from the analytic FLOPs at a
-stated utilization. Any family's preset (--model); Wan's default VAE is 4x8x8 and its text
-512 umT5 tokens.
+inventory (megatron_apt/models/mmdit/memory.py explains every term for the MMDiT,
+megatron_apt/models/wan/memory.py for Wan2.1, megatron_apt/config/memory.py the rest), and the
+step time from the analytic FLOPs at a stated utilization. Any family's preset (--model); Wan's
+default VAE is 4x8x8 and its text 512 umT5 tokens.
 
     python tools/plan_memory.py                      # the paper's image and video set-ups
     python tools/plan_memory.py --recipe mmdit-8b-video-apt --gpus 1024 --recompute all
@@ -28,22 +28,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_apt.config.memory import (  # noqa: E402
     GIB,
     H100_PEAK_TFLOPS,
-    MMDIT_MEMORY,
     FamilyMemory,
     MemoryPlan,
     MemoryPlanInput,
     layout_rule,
     plan_memory,
 )
-from megatron_apt.config.model import PRESETS as MMDIT_PRESETS  # noqa: E402
-from megatron_apt.config.model import MMDiTConfig  # noqa: E402
-from megatron_apt.config.model import get_preset as mmdit_preset  # noqa: E402
 from megatron_apt.config.recipes import RECIPES, get_recipe  # noqa: E402
 from megatron_apt.config.training import parse_head_layers  # noqa: E402
+from megatron_apt.models.mmdit.config import PRESETS as MMDIT_PRESETS  # noqa: E402
+from megatron_apt.models.mmdit.config import MMDiTConfig  # noqa: E402
+from megatron_apt.models.mmdit.config import get_preset as mmdit_preset  # noqa: E402
+from megatron_apt.models.mmdit.memory import MMDIT_MEMORY  # noqa: E402
 
 # The family registry (megatron_apt.models.families) loads torch and megatron-core (seconds):
-# it is imported only for a model of another family than the MMDiT, whose planner terms are in
-# config/ (the paper's set-ups and every recipe plan in a fraction of a second).
+# it is imported only for a model of another family than the MMDiT, whose config and planner
+# terms are plain Python (the paper's set-ups and every MMDiT recipe plan in a fraction of a
+# second).
 
 
 def get_model(name: str):

@@ -35,7 +35,7 @@ APT_FORWARD_EQUIVALENTS = 15
 
 
 FLOP_FORMULA = (
-    "forward_flops (megatron_apt/config/flops.py): 2 FLOPs per multiply-add of every "
+    "forward_flops (megatron_apt/models/mmdit/config.py): 2 FLOPs per multiply-add of every "
     "linear layer a token passes through (per block and stream: qkv 3d^2, out d^2, "
     "MLP 2*d*f; patch/text embeddings and the output projection) plus attention "
     "QK^T and AV (4*S^2*d per block, S = visual + text tokens), times the batch; "

@@ -1,6 +1,7 @@
 """The MMDiT family's diffusers directories (``SD3Transformer2DModel``): the key and config
-mapping lives with the family (:mod:`megatron_apt.models.sd3_mapping`, re-exported here), the
-directory reading and writing is family-neutral (:mod:`megatron_apt.checkpoint.diffusers_dir`).
+mapping lives with the family (:mod:`megatron_apt.models.mmdit.diffusers_mapping`,
+re-exported here), the directory reading and writing is family-neutral
+(:mod:`megatron_apt.checkpoint.diffusers_dir`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from megatron_apt.checkpoint.diffusers_dir import (
     read_diffusers_dir,
 )
 from megatron_apt.checkpoint.diffusers_dir import write_diffusers_dir as write_sd3_dir
-from megatron_apt.models.sd3_mapping import (
+from megatron_apt.models.mmdit.diffusers_mapping import (
     SD3_CLASS,
     SD3_CONFIG_KEYS,
     fuse_qkv,

@@ -1,8 +1,8 @@
-"""Analytic FLOPs of one MMDiT forward (matmuls of the linear layers + attention).
+"""FLOPs of the training phases, for every model family (2 FLOPs per multiply-add).
 
-Counted as 2 FLOPs per multiply-add. Linear layers: 2 x (weights that a token passes through)
-per token; attention: QK^T and AV, 2 x 2 x S^2 x hidden per layer over the joint sequence.
-Norms, RoPE, softmax and elementwise work are left out (a few percent at these widths).
+A family's forward FLOPs are its own (``ModelFamily.forward_flops``: the MMDiT's in
+``models/mmdit/config.py``, Wan2.1's in ``models/wan/config.py``); here the phases (forward,
+backward, recompute, the teacher, G and D of APT) are counted from them.
 """
 
 from __future__ import annotations
@@ -11,32 +11,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from megatron_apt.config.model import MMDiTConfig
-
 PAPER_HEAD_FRACTIONS = (16 / 36, 26 / 36, 36 / 36)  # as models/discriminator.py
 PHASES = ("diffusion", "consistency", "apt_d", "apt_d_frozen", "apt_g")
 """Micro-batch phases of the training stages whose FLOPs :func:`phase_flops` counts."""
 
 
-def visual_tokens(cfg: MMDiTConfig, frames: int, height: int, width: int) -> int:
+def visual_tokens(cfg: Any, frames: int, height: int, width: int) -> int:
     """Tokens of a latent ``[C, frames, height, width]`` after patchify (sizes in latents)."""
     pt, ph, pw = cfg.patch_size
     return (frames // pt) * (height // ph) * (width // pw)
-
-
-def forward_flops(cfg: MMDiTConfig, n_visual: int, n_text: int, batch: int = 1) -> float:
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    s = n_visual + n_text
-    stream_full = 3 * d * d + d * d + 2 * d * f  # qkv, out, mlp
-    flops = 0.0
-    for i in range(cfg.num_layers):
-        pre_only = cfg.context_pre_only_last and i == cfg.num_layers - 1
-        flops += 2 * n_visual * stream_full
-        flops += 2 * n_text * (3 * d * d if pre_only else stream_full)
-        flops += 4 * s * s * d
-    flops += 2 * n_visual * (cfg.patch_dim * d + d * cfg.out_patch_dim)
-    flops += 2 * n_text * cfg.text_dim * d
-    return flops * batch
 
 
 def default_head_layers(num_layers: int) -> tuple[int, ...]:
@@ -45,9 +28,9 @@ def default_head_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(min(num_layers, max(1, round(f * num_layers))) for f in PAPER_HEAD_FRACTIONS)
 
 
-def discriminator_config(cfg: MMDiTConfig, head_layers: Sequence[int] | None = None) -> MMDiTConfig:
-    """The part of the MMDiT that D runs: its blocks up to the last head (the paper's heads
-    by default), without the output layer's text stream after it."""
+def discriminator_config(cfg: Any, head_layers: Sequence[int] | None = None) -> Any:
+    """The part of the model that D runs: its blocks up to the last head (the paper's heads
+    by default); an MMDiT's without the output layer's text stream after it."""
     last = max(head_layers or default_head_layers(cfg.num_layers))
     if not hasattr(cfg, "context_pre_only_last"):  # another family (Wan): the first blocks
         return dataclasses.replace(cfg, num_layers=last)
@@ -59,13 +42,13 @@ def discriminator_config(cfg: MMDiTConfig, head_layers: Sequence[int] | None = N
 
 
 def phase_flops(
-    cfg: MMDiTConfig,
+    cfg: Any,
     phase: str,
     n_visual: int,
     n_text: int,
     recompute: int = 0,
     head_layers: Sequence[int] | None = None,
-    forward: Callable[..., float] = forward_flops,
+    forward: Callable[..., float] | None = None,
     discriminator: Callable[[Any, Sequence[int] | None], Any] = discriminator_config,
 ) -> float:
     """FLOPs per SAMPLE of one micro-batch of a training phase (``recompute``: blocks whose
@@ -78,11 +61,16 @@ def phase_flops(
     * ``apt_g``: G forward + backward (3 + r), D forward and backward to its input (2 + r_D).
 
     ``r = recompute / num_layers`` (D: of its blocks). The discriminator's heads are left out
-    (< 1 % at these sizes). ``forward`` (FLOPs of one forward) and ``discriminator`` (the
-    config of the part of the model D runs) are the MMDiT's unless another family's are given
+    (< 1 % at these sizes). ``forward`` (FLOPs of one forward): the family's
+    (``ModelFamily.forward_flops``) when not given; ``discriminator`` (the config of the part
+    of the model D runs): :func:`discriminator_config` unless the family gives its own
     (``models/wan/memory.py``)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if forward is None:
+        from megatron_apt.models.families import family_of  # config/ imports models/ lazily
+
+        forward = family_of(cfg).forward_flops
     r = recompute / cfg.num_layers
     f_g = forward(cfg, n_visual, n_text)
     if phase == "diffusion":

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from megatron_apt.config.model import get_preset
 from megatron_apt.config.training import DataConfig, OptimConfig, TrainConfig
+
+
+def _mmdit_preset(name: str):
+    """The MMDiT preset ``name`` (config/ imports models/ lazily)."""
+    from megatron_apt.models.mmdit.config import get_preset as mmdit_preset
+
+    return mmdit_preset(name)
 
 
 def _tiny(stage: str, **kw) -> TrainConfig:
     base = dict(
         recipe=f"tiny-{stage}",
         stage=stage,
-        model=get_preset("tiny"),
+        model=_mmdit_preset("tiny"),
         micro_batch_size=2,
         global_batch_size=4,
         train_iters=4,
@@ -96,7 +102,7 @@ def _demo(stage: str, **kw) -> TrainConfig:
     base = dict(
         recipe=f"demo-{stage}",
         stage=stage,
-        model=get_preset("demo"),
+        model=_mmdit_preset("demo"),
         zero_stage=2,
         micro_batch_size=16,
         global_batch_size=32,
@@ -173,7 +179,7 @@ def mmdit_8b_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) -> T
     return TrainConfig(
         recipe="mmdit-8b-image-apt",
         stage="apt",
-        model=get_preset("mmdit-8b"),
+        model=_mmdit_preset("mmdit-8b"),
         layer_spec="auto",
         tensor_parallel=1,
         zero_stage=3,
@@ -203,7 +209,7 @@ def mmdit_8b_video_apt(micro_batch_size: int = 1) -> TrainConfig:
     return TrainConfig(
         recipe="mmdit-8b-video-apt",
         stage="apt",
-        model=get_preset("mmdit-8b"),
+        model=_mmdit_preset("mmdit-8b"),
         layer_spec="auto",
         tensor_parallel=4,
         sequence_parallel=True,
@@ -243,7 +249,7 @@ def sd35_large_image_consistency(
     return TrainConfig(
         recipe="sd35-large-image-consistency",
         stage="consistency",
-        model=get_preset("sd3.5-large"),
+        model=_mmdit_preset("sd3.5-large"),
         layer_spec="auto",
         zero_stage=3,
         bf16=True,
@@ -266,7 +272,7 @@ def sd35_large_image_apt(data_parallel: int = 256, micro_batch_size: int = 1) ->
     import). Memory: tools/plan_memory.py --recipe sd35-large-image-apt."""
     cfg = mmdit_8b_image_apt(data_parallel, micro_batch_size)
     cfg.recipe = "sd35-large-image-apt"
-    cfg.model = get_preset("sd3.5-large")
+    cfg.model = _mmdit_preset("sd3.5-large")
     cfg.data = SD35_IMAGE_DATA
     cfg.notes = "the paper's image hyper-parameters on the sd3.5-large preset; " + cfg.notes
     return cfg

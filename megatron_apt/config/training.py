@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_apt.config.flops import visual_tokens
-from megatron_apt.config.model import FP8_GEMM_COLS, FP8_GEMM_ROWS, get_preset
+from megatron_apt.config.fp8 import FP8_GEMM_COLS, FP8_GEMM_ROWS
 
 STAGES = ("diffusion", "consistency", "apt")
+
+
 OPTIMIZERS = ("rmsprop", "adam", "adamw")
 LR_DECAYS = ("constant", "cosine")
 # APT ablations (TrainConfig.r1_noise_std / d_timesteps; megatron_apt.stages.apt)
@@ -80,13 +82,20 @@ class HealthConfig:
     max_rollbacks: int = 3  # then stop
 
 
+def _default_model() -> Any:
+    """The MMDiT's ``tiny`` preset (config/ imports models/ lazily)."""
+    from megatron_apt.models.mmdit.config import get_preset
+
+    return get_preset("tiny")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     recipe: str = "custom"
     stage: str = "apt"
     # the model of any registered family (megatron_apt.models.families): an MMDiTConfig, a
     # WanConfig; serialized with its family's name ({"family": "wan", ...})
-    model: Any = field(default_factory=lambda: get_preset("tiny"))
+    model: Any = field(default_factory=_default_model)
     layer_spec: str = "local"
     # parallelism
     tensor_parallel: int = 1

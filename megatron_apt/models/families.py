@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
-from megatron_apt.config.flops import forward_flops as mmdit_forward_flops
-from megatron_apt.config.memory import MMDIT_MEMORY, FamilyMemory
-from megatron_apt.config.model import PRESETS as MMDIT_PRESETS
-from megatron_apt.config.model import MMDiTConfig
-from megatron_apt.config.model import count_parameters as mmdit_count_parameters
-from megatron_apt.models import sd3_mapping
+from megatron_apt.config.memory import FamilyMemory
+from megatron_apt.models.mmdit import config as mmdit_config
+from megatron_apt.models.mmdit import diffusers_mapping as mmdit_mapping
+from megatron_apt.models.mmdit.config import MMDiTConfig
+from megatron_apt.models.mmdit.memory import MMDIT_MEMORY
 from megatron_apt.models.wan import config as wan_config
 from megatron_apt.models.wan import diffusers_mapping as wan_mapping
 from megatron_apt.models.wan.memory import WAN_MEMORY
@@ -60,7 +59,7 @@ class ModelFamily:
     to_diffusers: Callable[[dict, Any], dict]
     imported_role: str  # the role of a model file converted from diffusers
     # the memory planner's terms: parameters per TP rank, activation inventory, FLOPs of the
-    # training phases (config/memory.py; tools/plan_memory.py)
+    # training phases (models/<name>/memory.py, on config/memory.py; tools/plan_memory.py)
     memory: FamilyMemory
     # (bytes, the config field responsible) of the buffers a build of cfg computes that no
     # stored tensor bounds (SD3's sin-cos table): a file header claiming much more than its
@@ -77,7 +76,7 @@ class ModelFamily:
 
 
 def _build_mmdit(cfg, ps=None, **kw) -> torch.nn.Module:
-    from megatron_apt.models.mmdit import MMDiT
+    from megatron_apt.models.mmdit.model import MMDiT
 
     return MMDiT(cfg, ps, **kw)
 
@@ -115,16 +114,16 @@ FAMILIES: dict[str, ModelFamily] = {
         name="mmdit",
         config_cls=MMDiTConfig,
         build=_build_mmdit,
-        count_parameters=lambda cfg: mmdit_count_parameters(cfg).total,
-        forward_flops=mmdit_forward_flops,
-        presets=MMDIT_PRESETS,
+        count_parameters=lambda cfg: mmdit_config.count_parameters(cfg).total,
+        forward_flops=mmdit_config.forward_flops,
+        presets=mmdit_config.PRESETS,
         describe=_describe_mmdit,
-        diffusers_class=sd3_mapping.SD3_CLASS,
-        config_from_diffusers=sd3_mapping.sd3_config_to_mmdit,
-        config_to_diffusers=sd3_mapping.mmdit_to_sd3_config,
-        diffusers_shapes=sd3_mapping.sd3_shapes,
-        from_diffusers=sd3_mapping.sd3_to_mmdit,
-        to_diffusers=sd3_mapping.mmdit_to_sd3,
+        diffusers_class=mmdit_mapping.SD3_CLASS,
+        config_from_diffusers=mmdit_mapping.sd3_config_to_mmdit,
+        config_to_diffusers=mmdit_mapping.mmdit_to_sd3_config,
+        diffusers_shapes=mmdit_mapping.sd3_shapes,
+        from_diffusers=mmdit_mapping.sd3_to_mmdit,
+        to_diffusers=mmdit_mapping.mmdit_to_sd3,
         imported_role="sd3",
         memory=MMDIT_MEMORY,
         unbounded_buffers=_mmdit_table_bytes,

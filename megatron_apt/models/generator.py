@@ -1,6 +1,6 @@
 """The one-step generator (paper section 3.2, eq. 5): G(z, c) = z - Ĝ(z, c, T).
 
-Ĝ is an :class:`~megatron_apt.models.mmdit.MMDiT` velocity model initialized from the
+Ĝ is an :class:`~megatron_apt.models.mmdit.model.MMDiT` velocity model initialized from the
 consistency-distilled weights and always evaluated at the final timestep T (t = 1 on our
 [0, 1] scale). The zero-shot two-step sampler takes the one-step sample to an intermediate
 time and applies Ĝ once more there, which the paper reports adds detail.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_apt.models.mmdit import MMDiT
+from megatron_apt.models.mmdit.model import MMDiT
 
 
 class Generator(nn.Module):

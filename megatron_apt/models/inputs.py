@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apt.config.model import MMDiTConfig
 from megatron_apt.models.embeddings import check_latent_shape
+from megatron_apt.models.mmdit.config import MMDiTConfig
 
 
 def check_input_shapes(cfg: MMDiTConfig, latents, timesteps, text, text_mask, pooled_text) -> None:

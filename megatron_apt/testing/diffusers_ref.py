@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.mmdit.config import MMDiTConfig
 
 # diffusers' tester size (its own SD3 unit tests): the ``tiny-sd3`` preset's twin
 # (hidden 4 x 16 = 64, 2 layers, text 32, pooled 24, base size 8 // 2 = 4, table 16).

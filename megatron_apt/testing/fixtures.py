@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apt.config.model import MMDiTConfig
+from megatron_apt.models.mmdit.config import MMDiTConfig
 
 
 def dummy_inputs(

@@ -202,9 +202,9 @@ def export_main(spec: dict) -> dict:
 
     os.environ.setdefault("MEGATRON_APT_BACKEND", "gloo")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megatron_apt.config import get_preset
     from megatron_apt.config.recipes import get_recipe
     from megatron_apt.engine.trainer import Trainer
+    from megatron_apt.models.mmdit import get_preset
 
     torch.set_num_threads(1)
     out_dir = tempfile.mkdtemp(prefix="export-probe-")

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 import megatron_apt.models.discriminator as discriminator_module
-import megatron_apt.models.mmdit as mmdit_module
+import megatron_apt.models.mmdit.model as mmdit_module
 import megatron_apt.models.wan.model as wan_module
-from megatron_apt.config import get_preset
 from megatron_apt.models import Discriminator, MMDiT
 from megatron_apt.models.families import get_preset as family_preset
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.models.wan import WanDiT
 from megatron_apt.parallel import initialize_parallel, single_process_state
 from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
@@ -129,7 +129,8 @@ def saved_bytes_case(ps):
     """Bytes of the distinct non-parameter storages autograd keeps for backward on this rank,
     against tools/plan_memory.py's inventory for the same layout (it divides the block
     activations by CP and counts the all-to-all's extra output copy)."""
-    from megatron_apt.config.memory import _Layout, pass_activation_bytes
+    from megatron_apt.config.memory import _Layout
+    from megatron_apt.models.mmdit.memory import pass_activation_bytes
 
     cfg = get_preset("tiny", num_layers=3)
     model = MMDiT(cfg, ps)

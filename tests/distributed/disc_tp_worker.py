@@ -7,8 +7,8 @@ import json
 import torch
 import torch.distributed as dist
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import Discriminator, Generator, MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.parallel import initialize_parallel, single_process_state
 from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step

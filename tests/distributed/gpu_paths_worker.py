@@ -85,8 +85,8 @@ def generate(name: str) -> dict:
     import importlib.util
 
     from megatron_apt.checkpoint.io import save_model_file
-    from megatron_apt.config import get_preset
     from megatron_apt.models import MMDiT
+    from megatron_apt.models.mmdit import get_preset
     from megatron_apt.testing import randomize_parameters
     from megatron_apt.text import build_tiny_text_encoder
     from megatron_apt.vae import build_tiny_vae

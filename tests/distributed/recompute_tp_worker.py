@@ -13,8 +13,8 @@ import json
 import torch
 import torch.distributed as dist
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import Discriminator, Generator, MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.parallel import initialize_parallel
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.testing import dummy_inputs, randomize_parameters

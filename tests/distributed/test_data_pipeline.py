@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_apt.config import get_preset
 from megatron_apt.data import (
     LatentShardReader,
     check_compatible,
@@ -21,6 +20,7 @@ from megatron_apt.data import (
     score_sample,
 )
 from megatron_apt.data.preprocess import PreprocessConfig, preprocess
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing.launch import REPO_ROOT, run_launcher
 from megatron_apt.text import TextEncoder, build_tiny_text_encoder
 from megatron_apt.vae import build_tiny_vae, load_vae

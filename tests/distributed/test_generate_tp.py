@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_apt.checkpoint.io import save_model_file
-from megatron_apt.config import get_preset
 from megatron_apt.data.media import read_frames
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing import randomize_parameters
 from megatron_apt.testing.launch import REPO_ROOT, run_launcher
 from megatron_apt.text import build_tiny_text_encoder

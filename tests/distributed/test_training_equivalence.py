@@ -392,7 +392,7 @@ def test_throughput_fields_are_the_analytic_flops_over_the_measured_time(
     is it over ``peak_tflops``, ``tokens_per_s`` the job's tokens per update over the time; for
     APT at DP 2, TP 2 + SP and CP 2, and for the diffusion and consistency stages."""
     from megatron_apt.config.flops import phase_flops, visual_tokens
-    from megatron_apt.config.model import get_preset
+    from megatron_apt.models.mmdit.config import get_preset
 
     cfg = get_preset("tiny")  # the tiny recipes' data: 2 x 8 x 8 latents, 6 text tokens
     n_vis, n_txt = visual_tokens(cfg, 2, 8, 8), 6

@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_apt.checkpoint.io import read_model_file
-from megatron_apt.config.model import get_preset
 from megatron_apt.engine.checkpointing import latest_checkpoint
+from megatron_apt.models.mmdit.config import get_preset
 from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
 from megatron_apt.utils.metrics import PERF_KEYS
 

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
 from megatron_apt.models.builders import build_model
 from megatron_apt.models.families import family_of
 from megatron_apt.models.families import get_preset as family_preset
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.parallel import initialize_parallel, single_process_state
 from megatron_apt.parallel.tensor_parallel import gather_state_dict, shard_state_dict
 from megatron_apt.testing import dummy_inputs, randomize_parameters
@@ -103,7 +103,7 @@ def main(out_path, quick=False):
     }
     # Negative control: without the TP gradient reduction of the tensors that see only this
     # rank's tokens/heads, sequence-parallel gradients must come out wrong.
-    import megatron_apt.models.mmdit as mmdit
+    import megatron_apt.models.mmdit.model as mmdit
     import megatron_apt.models.wan.model as wan
 
     for module, key, args in (

@@ -20,10 +20,10 @@ import gc
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.config.memory import MemoryPlanInput, plan_memory
 from megatron_apt.models import MMDiT
 from megatron_apt.models.build_options import model_build
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.gpu import MemoryMeter, to_device
 

@@ -37,10 +37,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
 from megatron_apt.models.build_options import model_build
 from megatron_apt.models.builders import build_discriminator, build_generator
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.gpu import (

@@ -4,8 +4,8 @@ attention, flash-attn. Skipped without CUDA (and without TE / flash-attn install
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT, get_spec
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.models.specs import FlashAttention, SDPAttention
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.gpu import require_gpu_package

@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.config.recipes import get_recipe
 from megatron_apt.config.training import OptimConfig, parse_head_layers, validate
 from megatron_apt.engine.engines import build_optimizer
@@ -20,6 +19,7 @@ from megatron_apt.engine.trainer import apt_config
 from megatron_apt.models import Discriminator, Generator, MMDiT
 from megatron_apt.models.builders import build_discriminator
 from megatron_apt.models.discriminator import DiscriminatorConfig
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.launch import REPO_ROOT

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.config.training import TrainConfig, parse_recompute_layers, validate
 from megatron_apt.models import (
     Discriminator,
@@ -28,6 +27,7 @@ from megatron_apt.models import (
     build_discriminator,
     build_generator,
 )
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.memory_probe import run_memory_probe as run_probe

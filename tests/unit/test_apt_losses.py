@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import Discriminator, Generator, MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.apt import (
     APTConfig,
     approx_r1_penalty,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_apt.config.model import get_preset
 from megatron_apt.models.builders import build_discriminator, build_generator
 from megatron_apt.models.compile import compile_blocks, compile_mmdits, compile_status
 from megatron_apt.models.mmdit import MMDiT
+from megatron_apt.models.mmdit.config import get_preset
 from megatron_apt.stages.apt import APTConfig, discriminator_step, frozen, generator_step
 
 ATOL = 1e-5

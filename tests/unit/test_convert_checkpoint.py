@@ -17,8 +17,8 @@ from torch.utils._pytree import tree_leaves
 from megatron_apt.checkpoint import convert, load_mmdit
 from megatron_apt.checkpoint.diffusers_sd3 import WEIGHTS_NAME
 from megatron_apt.checkpoint.io import save_model_file
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 from megatron_apt.testing.launch import REPO_ROOT
 

@@ -161,7 +161,7 @@ def test_a_missing_tensor_is_named(wan, tmp_path):
 
 def test_sd3_only_exports_refuse_a_wan_model(wan, tmp_path):
     from megatron_apt.checkpoint.pipeline_export import export_diffusers_pipeline
-    from megatron_apt.models.sd3_mapping import mmdit_to_sd3_config
+    from megatron_apt.models.mmdit.diffusers_mapping import mmdit_to_sd3_config
 
     _, root, _ = wan
     f = convert.import_diffusers(root, tmp_path / "wan.safetensors")

@@ -2,8 +2,8 @@
 
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.diffusion import (
     add_noise,
     euler_sample,

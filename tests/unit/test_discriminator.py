@@ -6,7 +6,6 @@ import torch
 
 from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.checkpoint.model_init import build_discriminator, build_generator
-from megatron_apt.config import get_preset
 from megatron_apt.models import (
     Discriminator,
     DiscriminatorConfig,
@@ -14,6 +13,7 @@ from megatron_apt.models import (
     MMDiT,
     default_head_layers,
 )
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.stages.diffusion import euler_sample
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 

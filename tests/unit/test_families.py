@@ -5,13 +5,14 @@ it still load); ``models/`` imports no checkpoint code and no DeepSpeed."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_apt.checkpoint.io import check_config_matches, read_model_file, save_model_file
-from megatron_apt.config import get_preset as mmdit_preset
 from megatron_apt.models.builders import build_model, build_skeleton
 from megatron_apt.models.families import (
     FAMILIES,
@@ -22,6 +23,7 @@ from megatron_apt.models.families import (
     get_family,
     get_preset,
 )
+from megatron_apt.models.mmdit import get_preset as mmdit_preset
 from megatron_apt.models.wan import get_wan_preset
 from megatron_apt.testing.launch import REPO_ROOT
 
@@ -58,6 +60,23 @@ def test_the_scan_sees_lazy_imports(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from megatron_apt.checkpoint import io\n    import deepspeed\n")
     assert {"megatron_apt.checkpoint", "deepspeed"} <= imported_modules(f)
+
+
+def test_config_imports_models_lazily():
+    """config/ imports models/ only inside functions, and the MMDiT's config and planner terms
+    import without torch (the training config, the recipes and tools/plan_memory.py for an
+    MMDiT stay light)."""
+    code = (
+        "import sys\n"
+        "import megatron_apt.config.fp8, megatron_apt.config.memory, megatron_apt.config.recipes\n"
+        "assert not [m for m in sys.modules if m.startswith('megatron_apt.models')]\n"
+        "from megatron_apt.config.recipes import get_recipe\n"
+        "import megatron_apt.models.mmdit.memory\n"
+        "assert type(get_recipe('mmdit-8b-video-apt').model).family == 'mmdit'\n"
+        "assert 'torch' not in sys.modules and 'megatron' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "wan-debug"])

@@ -32,8 +32,8 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.models.specs import local_spec
 from megatron_apt.parallel.state import ParallelState, single_process_state
 from megatron_apt.testing import dummy_inputs

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from megatron_apt.checkpoint import load_mmdit
 from megatron_apt.checkpoint.io import save_model_file
-from megatron_apt.config import get_preset
 from megatron_apt.data.media import read_frames, video_fps
 from megatron_apt.inference import (
     GenerationPipeline,
@@ -25,6 +24,7 @@ from megatron_apt.inference import (
     slugify,
 )
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing import randomize_parameters
 from megatron_apt.testing.launch import REPO_ROOT
 from megatron_apt.text import TextEncoder, build_tiny_text_encoder

@@ -19,11 +19,11 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.config.recipes import get_recipe
 from megatron_apt.config.training import validate
 from megatron_apt.inference.pipeline import GenerationPipeline
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.models.specs import check_flash_dtype, local_spec
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 
@@ -115,7 +115,7 @@ def test_init_from_a_model_file_into_a_model_with_extra_state(tmp_path):
 def test_te_linears_do_not_cache_fp8_weights_across_steps():
     """megatron's TE linears reuse their first FP8 weight copy unless the cache is disabled
     (issue 14, item 2; the GPU test of the effect is tests/gpu)."""
-    from megatron_apt.models.mmdit import megatron_config
+    from megatron_apt.models.mmdit.model import megatron_config
     from megatron_apt.parallel.state import single_process_state
 
     tcfg = megatron_config(get_preset("tiny"), single_process_state(), torch.float32, True)

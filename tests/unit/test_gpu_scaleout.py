@@ -23,9 +23,9 @@ import torch
 from megatron_apt.checkpoint.convert import build_skeleton, tensor_layout
 from megatron_apt.checkpoint.io import save_model_file
 from megatron_apt.checkpoint.model_init import build_discriminator, build_mmdit
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT, specs
-from megatron_apt.models import mmdit as mmdit_module
+from megatron_apt.models.mmdit import get_preset
+from megatron_apt.models.mmdit import model as mmdit_module
 from megatron_apt.models.specs import KeyMask, SDPAttention, local_spec
 from megatron_apt.parallel.state import configure_cuda_env
 from megatron_apt.testing import dummy_inputs, randomize_parameters

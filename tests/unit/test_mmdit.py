@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from megatron_apt.config import PRESETS, count_parameters, get_preset
 from megatron_apt.models import MMDiT
 from megatron_apt.models.embeddings import (
     apply_rope,
@@ -12,6 +11,7 @@ from megatron_apt.models.embeddings import (
     rope_rotation,
     unpatchify,
 )
+from megatron_apt.models.mmdit import PRESETS, count_parameters, get_preset
 from megatron_apt.parallel import ParallelState
 from megatron_apt.parallel.tensor_parallel import scatter_to_sequence_parallel
 from megatron_apt.testing import dummy_inputs, randomize_parameters

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from megatron_apt.checkpoint import load_mmdit
 from megatron_apt.checkpoint.io import FORMAT, FORMAT_VERSION, read_model_file
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 
 
 def write(path, cfg_dict=None, meta_over=None, state=None):

@@ -23,10 +23,10 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
 from megatron_apt.models.discriminator import Discriminator, DiscriminatorConfig
 from megatron_apt.models.generator import Generator
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.models.specs import SDPAttention, local_spec
 from megatron_apt.testing import dummy_inputs, randomize_parameters
 from megatron_apt.testing.devices import LogicalDevices

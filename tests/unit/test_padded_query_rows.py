@@ -20,10 +20,10 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
-from megatron_apt.models import mmdit as mmdit_module
 from megatron_apt.models.embeddings import rope_3d, rope_rotation
+from megatron_apt.models.mmdit import get_preset
+from megatron_apt.models.mmdit import model as mmdit_module
 from megatron_apt.models.specs import KeyMask, SDPAttention, as_key_mask, local_spec
 from megatron_apt.parallel.context_parallel import cp_key_mask
 from megatron_apt.testing import dummy_inputs, randomize_parameters

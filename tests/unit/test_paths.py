@@ -16,7 +16,7 @@ from megatron_apt.checkpoint.diffusers_sd3 import (
     mmdit_to_sd3_config,
     read_sd3_dir,
 )
-from megatron_apt.config import get_preset
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.utils.paths import contained
 
 OUTSIDE = ["../secret.safetensors", "/etc/passwd", "shards/../../x.safetensors"]

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-from megatron_apt.config.model import get_preset
 from megatron_apt.config.recipes import (
     PAPER_IMAGE_BATCH,
     RECIPES,
@@ -26,6 +25,7 @@ from megatron_apt.config.recipes import (
 )
 from megatron_apt.config.training import OptimConfig, lr_factor, plan_batch, validate
 from megatron_apt.engine.ds_config import build_deepspeed_config
+from megatron_apt.models.mmdit.config import get_preset
 from megatron_apt.testing.launch import REPO_ROOT
 
 # ------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_apt.config import count_parameters, get_preset
 from megatron_apt.models.embeddings import crop_sincos_2d, sincos_2d_table, timestep_features
+from megatron_apt.models.mmdit import count_parameters, get_preset
 from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 
 diffusers = pytest.importorskip("diffusers")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megatron_apt.checkpoint.diffusers_sd3 import sd3_to_mmdit
-from megatron_apt.config import get_preset
 from megatron_apt.models import MMDiT
+from megatron_apt.models.mmdit import get_preset
 from megatron_apt.testing.diffusers_ref import tiny_sd3_transformer
 
 pytest.importorskip("diffusers")

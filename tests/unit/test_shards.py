@@ -244,10 +244,10 @@ def test_stream_refuses_a_data_set_without_one_step_and_reports_dropped_buckets(
     ended in a bare StopIteration after the engines were built); buckets too small are named."""
     import dataclasses
 
-    from megatron_apt.config import get_preset
     from megatron_apt.config.recipes import get_recipe
     from megatron_apt.config.training import DataConfig
     from megatron_apt.engine.data import ShardStream
+    from megatron_apt.models.mmdit import get_preset
 
     make_dataset(tmp_path, {(4, 1, 4, 4): 6, (4, 1, 2, 2): 3})
     cfg = get_recipe("tiny-apt").replace(
@@ -267,10 +267,10 @@ def test_stream_epochs_follow_each_other_and_resume_at_an_epoch_end(tmp_path):
     while the uninterrupted run read epoch 2."""
     import dataclasses
 
-    from megatron_apt.config import get_preset
     from megatron_apt.config.recipes import get_recipe
     from megatron_apt.config.training import DataConfig
     from megatron_apt.engine.data import ShardStream
+    from megatron_apt.models.mmdit import get_preset
 
     make_dataset(tmp_path, {(4, 1, 4, 4): 12})
     cfg = get_recipe("tiny-apt").replace(
@@ -312,10 +312,10 @@ def test_resume_with_another_data_source_is_refused(tmp_path):
     data set of the same size was accepted. The stream state records its source."""
     import dataclasses
 
-    from megatron_apt.config import get_preset
     from megatron_apt.config.recipes import get_recipe
     from megatron_apt.config.training import DataConfig
     from megatron_apt.engine.data import ShardStream, SyntheticStream
+    from megatron_apt.models.mmdit import get_preset
 
     make_dataset(tmp_path / "a", {(4, 1, 4, 4): 8})
     make_dataset(tmp_path / "b", {(4, 1, 4, 4): 8}, seed=1)  # same size, other samples

@@ -4,8 +4,7 @@ import json
 import subprocess
 import sys
 
-from megatron_apt.config import count_parameters, get_preset
-from megatron_apt.config.flops import forward_flops
+from megatron_apt.models.mmdit import count_parameters, forward_flops, get_preset
 from megatron_apt.testing.launch import REPO_ROOT
 
 

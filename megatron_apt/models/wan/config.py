@@ -201,7 +201,7 @@ def get_wan_preset(name: str, **overrides) -> WanConfig:
 
 def forward_flops(cfg: WanConfig, n_visual: int, n_text: int, batch: int = 1) -> float:
     """Analytic FLOPs of one forward (2 per multiply-add; linears and attention, as
-    :func:`megatron_apt.config.flops.forward_flops` counts the MMDiT's): per block the
+    :func:`megatron_apt.models.mmdit.config.forward_flops` counts the MMDiT's): per block the
     self-attention (q, k, v, out and QK^T, AV over the visual tokens), the cross-attention
     (q and out on the visual tokens, k and v on the text, QK^T and AV visual x text) and the
     FFN; plus the patch, text and output projections. Norms, RoPE, softmax and the time

@@ -177,7 +177,7 @@ def pass_activation_bytes(
     heads: Sequence[int] = (),
 ) -> tuple[float, float]:
     """``(held, peak)`` of one pass with gradients (embeddings, ``blocks`` blocks, the output
-    layer or D's heads), as :func:`megatron_apt.config.memory.pass_activation_bytes`."""
+    layer or D's heads), as :func:`megatron_apt.models.mmdit.memory.pass_activation_bytes`."""
     if lay.cp != 1:
         raise ValueError("the Wan memory inventory does not model context parallelism yet")
     d, m = cfg.hidden_size, lay.m

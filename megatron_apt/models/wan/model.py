@@ -52,7 +52,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_apt.config.model import FP8_GEMM_ROWS
+from megatron_apt.config.fp8 import FP8_GEMM_ROWS
 from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.build_options import build_options, gathered, is_partitioned
 from megatron_apt.models.compile import run_compiled
@@ -324,7 +324,7 @@ class WanDiT(nn.Module):
         params_dtype: dtype of the parameters; the time embedder, the modulation tables and
             the cross-attention LayerNorm stay fp32 (diffusers' ``_keep_in_fp32_modules``,
             tw:549).
-        use_cpu_initialization: as :class:`~megatron_apt.models.mmdit.MMDiT`.
+        use_cpu_initialization: as :class:`~megatron_apt.models.mmdit.model.MMDiT`.
     """
 
     def __init__(
@@ -345,7 +345,7 @@ class WanDiT(nn.Module):
         if opts.use_cpu_initialization is not None:
             use_cpu_initialization = opts.use_cpu_initialization
         if use_cpu_initialization is None:
-            from megatron_apt.models.mmdit import _cuda_rng_tracker_ready
+            from megatron_apt.models.mmdit.model import _cuda_rng_tracker_ready
 
             use_cpu_initialization = not _cuda_rng_tracker_ready()
         mcfg = megatron_config(cfg, ps, params_dtype, use_cpu_initialization, opts.initialize)

@@ -1,4 +1,4 @@
-"""MMDiT model configuration, named presets and the analytic parameter count.
+"""MMDiT model configuration, named presets and the analytic parameter and FLOP counts.
 
 The architecture follows the MMDiT of Esser et al. (2024), as used by SD3/SD3.5 and by the
 paper's 36-layer, ~8B-parameter video model: two token streams (text and visual) with separate
@@ -17,13 +17,6 @@ from typing import ClassVar, Literal
 
 PosEmbed = Literal["rope3d", "sincos2d", "none"]
 QKNorm = Literal["rms", "none"]
-
-
-# Transformer Engine's FP8 GEMMs take an input or weight only when the product of all its
-# dimensions but the last is divisible by 8 and the last by 16
-# (transformer_engine/pytorch/utils.py, ``assert_dim_for_fp8_exec``, called on the local
-# input of every TE linear before any sequence-parallel gather).
-FP8_GEMM_ROWS, FP8_GEMM_COLS = 8, 16
 
 
 @dataclass(kw_only=True)
@@ -214,6 +207,25 @@ def count_parameters(cfg: MMDiTConfig) -> ParamCount:
         per_block.append(stream(False) + stream(pre_only))
     final = lin(d, 2 * d) + lin(d, cfg.out_patch_dim)
     return ParamCount(embed=embed, blocks=sum(per_block), final=final, per_block=per_block)
+
+
+def forward_flops(cfg: MMDiTConfig, n_visual: int, n_text: int, batch: int = 1) -> float:
+    """Analytic FLOPs of one forward (linears and attention), counted as 2 FLOPs per
+    multiply-add. Linear layers: 2 x (weights that a token passes through) per token;
+    attention: QK^T and AV, 2 x 2 x S^2 x hidden per layer over the joint sequence. Norms,
+    RoPE, softmax and elementwise work are left out (a few percent at these widths)."""
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    s = n_visual + n_text
+    stream_full = 3 * d * d + d * d + 2 * d * f  # qkv, out, mlp
+    flops = 0.0
+    for i in range(cfg.num_layers):
+        pre_only = cfg.context_pre_only_last and i == cfg.num_layers - 1
+        flops += 2 * n_visual * stream_full
+        flops += 2 * n_text * (3 * d * d if pre_only else stream_full)
+        flops += 4 * s * s * d
+    flops += 2 * n_visual * (cfg.patch_dim * d + d * cfg.out_patch_dim)
+    flops += 2 * n_text * cfg.text_dim * d
+    return flops * batch
 
 
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_apt.config.model import FP8_GEMM_ROWS, MMDiTConfig
+from megatron_apt.config.fp8 import FP8_GEMM_ROWS
 from megatron_apt.config.training import parse_recompute_layers
 from megatron_apt.models.build_options import build_options, gathered
 from megatron_apt.models.compile import run_compiled
@@ -59,6 +59,7 @@ from megatron_apt.models.embeddings import (
 )
 from megatron_apt.models.inputs import TimestepRangeCheck, check_input_shapes
 from megatron_apt.models.masks import guard_padded_rows, zero_padded_rows
+from megatron_apt.models.mmdit.config import MMDiTConfig
 from megatron_apt.models.specs import (
     KeyMask,
     LayerSpec,
