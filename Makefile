@@ -15,13 +15,15 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: demo study venv test test-unit test-distributed test-gpu install-gpu lint format plan clean help
+.PHONY: demo study venv test test-all test-slow test-unit test-distributed test-gpu install-gpu lint format plan clean help
 
 help:
 	@echo "make demo            create/update .venv, run the toy APT pipeline end to end (~25 min)"
 	@echo "                     (another seed: make demo DEMO_ARGS=\"--seed 3\")"
 	@echo "make study           the paper's ablations at toy scale, 3 seeds each -> docs/study.md (~2 h 15 min)"
-	@echo "make test            create/update .venv, install, run the whole test suite"
+	@echo "make test            create/update .venv, install, run the test suite (CI's tier: not slow)"
+	@echo "make test-all        the whole suite, the slow tests included"
+	@echo "make test-slow       only the tests marked slow"
 	@echo "make test-unit       single-process tests only"
 	@echo "make install-gpu     the dev install plus Transformer Engine and flash-attn (CUDA machines)"
 	@echo "make test-gpu        GPU tests after install-gpu; fail (not skip) when TE is missing on CUDA"
@@ -43,8 +45,21 @@ $(STAMP): setup.py pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# CI's tier (.ci/run): every code path once, under 40 minutes on 2 cores. Tests marked `slow`
+# (the long end-to-end runs and the layouts a cheaper test already covers: pyproject.toml) run
+# in `make test-all` / `make test-slow`. The multi-process tests run one at a time (each takes
+# both cores); the unit tests, single-threaded, on 2 pytest-xdist workers, a file per worker.
+TEST_MARK ?= not slow
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/distributed tests/gpu -m "$(TEST_MARK)" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit -n 2 --dist loadfile -m "$(TEST_MARK)" $(PYTEST_ARGS)
+
+# everything, `slow` included (before a release, and after changing what a slow test covers)
+test-all:
+	$(MAKE) test TEST_MARK=""
+
+test-slow:
+	$(MAKE) test TEST_MARK="slow"
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -42,6 +42,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",  # make test: the unit tests on 2 workers
         "ruff>=0.6",
         "mpi4py==4.1.2",  # the tests start real mpirun jobs
         "mpich",

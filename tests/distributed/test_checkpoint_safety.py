@@ -63,6 +63,8 @@ def test_missing_latest_resumes_from_the_newest_complete(tmp_path, latest):
     assert (save / "iter_0000003" / "COMPLETE").is_file()
 
 
+# slow (make test-all, not CI): a 2-process launch for an argument check
+@pytest.mark.slow
 def test_load_of_an_empty_path_is_an_error_unless_it_is_save(tmp_path):
     proc = train_fails("--train-iters", 1, "--save", tmp_path / "new", "--load", tmp_path / "typo")
     assert f"--load {tmp_path / 'typo'}: no checkpoint there" in proc.stderr, proc.stderr[-2000:]
@@ -111,6 +113,9 @@ def test_a_rank_local_load_error_stops_every_rank(tmp_path):
     assert "step 3/" not in proc.stdout
 
 
+# slow (make test-all, not CI): another layout's refusal stays in CI
+# (test_training_system::test_load_with_another_parallel_layout_is_refused)
+@pytest.mark.slow
 def test_resume_with_another_zero_stage_is_refused(tmp_path):
     """Issue 16, item 7: a ZeRO-2 checkpoint resumed at ZeRO-3 died with a bare AssertionError."""
     save = tmp_path / "run"
@@ -153,6 +158,9 @@ for f in sys.argv[1].split(","):
 """
 
 
+# slow (make test-all, not CI): the refusal itself is tested on one process in
+# tests/unit/test_safe_checkpoint.py
+@pytest.mark.slow
 def test_no_pickle_payload_runs_through_load_or_convert(tmp_path):
     """Issue 16, item 4: every DeepSpeed file of a checkpoint replaced by one whose unpickling
     would run code; neither --load nor tools/convert_checkpoint.py export runs it."""

@@ -21,9 +21,14 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from megatron_apt.testing.launch import REPO_ROOT, launcher_env
 
 
+# slow (make test-all, not CI): ~2.5 min (the benchmarks' cold compiles); the lease, budget,
+# timeout and report paths are tested below
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "report"
     env = launcher_env({"PYTHON": sys.executable})

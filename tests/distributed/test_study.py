@@ -12,8 +12,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from megatron_apt.evaluation.study_report import OUTCOMES
 from megatron_apt.testing.launch import QUICK_DEMO_SEED, REPO_ROOT, launcher_env
+
+# slow (make test-all, not CI): the study tool end to end (~8 min); the study itself is `make
+# study`; its report is tested in tests/unit/test_study_report.py
+pytestmark = pytest.mark.slow
 
 CONTEXT = (
     "Hand-written context: `apt / seed 5` is a quick run.\n\n"

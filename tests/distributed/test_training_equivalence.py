@@ -290,6 +290,9 @@ def test_gradient_accumulation_is_exact(accumulation_runs, reference):
     assert any(r["diff"] > 50 * r["tol"] for r in wrong.values()), wrong
 
 
+# slow (make test-all, not CI): six single-engine runs; the two-engine accumulation above and the
+# ZeRO-3 zero.Init build (tests/distributed/test_zero_init.py) stay in CI
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["diffusion", "consistency"])
 def test_gradient_accumulation_other_stages(stage_runs, stage):
     """The single-engine stages: micro 2 x acc 2 x DP 2 (ZeRO-2, and ZeRO-3 with the model
@@ -384,9 +387,8 @@ def test_grad_norms_are_full_gradient_norms(zero_runs, tp_runs, reference, group
                 assert abs(wrong[key] - want) > 100 * GRAD_NORM_RTOL * want, (key, wrong, want)
 
 
-def test_throughput_fields_are_the_analytic_flops_over_the_measured_time(
-    zero_runs, tp_runs, cp_runs, stage_runs
-):
+@pytest.mark.parametrize("stages", ["apt", pytest.param("single-engine", marks=pytest.mark.slow)])
+def test_throughput_fields_are_the_analytic_flops_over_the_measured_time(request, stages):
     """Every log step's ``tflops_per_gpu`` x ``step_time_s`` is the analytic FLOPs of one update
     on one GPU (config/flops.phase_flops of the micro-batches run, split over TP x CP), ``mfu``
     is it over ``peak_tflops``, ``tokens_per_s`` the job's tokens per update over the time; for
@@ -396,21 +398,23 @@ def test_throughput_fields_are_the_analytic_flops_over_the_measured_time(
 
     cfg = get_preset("tiny")  # the tiny recipes' data: 2 x 8 x 8 latents, 6 text tokens
     n_vis, n_txt = visual_tokens(cfg, 2, 8, 8), 6
-    cases = {  # run: (its phases per update, samples per GPU of each phase after the TP/CP split)
-        "apt-dp2": (zero_runs["zero2"], ("apt_d", "apt_g"), BATCH / 2),
-        "apt-tp2-sp": (tp_runs["tp2-sp"], ("apt_d", "apt_g"), BATCH / 2),
-        "apt-cp2": (cp_runs["cp2-zero2"], ("apt_d", "apt_g"), BATCH / 2),
-        "diffusion-dp2": (stage_runs["diffusion"]["micro2-acc2-dp2"], ("diffusion",), BATCH / 2),
-        "consistency-dp1": (
-            stage_runs["consistency"]["micro8-acc1-dp1"],
-            ("consistency",),
-            BATCH,
-        ),
-    }
-    for name, (run, phases, per_gpu) in cases.items():
+    run = request.getfixturevalue  # the stages' runs only where asked (they are `slow`)
+    if stages == "apt":
+        cases = {  # run: (its phases per update, samples per GPU of each phase after TP/CP)
+            "apt-dp2": (run("zero_runs")["zero2"], ("apt_d", "apt_g"), BATCH / 2),
+            "apt-tp2-sp": (run("tp_runs")["tp2-sp"], ("apt_d", "apt_g"), BATCH / 2),
+            "apt-cp2": (run("cp_runs")["cp2-zero2"], ("apt_d", "apt_g"), BATCH / 2),
+        }
+    else:
+        runs = run("stage_runs")
+        cases = {
+            "diffusion-dp2": (runs["diffusion"]["micro2-acc2-dp2"], ("diffusion",), BATCH / 2),
+            "consistency-dp1": (runs["consistency"]["micro8-acc1-dp1"], ("consistency",), BATCH),
+        }
+    for name, (path, phases, per_gpu) in cases.items():
         flops = per_gpu * sum(phase_flops(cfg, p, n_vis, n_txt) for p in phases)
         tokens = BATCH * len(phases) * (n_vis + n_txt)  # the whole job's, per update
-        records = logged_metrics(run).values()
+        records = logged_metrics(path).values()
         assert records, name
         for r in records:
             seconds = r["step_time_s"]
@@ -443,41 +447,68 @@ def wan_reference(root) -> Path:
     return out
 
 
+class LazyRuns(dict):
+    """Runs trained on first use: a test selects its runs (``-m "not slow"`` leaves some out)."""
+
+    def __init__(self, builders):
+        super().__init__()
+        self.builders = builders
+
+    def __missing__(self, name):
+        self[name] = self.builders[name]()
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def wan_runs(root) -> dict[str, Path]:
+def wan_runs(root) -> LazyRuns:
     """ZeRO-2 and ZeRO-3 on 2 DP ranks (micro 2 x acc 2), TP=2 + SP with every block
     recomputed at ZeRO-0 (DP 1: micro 2 x acc 4), context parallel 2 at ZeRO-3 over DP x CP,
     and the ZeRO-2 run resumed from its update-2 checkpoint to update 3: five runs cover
     ZeRO 0/2/3, TP + SP, CP, recompute and resume (each layout's MMDiT runs above vary one
-    thing at a time; the Wan runs share their processes' cost)."""
+    thing at a time). CI's tier runs ZeRO-3, TP + SP + recompute and CP; ZeRO-2 and the resume
+    (each also an MMDiT run above) are `slow`."""
     common = (*WAN, "--micro-batch-size", "2", "--train-iters", ITERS)
     tp2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-layers", "all")
-    runs = {
-        "wan-zero2": train(root, "wan-z2", 2, "--zero-stage", "2", *common, "--save-interval", "2"),
-        "wan-zero3": train(root, "wan-z3", 2, "--zero-stage", "3", *common, launcher="deepspeed"),
-        "wan-tp2-sp-recompute-zero0": train(root, "wan-tp2", 2, "--zero-stage", "0", *tp2, *common),
-        "wan-cp2-zero3": train(
+
+    def resumed_run() -> Path:
+        resumed = root / "wan-resumed"
+        shutil.copytree(runs["wan-zero2"], resumed)
+        shutil.rmtree(resumed / f"iter_{ITERS:07d}")
+        for f in resumed.glob("*.safetensors"):
+            f.unlink()  # the exports of the uninterrupted run: the resumed run writes its own
+        (resumed / "latest_checkpointed_iteration.txt").write_text("2")
+        log = resumed / "metrics.jsonl"  # the resumed run must log update 3 itself
+        kept = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step") != ITERS]
+        log.write_text("".join(f"{ln}\n" for ln in kept))
+        return train(root, "wan-resumed", 2, "--zero-stage", "2", *common, "--load", resumed)
+
+    runs = LazyRuns({
+        "wan-zero2": lambda: train(
+            root, "wan-z2", 2, "--zero-stage", "2", *common, "--save-interval", "2"
+        ),
+        "wan-zero3": lambda: train(
+            root, "wan-z3", 2, "--zero-stage", "3", *common, launcher="deepspeed"
+        ),
+        "wan-tp2-sp-recompute-zero0": lambda: train(
+            root, "wan-tp2", 2, "--zero-stage", "0", *tp2, *common
+        ),
+        "wan-cp2-zero3": lambda: train(
             root, "wan-cp2", 2, "--zero-stage", "3", "--context-parallel-size", "2", *common
         ),
-    }
-    resumed = root / "wan-resumed"
-    shutil.copytree(runs["wan-zero2"], resumed)
-    shutil.rmtree(resumed / f"iter_{ITERS:07d}")
-    for f in resumed.glob("*.safetensors"):
-        f.unlink()  # the exports of the uninterrupted run: the resumed run writes its own
-    (resumed / "latest_checkpointed_iteration.txt").write_text("2")
-    log = resumed / "metrics.jsonl"  # the resumed run must log update 3 itself
-    kept = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step") != ITERS]
-    log.write_text("".join(f"{ln}\n" for ln in kept))
-    runs["wan-zero2-resumed"] = train(
-        root, "wan-resumed", 2, "--zero-stage", "2", *common, "--load", resumed
-    )
+        "wan-zero2-resumed": resumed_run,
+    })  # fmt: skip
     return runs
 
 
 @pytest.mark.parametrize(
     "run",
-    ["wan-zero2", "wan-zero3", "wan-tp2-sp-recompute-zero0", "wan-cp2-zero3", "wan-zero2-resumed"],
+    [
+        pytest.param("wan-zero2", marks=pytest.mark.slow),
+        "wan-zero3",
+        "wan-tp2-sp-recompute-zero0",
+        "wan-cp2-zero3",
+        pytest.param("wan-zero2-resumed", marks=pytest.mark.slow),
+    ],
 )
 def test_wan_family_matches_plain_torch(wan_runs, wan_reference, run):
     """APT on the Wan family: ZeRO-2/3 on 2 DP ranks, TP=2 + SP with recompute at ZeRO-0,

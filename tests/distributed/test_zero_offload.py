@@ -36,6 +36,10 @@ from safetensors.torch import load_file
 
 from megatron_apt.testing.launch import run_launcher
 
+# slow (make test-all, not CI): ZeRO-3 with CPU offload is in the CI tier's equivalence runs
+# (test_training_equivalence, zero3-offload); this adds bf16 and resume
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).parent
 WORKER = HERE / "train_equivalence_worker.py"
 EPS, BATCH = "1e-3", 8  # as test_training_equivalence.py

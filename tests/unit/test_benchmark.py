@@ -136,6 +136,9 @@ def test_wan_twin_with_unmapped_weights_fails_the_agreement_check(monkeypatch, c
     assert "weights are not mapped" in err
 
 
+# slow (make test-all, not CI): ~1.5 min of compiles; the eager comparisons and their controls stay
+# in CI
+@pytest.mark.slow
 def test_compile_both_times_eager_and_compiled_copies_in_one_run(tmp_path):
     """--compile both: eager and compiled copies of ours and diffusers' in one run, with every
     ratio; the compiled copies did compile (no eager fallback)."""

@@ -7,6 +7,7 @@ gradients of magnitude ~1 (measured: ~1e-6)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_apt.models.builders import build_discriminator, build_generator
@@ -66,6 +67,9 @@ def test_compiled_blocks_match_eager():
         assert outs["eager"][0].abs().max() > 0.1  # a non-trivial output
 
 
+# slow (make test-all, not CI): ~2 min of compiles; test_compiled_blocks_match_eager compares the
+# compiled blocks' forward and every gradient
+@pytest.mark.slow
 def test_compiled_gan_phases_match_eager():
     cfg = get_preset("tiny")
     g_eager, g_comp = (_randomize(build_generator(cfg)) for _ in range(2))
