@@ -65,7 +65,7 @@ def test_the_scan_sees_lazy_imports(tmp_path):
 def test_config_imports_models_lazily():
     """config/ imports models/ only inside functions, and the MMDiT's config and planner terms
     import without torch (the training config, the recipes and tools/plan_memory.py for an
-    MMDiT stay light)."""
+    MMDiT stay light); the family registry imports without megatron-core."""
     code = (
         "import sys\n"
         "import megatron_apt.config.fp8, megatron_apt.config.memory, megatron_apt.config.recipes\n"
@@ -74,6 +74,12 @@ def test_config_imports_models_lazily():
         "import megatron_apt.models.mmdit.memory\n"
         "assert type(get_recipe('mmdit-8b-video-apt').model).family == 'mmdit'\n"
         "assert 'torch' not in sys.modules and 'megatron' not in sys.modules\n"
+        # pretrain_apt.py's imports (the registry, every family's config): no megatron-core, so
+        # that a config error is reported in seconds; the model classes load on first use
+        "import megatron_apt.models.families, megatron_apt.models.wan\n"
+        "assert not [m for m in sys.modules if m.startswith(('megatron.', 'deepspeed'))]\n"
+        "from megatron_apt.models.wan import WanDiT\n"
+        "assert 'megatron.core' in sys.modules\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()
