@@ -48,7 +48,8 @@ def digest(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("latest", ["missing", "garbage"])
+# a garbage `latest` is slow (make test-all, not CI): the same fallback as a missing one
+@pytest.mark.parametrize("latest", ["missing", pytest.param("garbage", marks=pytest.mark.slow)])
 def test_missing_latest_resumes_from_the_newest_complete(tmp_path, latest):
     save = tmp_path / "run"
     train("--train-iters", 2, "--save", save, "--save-interval", 1)

@@ -43,7 +43,9 @@ def _train(save: Path, zero: int, *extra: str) -> tuple[list[dict], str]:
     return [json.loads(ln) for ln in lines], proc.stdout
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-2 is slow (make test-all, not CI): the trainer with recompute at ZeRO-3 stays, and the Wan
+# equivalence run (TP 2 + SP, every block recomputed) equals the plain-torch reference in CI
+@pytest.mark.parametrize("zero", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_trainer_with_recompute_logs_the_same_losses(tmp_path, zero):
     """ZeRO-3 gathers the partitioned weights again for the recomputed forward."""
     plain, out_plain = _train(tmp_path / "plain", zero)
