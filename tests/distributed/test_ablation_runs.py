@@ -84,6 +84,9 @@ def test_frozen_discriminator_keeps_its_init_and_g_trains(frozen_run):
     assert "heads.0.query" in disc and "heads.1.query" not in disc
 
 
+# slow (make test-all, not CI): resume exactness is tested in CI for the APT run itself
+# (test_training_system::test_resume_equals_uninterrupted_run[apt-zero3])
+@pytest.mark.slow
 def test_frozen_discriminator_run_resumes_exactly(frozen_run):
     save, _ = frozen_run
     resumed = save.parent / "resumed"
