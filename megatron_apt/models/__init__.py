@@ -7,8 +7,9 @@ plain-Python module of a family (``megatron_apt.models.mmdit.config``) imports w
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from megatron_apt.utils.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from megatron_apt.models.builders import (
@@ -59,9 +60,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())

@@ -11,7 +11,6 @@ up (``megatron_apt.models.mmdit.model``), not here.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from megatron_apt.models.mmdit.config import (
@@ -22,6 +21,7 @@ from megatron_apt.models.mmdit.config import (
     forward_flops,
     get_preset,
 )
+from megatron_apt.utils.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from megatron_apt.models.mmdit.diffusers_mapping import (
@@ -60,9 +60,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())

@@ -9,7 +9,6 @@ looked up (``megatron_apt.models.wan.model``), not here.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from megatron_apt.models.wan.config import (
@@ -18,6 +17,7 @@ from megatron_apt.models.wan.config import (
     count_parameters,
     get_wan_preset,
 )
+from megatron_apt.utils.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from megatron_apt.models.wan.diffusers_mapping import (
@@ -51,9 +51,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
