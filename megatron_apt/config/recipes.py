@@ -45,7 +45,16 @@ def tiny_consistency() -> TrainConfig:
 
 
 def tiny_apt() -> TrainConfig:
+    """The video stage (the paper's s = 12, sigma 0.1) on 2-frame latents."""
     return _tiny("apt", shift=12.0, r1_sigma=0.1)
+
+
+def tiny_image_apt() -> TrainConfig:
+    """The image stage before ``tiny-apt`` (section 3.5): single frames (T = 1), the paper's
+    image values s = 1 and sigma 0.01; ``tiny-apt`` then starts its generator from this stage's
+    EMA and its discriminator again from the diffusion weights (examples/tiny_cpu.sh)."""
+    image = DataConfig(frames=1, height=8, width=8, text_len=6, num_samples=64)
+    return _tiny("apt", recipe="tiny-image-apt", data=image, shift=1.0, r1_sigma=0.01)
 
 
 # The demo (examples/demo.py, `make demo`): 16x16 RGB clips of 5 frames (anti-aliased shapes)
@@ -404,6 +413,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny-diffusion": tiny_diffusion,
     "tiny-consistency": tiny_consistency,
     "tiny-apt": tiny_apt,
+    "tiny-image-apt": tiny_image_apt,
     "demo-diffusion": demo_diffusion,
     "demo-consistency": demo_consistency,
     "demo-apt": demo_apt,

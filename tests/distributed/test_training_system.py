@@ -263,6 +263,88 @@ def test_launchers_train_the_same_numbers(runs):
 
 
 # ------------------------------------------------------------------------------------------
+# The paper's image-then-video chain on the MMDiT (examples/tiny_cpu.sh's last two stages)
+# ------------------------------------------------------------------------------------------
+
+
+def _weights_at(dumps: Path, step: int) -> dict[str, torch.Tensor]:
+    history = torch.load(dumps / "rank0.pt", weights_only=True)
+    assert sorted(history) == [0, 1, 2], sorted(history)
+    return history[step]
+
+
+def _engine(dump: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in dump.items() if k.startswith(prefix)}
+
+
+def _diff(a: dict, b: dict, keys) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+
+# slow (make test-all): the same init flags and trainer code are in CI through
+# tests/distributed/test_wan_chain.py (image -> video APT on the Wan family, same asserts)
+@pytest.mark.slow
+def test_image_then_video_chain_starts_each_stage_from_the_right_files(runs):
+    """Section 3.5 on the MMDiT: ``tiny-image-apt`` (single frames) from the consistency EMA,
+    then ``tiny-apt`` (2 frames) with G from the image stage's EMA and D again from the
+    diffusion weights. Seen through the trainer's weights dump (megatron_apt/testing/hooks.py)
+    just before the video stage's first update, bitwise: G(0) = the image EMA (not its raw G,
+    not the consistency EMA); D's backbone(0) = the diffusion weights (not the image stage's
+    trained D); D's heads(0) = the image stage's heads(0) (same fresh init) and not its
+    trained heads. --ema-decay 0.5 so that the EMAs move visibly in 2 updates."""
+    base = runs.chain("torchrun")
+    root = runs.root / "image-video"
+    diffusion = base / "diffusion" / "diffusion.safetensors"
+    common = ["--zero-stage", 2, "--train-iters", 2, "--ema-decay", 0.5]
+    inits = {
+        "image": ["--init-generator", base / "consistency" / "consistency_ema.safetensors"],
+        "video": ["--init-generator", root / "image-apt" / "generator_ema.safetensors"],
+    }
+    for stage, recipe in (("image", "tiny-image-apt"), ("video", "tiny-apt")):
+        env = {"MEGATRON_APT_TEST_WEIGHTS_DIR": str(root / f"dumps-{stage}")}
+        args = [*common, *inits[stage], "--init-discriminator", diffusion]
+        proc = train("torchrun", recipe, root / f"{stage}-apt", *args, env=env)
+        assert "holds role" not in proc.stderr, proc.stderr[-3000:]
+    state = json.loads((root / "image-apt" / "iter_0000002" / "trainer_state.json").read_text())
+    image_cfg = state["config"]
+    assert image_cfg["data"]["frames"] == 1 and image_cfg["shift"] == 1.0, image_cfg
+    start = _weights_at(root / "dumps-video", 0)
+    image_start = _weights_at(root / "dumps-image", 0)
+    g = _engine(start, "generator/model.")
+    d, d0 = _engine(start, "discriminator/"), _engine(image_start, "discriminator/")
+    image_ema = load_file(str(root / "image-apt" / "generator_ema.safetensors"))
+    image_raw = load_file(str(root / "image-apt" / "generator.safetensors"))
+    image_d = load_file(str(root / "image-apt" / "discriminator.safetensors"))
+    consistency = load_file(str(inits["image"][1]))
+    diffusion_w = {f"backbone.{k}": v for k, v in load_file(str(diffusion)).items()}
+    backbone = sorted(k for k in d if k.startswith("backbone."))
+    heads = sorted(k for k in d if not k.startswith("backbone."))
+    assert sorted(g) == sorted(image_ema) and backbone and heads, (sorted(g)[:3], heads)
+    diffs = {
+        "G(0) - image EMA": _diff(g, image_ema, g),
+        "G(0) - image raw G": _diff(g, image_raw, g),
+        "G(0) - consistency EMA": _diff(g, consistency, g),
+        "D backbone(0) - diffusion": _diff(d, diffusion_w, backbone),
+        "D backbone(0) - image stage's trained D": _diff(d, image_d, backbone),
+        "D heads(0) - image stage's heads(0)": _diff(d, d0, heads),
+        "D heads(0) - image stage's trained heads": _diff(d, image_d, heads),
+    }
+    print(json.dumps(diffs, indent=1))
+    for same in (
+        "G(0) - image EMA",
+        "D backbone(0) - diffusion",
+        "D heads(0) - image stage's heads(0)",
+    ):
+        assert diffs[same] == 0.0, (same, diffs)
+    for other in (
+        set(diffs)
+        - {"G(0) - image EMA", "D backbone(0) - diffusion"}
+        - {"D heads(0) - image stage's heads(0)"}
+    ):
+        assert diffs[other] > 1e-6, (other, diffs)
+
+
+# ------------------------------------------------------------------------------------------
 # 1. Resume is exact
 # ------------------------------------------------------------------------------------------
 
