@@ -225,6 +225,8 @@ class Demo:
         tag = "" if arch == "mmdit" else f"{arch}-"
         self.out = Path(args.out or ROOT / "runs" / f"demo-{tag}seed{args.seed}").resolve()
         self.model_args = [] if arch == "mmdit" else ["--model", f"demo-{arch}"]
+        # a family's own recipe where the MMDiT's does not transfer (config/recipes.py)
+        self.recipes = {"apt": "demo-wan-apt"} if arch == "wan" else {}
         self.quick = args.quick
         self.bin = Path(sys.executable).parent
         self.py = sys.executable
@@ -356,10 +358,12 @@ class Demo:
     def train(
         self, stage: str, extra: list, save: Path, seed: int, log: str, load: Path | None = None
     ) -> None:
-        """``pretrain_apt.py --recipe demo-<stage>`` on this run's shards, saving to (and
-        resuming from) ``save``, or resuming from ``load`` while ``save`` has no checkpoint."""
+        """``pretrain_apt.py --recipe demo-<stage>`` (Wan's APT: ``demo-wan-apt``) on this run's
+        shards, saving to (and resuming from) ``save``, or resuming from ``load`` while ``save``
+        has no checkpoint."""
         load = save if load is None or (save / LATEST).is_file() else load
-        cmd = [*self.launch(), ROOT / "pretrain_apt.py", "--recipe", f"demo-{stage}",
+        recipe = self.recipes.get(stage, f"demo-{stage}")
+        cmd = [*self.launch(), ROOT / "pretrain_apt.py", "--recipe", recipe,
                "--data-path", self.p("shards"), "--save", save, "--load", load,
                "--seed", str(seed), *self.model_args, *extra]  # fmt: skip
         if stage in self.iters:  # quick: a few updates, unless the caller set them
