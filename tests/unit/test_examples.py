@@ -85,3 +85,30 @@ def test_demo_redoes_everything_after_a_stage_an_older_folder_lacks(tmp_path, mo
     ran.clear()
     assert demo.Demo(demo.parse_args(["--quick", "--out", str(out)])).main() == 0
     assert ran == []
+
+
+@pytest.mark.parametrize(
+    "arch, recipes, model",
+    [("mmdit", ("demo-diffusion", "demo-consistency", "demo-apt"), None),
+     ("wan", ("demo-diffusion", "demo-consistency", "demo-wan-apt"), "demo-wan")],
+)  # fmt: skip
+def test_demo_training_commands_per_family(tmp_path, monkeypatch, arch, recipes, model):
+    """`--arch wan` trains the Wan preset in every stage and APT with its own recipe
+    (`demo-wan-apt`: D at G's learning rate, the paper's; the MMDiT's `demo-apt` saturated D
+    on Wan, config/recipes.py); the MMDiT demo keeps `demo-apt`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_cmds", REPO_ROOT / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    cmds = []
+    monkeypatch.setattr(demo.Demo, "run", lambda self, log, cmd: cmds.append([str(c) for c in cmd]))
+    d = demo.Demo(demo.parse_args(["--arch", arch, "--out", str(tmp_path / arch)]))
+    for stage in ("diffusion", "consistency", "apt"):
+        getattr(d, f"stage_{stage}")()
+    assert [c[c.index("--recipe") + 1] for c in cmds] == list(recipes)
+    for c in cmds:
+        assert (c[c.index("--model") + 1] if "--model" in c else None) == model, c
+    apt = RECIPES[recipes[-1]]()
+    assert type(apt.model).__name__ == ("WanConfig" if arch == "wan" else "MMDiTConfig")
+    assert apt.optim.lr_d == (None if arch == "wan" else pytest.approx(3 * apt.optim.lr))
