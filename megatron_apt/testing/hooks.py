@@ -115,3 +115,20 @@ def _install_weights_dump(trainer, out_dir: Path) -> None:
 
     setattr(trainer, update_name, recording_update)
     trainer.test_hook_finish = dump
+
+
+def read_weights_dump(out_dir: str | Path, rank: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """The history written by ``MEGATRON_APT_TEST_WEIGHTS_DIR=out_dir`` for ``rank``:
+    ``{step: {"engine/param": tensor, ...}}`` (entry k: the state before update k + 1)."""
+    return torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=True)
+
+
+def engine_weights(dump: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One engine's parameters of a dump entry, named as in its model file (``prefix``:
+    ``"generator/model."``, ``"discriminator/"``)."""
+    return {k.removeprefix(prefix): v for k, v in dump.items() if k.startswith(prefix)}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys) -> float:
+    """Largest ``|a[k] - b[k]|`` over ``keys`` (in fp32)."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)

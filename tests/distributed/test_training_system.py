@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from megatron_apt.checkpoint.io import read_model_file
 from megatron_apt.engine.checkpointing import latest_checkpoint
 from megatron_apt.models.mmdit.config import get_preset
+from megatron_apt.testing.hooks import engine_weights, max_abs_diff, read_weights_dump
 from megatron_apt.testing.launch import REPO_ROOT, launcher_command, launcher_env, run_launcher
 from megatron_apt.utils.metrics import PERF_KEYS
 
@@ -268,17 +269,9 @@ def test_launchers_train_the_same_numbers(runs):
 
 
 def _weights_at(dumps: Path, step: int) -> dict[str, torch.Tensor]:
-    history = torch.load(dumps / "rank0.pt", weights_only=True)
+    history = read_weights_dump(dumps)
     assert sorted(history) == [0, 1, 2], sorted(history)
     return history[step]
-
-
-def _engine(dump: dict, prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in dump.items() if k.startswith(prefix)}
-
-
-def _diff(a: dict, b: dict, keys) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
 
 
 # slow (make test-all): the same init flags and trainer code are in CI through
@@ -310,8 +303,8 @@ def test_image_then_video_chain_starts_each_stage_from_the_right_files(runs):
     assert image_cfg["data"]["frames"] == 1 and image_cfg["shift"] == 1.0, image_cfg
     start = _weights_at(root / "dumps-video", 0)
     image_start = _weights_at(root / "dumps-image", 0)
-    g = _engine(start, "generator/model.")
-    d, d0 = _engine(start, "discriminator/"), _engine(image_start, "discriminator/")
+    g = engine_weights(start, "generator/model.")
+    d, d0 = engine_weights(start, "discriminator/"), engine_weights(image_start, "discriminator/")
     image_ema = load_file(str(root / "image-apt" / "generator_ema.safetensors"))
     image_raw = load_file(str(root / "image-apt" / "generator.safetensors"))
     image_d = load_file(str(root / "image-apt" / "discriminator.safetensors"))
@@ -321,13 +314,13 @@ def test_image_then_video_chain_starts_each_stage_from_the_right_files(runs):
     heads = sorted(k for k in d if not k.startswith("backbone."))
     assert sorted(g) == sorted(image_ema) and backbone and heads, (sorted(g)[:3], heads)
     diffs = {
-        "G(0) - image EMA": _diff(g, image_ema, g),
-        "G(0) - image raw G": _diff(g, image_raw, g),
-        "G(0) - consistency EMA": _diff(g, consistency, g),
-        "D backbone(0) - diffusion": _diff(d, diffusion_w, backbone),
-        "D backbone(0) - image stage's trained D": _diff(d, image_d, backbone),
-        "D heads(0) - image stage's heads(0)": _diff(d, d0, heads),
-        "D heads(0) - image stage's trained heads": _diff(d, image_d, heads),
+        "G(0) - image EMA": max_abs_diff(g, image_ema, g),
+        "G(0) - image raw G": max_abs_diff(g, image_raw, g),
+        "G(0) - consistency EMA": max_abs_diff(g, consistency, g),
+        "D backbone(0) - diffusion": max_abs_diff(d, diffusion_w, backbone),
+        "D backbone(0) - image stage's trained D": max_abs_diff(d, image_d, backbone),
+        "D heads(0) - image stage's heads(0)": max_abs_diff(d, d0, heads),
+        "D heads(0) - image stage's trained heads": max_abs_diff(d, image_d, heads),
     }
     print(json.dumps(diffs, indent=1))
     for same in (

@@ -47,6 +47,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from megatron_apt.data import make_synthetic_dataset  # noqa: E402
 from megatron_apt.inference.pipeline import sample_noise  # noqa: E402
+from megatron_apt.testing.hooks import (  # noqa: E402
+    engine_weights,
+    max_abs_diff,
+    read_weights_dump,
+)
 from megatron_apt.testing.launch import REPO_ROOT, launcher_env  # noqa: E402
 from megatron_apt.testing.wan_pipeline import (  # noqa: E402
     build_tiny_wan_pipeline,
@@ -146,25 +151,16 @@ def test_chain_trains_every_stage_from_the_right_files(chain):
 
 
 def _dump(chain, stage: str, step: int) -> dict[str, torch.Tensor]:
-    history = torch.load(chain["dumps"] / stage / "rank0.pt", weights_only=True)
+    history = read_weights_dump(chain["dumps"] / stage)
     assert sorted(history) == [0, 1, 2], sorted(history)
     return history[step]
-
-
-def _engine(dump: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """One engine's parameters of a weights dump, named as in its model file."""
-    return {k.removeprefix(prefix): v for k, v in dump.items() if k.startswith(prefix)}
-
-
-def _max_diff(a: dict, b: dict, keys) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
 
 
 def test_video_stage_starts_from_the_image_ema_and_the_diffusion_weights(chain):
     out = chain["out"]
     start, image_start = _dump(chain, "video", 0), _dump(chain, "image", 0)
-    g = _engine(start, "generator/model.")
-    d, d0 = _engine(start, "discriminator/"), _engine(image_start, "discriminator/")
+    g = engine_weights(start, "generator/model.")
+    d, d0 = engine_weights(start, "discriminator/"), engine_weights(image_start, "discriminator/")
     image_ema = load_file(str(out / "image-apt" / "generator_ema.safetensors"))
     image_raw = load_file(str(out / "image-apt" / "generator.safetensors"))
     consistency = load_file(str(out / "consistency" / "consistency_ema.safetensors"))
@@ -174,15 +170,15 @@ def test_video_stage_starts_from_the_image_ema_and_the_diffusion_weights(chain):
     heads = sorted(k for k in d if not k.startswith("backbone."))
     assert sorted(g) == sorted(image_ema) and backbone and heads, (sorted(g)[:3], heads)
     diffs = {
-        "G(0) - image EMA": _max_diff(g, image_ema, g),
-        "G(0) - image raw G": _max_diff(g, image_raw, g),
-        "G(0) - consistency EMA": _max_diff(g, consistency, g),
-        "D backbone(0) - import": _max_diff(
+        "G(0) - image EMA": max_abs_diff(g, image_ema, g),
+        "G(0) - image raw G": max_abs_diff(g, image_raw, g),
+        "G(0) - consistency EMA": max_abs_diff(g, consistency, g),
+        "D backbone(0) - import": max_abs_diff(
             {k: d[k] for k in backbone}, {f"backbone.{k}": v for k, v in imported.items()}, backbone
         ),
-        "D backbone(0) - image stage's trained D": _max_diff(d, image_d, backbone),
-        "D heads(0) - image stage's heads(0)": _max_diff(d, d0, heads),
-        "D heads(0) - image stage's trained heads": _max_diff(d, image_d, heads),
+        "D backbone(0) - image stage's trained D": max_abs_diff(d, image_d, backbone),
+        "D heads(0) - image stage's heads(0)": max_abs_diff(d, d0, heads),
+        "D heads(0) - image stage's trained heads": max_abs_diff(d, image_d, heads),
     }
     print(json.dumps(diffs, indent=1))
     assert diffs["G(0) - image EMA"] == 0.0
@@ -197,7 +193,7 @@ def test_video_stage_starts_from_the_image_ema_and_the_diffusion_weights(chain):
         assert diffs[other] > 1e-6, (other, diffs)
     # and the video stage trained: its G moved from where it started
     final = load_file(str(out / "video-apt" / "generator.safetensors"))
-    assert _max_diff(g, final, g) > 1e-6
+    assert max_abs_diff(g, final, g) > 1e-6
 
 
 def _generate(chain, checkpoint, out):

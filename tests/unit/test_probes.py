@@ -117,9 +117,10 @@ def test_captions_outside_the_vocabulary_are_refused():
         caption_variants(["a cat on a mat", "a dog"])
 
 
-def _tool():
+def _tool(name: str = "probe_conditioning"):
+    """``tools/<name>.py`` as a module (its ``main`` in this process: imports already paid)."""
     spec = importlib.util.spec_from_file_location(
-        "probe_conditioning_tool", REPO_ROOT / "tools" / "probe_conditioning.py"
+        f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -131,11 +132,7 @@ def test_tool_end_to_end_on_preprocessed_shards(tmp_path, capsys):
     make_synthetic_dataset(media, 6, "video", size=16, frames=3, fmt="gif", seed=2)
     t5 = build_tiny_text_encoder(tmp_path / "t5")
     shards = tmp_path / "shards"
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_for_probe", REPO_ROOT / "tools" / "preprocess_data.py"
-    )
-    pre = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pre)
+    pre = _tool("preprocess_data")
     argv = ["--input", media, "--output", shards, "--text-encoder", t5, "--vae", "identity:2"]
     argv += ["--bucket", "16x16x3@8", "--max-text-length", 8, "--no-progress"]
     assert pre.main([str(a) for a in argv + ["--dtype", "float32"]]) == 0
