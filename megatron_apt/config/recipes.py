@@ -171,7 +171,8 @@ def demo_wan_apt() -> TrainConfig:
     consistency start in every seed (52.7 / 52.1 / 55.3 vs 51.6 / 54.9 / 49.2); on seed 0's
     chain (same teacher and consistency model), equal rates gave FD 41.8 [37.9, 45.6] vs the
     consistency start's 51.6 [48.2, 55.1], D's accuracy 0.61-0.86 / 0.66-0.81. Chosen on seed
-    0; seeds 1 and 2 were run only after the choice (README, "The demo on the Wan family")."""
+    0; seeds 1, 2 and 3 were run only after the choice: APT below consistency in seed 1, ties
+    in 2 and 3 (README, "The demo on the Wan family")."""
     cfg = demo_apt()
     cfg.recipe = "demo-wan-apt"
     from megatron_apt.models.wan.config import get_wan_preset  # config/ imports models/ lazily
