@@ -132,3 +132,41 @@ def engine_weights(dump: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys) -> float:
     """Largest ``|a[k] - b[k]|`` over ``keys`` (in fp32)."""
     return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+
+def video_stage_start_diffs(
+    start: dict, image_start: dict, image_dir: str | Path, consistency: dict, diffusion: dict
+) -> dict[str, float]:
+    """How far the video APT stage's first state (weights-dump entry 0, ``start``) lies from each
+    file it could have started from (section 3.5: G from the image stage's EMA, D's backbone
+    from the diffusion weights, D's heads freshly initialised as the image stage's were at its
+    own entry 0, ``image_start``). ``image_dir``: the image stage's save folder; the two dicts:
+    the consistency EMA and the diffusion model file's tensors."""
+    from safetensors.torch import load_file
+
+    image_dir = Path(image_dir)
+    g = engine_weights(start, "generator/model.")
+    d, d0 = engine_weights(start, "discriminator/"), engine_weights(image_start, "discriminator/")
+    image_ema = load_file(str(image_dir / "generator_ema.safetensors"))
+    image_raw = load_file(str(image_dir / "generator.safetensors"))
+    image_d = load_file(str(image_dir / "discriminator.safetensors"))
+    diffusion_d = {f"backbone.{k}": v for k, v in diffusion.items()}
+    backbone = sorted(k for k in d if k.startswith("backbone."))
+    heads = sorted(k for k in d if not k.startswith("backbone."))
+    assert sorted(g) == sorted(image_ema) and backbone and heads, (sorted(g)[:3], heads)
+    return {
+        "G(0) - image EMA": max_abs_diff(g, image_ema, g),
+        "G(0) - image raw G": max_abs_diff(g, image_raw, g),
+        "G(0) - consistency EMA": max_abs_diff(g, consistency, g),
+        "D backbone(0) - diffusion weights": max_abs_diff(d, diffusion_d, backbone),
+        "D backbone(0) - image stage's trained D": max_abs_diff(d, image_d, backbone),
+        "D heads(0) - image stage's heads(0)": max_abs_diff(d, d0, heads),
+        "D heads(0) - image stage's trained heads": max_abs_diff(d, image_d, heads),
+    }
+
+
+VIDEO_START_SAME = (
+    "G(0) - image EMA",
+    "D backbone(0) - diffusion weights",
+    "D heads(0) - image stage's heads(0)",
+)  # bitwise equal; every other entry of video_stage_start_diffs must differ (> 1e-6)
